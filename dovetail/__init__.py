@@ -1,0 +1,15 @@
+"""Dovetail: lossless speculative decoding, target on the CPU, draft on the GPU.
+
+    import dovetail
+    with dovetail.launch("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct",
+                         target_cpus="0-31", draft_device=0) as coord:
+        print(coord.generate("def fib(n):", max_new_tokens=64).text)
+"""
+from dovetail.config import CoordinatorConfig
+from dovetail.coordinator import Chunk, Coordinator, GenerationResult, Stats
+from dovetail.client import WorkerDied, WorkerError, WorkerTimeout
+from dovetail.launch import launch
+
+__all__ = ["launch", "Coordinator", "CoordinatorConfig", "GenerationResult", "Stats", "Chunk",
+           "WorkerError", "WorkerDied", "WorkerTimeout"]
+__version__ = "0.1.0"

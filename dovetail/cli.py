@@ -1,0 +1,109 @@
+"""dovetail-launch: run speculative decoding from the command line.
+
+    dovetail-launch --target-cpus 0-31 --draft-gpu 0 --prompt "Write a quicksort in Python"
+
+With no model arguments it uses Qwen2.5-Coder-1.5B-Instruct drafted by
+Qwen2.5-Coder-0.5B-Instruct, fetched once into the cache. With no --prompt it is
+interactive: one prompt per line, Ctrl-D to quit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dovetail-launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("models and devices")
+    m.add_argument("--target", default=DEFAULT_TARGET,
+                   help=f"target model: HF folder, .gguf file or registry name (default: {DEFAULT_TARGET})")
+    m.add_argument("--draft", default=DEFAULT_DRAFT,
+                   help=f"draft model with the target's tokenizer (default: {DEFAULT_DRAFT})")
+    m.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
+    m.add_argument("--target-cpus", default=None, help="CPUs for the target, e.g. '0-31' or '0,2,4' (default: all)")
+    m.add_argument("--draft-gpu", default=None,
+                   help="GPU index for the draft, or 'cpu' (default: GPU 0 when there is one, else the CPU)")
+    m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float64"),
+                   help="force one dtype on both workers (auto: bf16 where the CPU has it)")
+    m.add_argument("--draft-layers", type=int, default=None, help="use only the first N layers of the draft model")
+    d = p.add_argument_group("drafting")
+    d.add_argument("--depth", type=int, default=4, help="draft tokens along a path (default: 4)")
+    d.add_argument("--top-k", type=int, default=1, help="children per tree node; 1 drafts a chain (default: 1)")
+    d.add_argument("--max-nodes", type=int, default=16, help="most tree tokens per verification (default: 16)")
+    d.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft the next round while the target verifies (default: on for a GPU draft)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", default=None, help="prompt text (default: read prompts from stdin)")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--log-level", default="warning", help="debug | info | warning (default: warning)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
+                        format="%(asctime)s coordinator %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    import dovetail
+    from dovetail.client import WorkerError
+    from dovetail.fetch import FetchError
+
+    draft_device = None if args.draft_gpu is None else ("cpu" if args.draft_gpu == "cpu" else f"cuda:{args.draft_gpu}")
+    print("dovetail: starting workers (the first run fetches and converts the models)...", file=sys.stderr)
+    try:
+        coord = dovetail.launch(args.target, None if args.no_draft else args.draft,
+                                target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
+                                depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
+                                overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level)
+    except (FetchError, WorkerError, ValueError, FileNotFoundError) as e:
+        print(f"dovetail-launch: {e}", file=sys.stderr)
+        return 1
+    with coord:
+        info = coord.draft_info
+        print(f"dovetail: target {coord.target_info.model} ({coord.target_info.dtype}, CPU); draft "
+              + (f"{info.model} ({info.dtype}, {info.device})" if info else "none") + f"; overlap {coord.overlap}",
+              file=sys.stderr)
+        prompts = [args.prompt] if args.prompt is not None else _read_prompts()
+        for text in prompts:
+            prompt = text if args.raw or coord.tokenizer is None or not coord.tokenizer.chat_template \
+                else [{"role": "user", "content": text}]
+            try:
+                stats = _run(coord, prompt, args)
+            except WorkerError as e:
+                print(f"\ndovetail-launch: {e}", file=sys.stderr)
+                return 1
+            print(f"\n[{stats.summary()}]", file=sys.stderr)
+    return 0
+
+
+def _run(coord, prompt, args):
+    from dovetail.coordinator import Stats
+    stats = Stats()
+    for chunk in coord.stream(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, stats=stats):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    return stats
+
+
+def _read_prompts():
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("\n>>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

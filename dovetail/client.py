@@ -1,0 +1,105 @@
+"""The coordinator's end of one worker: its process, its socket, calls with timeouts.
+
+Every wait polls in short slices so that a dead worker is noticed at once, and every
+timeout error names the setting that controls it.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from typing import Callable
+
+import zmq
+
+from dovetail.protocol import Error, MAX_FRAME_BYTES, ProtocolError, Shutdown, configure_socket, decode, encode
+
+log = logging.getLogger("dovetail")
+
+POLL_SLICE_S = 0.05       # how often a wait checks that the worker process still lives
+SHUTDOWN_GRACE_S = 5.0    # how long a worker may take to exit after Shutdown before SIGTERM
+
+
+class WorkerError(RuntimeError):
+    """A worker refused a request or failed; ``code`` is the worker's error code."""
+
+    def __init__(self, role: str, code: str, message: str):
+        super().__init__(f"{role} worker: {message} [{code}]")
+        self.role, self.code = role, code
+
+
+class WorkerDied(WorkerError):
+    pass
+
+
+class WorkerTimeout(WorkerError):
+    pass
+
+
+class WorkerClient:
+    def __init__(self, ctx: zmq.Context, role: str, address: str, proc: subprocess.Popen | None,
+                 max_bytes: int = MAX_FRAME_BYTES):
+        self.role, self.address, self.proc = role, address, proc
+        self.sock = ctx.socket(zmq.DEALER)
+        configure_socket(self.sock, max_bytes)
+        self.sock.connect(address)
+        self.max_bytes = max_bytes
+        self.vocab_size: int | None = None
+        self.pid = proc.pid if proc else None
+
+    def send(self, msg) -> None:
+        self.sock.send_multipart(encode(msg))
+
+    def recv(self, match: Callable[[object], bool], timeout_s: float, knob: str, req_id: int = -1):
+        """Wait for the first message ``match`` accepts; stale replies are dropped."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerTimeout(self.role, "timeout", f"no reply within {timeout_s:g} s (raise {knob} if the model is just slow)")
+            if self.sock.poll(int(1000 * min(left, POLL_SLICE_S))):
+                msg = self._read()
+                if isinstance(msg, Error) and msg.req_id in (-1, req_id):
+                    raise WorkerError(self.role, msg.code, msg.message)
+                if match(msg):
+                    return msg
+                log.debug("%s: dropped stale %s", self.role, type(msg).__name__)
+            self.check_alive()
+
+    def call(self, msg, reply_type: type, timeout_s: float, knob: str):
+        req_id = getattr(msg, "req_id", -1)
+        self.send(msg)
+        return self.recv(lambda m: isinstance(m, reply_type) and getattr(m, "req_id", -1) == req_id,
+                         timeout_s, knob, req_id)
+
+    def _read(self):
+        frames = self.sock.recv_multipart()
+        try:
+            return decode(frames, max_bytes=self.max_bytes, vocab_size=self.vocab_size)
+        except ProtocolError as e:
+            raise WorkerError(self.role, e.code, f"sent a bad frame: {e}") from e
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise WorkerDied(self.role, "died", f"process {self.proc.pid} exited with code {self.proc.returncode} (see its log above)")
+
+    def close(self) -> None:
+        """Ask the worker to stop, then make sure it did; never leaves a process behind."""
+        try:
+            if self.proc is None or self.proc.poll() is None:
+                self.send(Shutdown())
+        except zmq.ZMQError:
+            pass
+        self.sock.close(linger=200)
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(SHUTDOWN_GRACE_S)
+        except subprocess.TimeoutExpired:
+            log.warning("%s worker %d ignored Shutdown; terminating it", self.role, self.proc.pid)
+            self.proc.terminate()
+            try:
+                self.proc.wait(SHUTDOWN_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

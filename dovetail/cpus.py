@@ -1,0 +1,82 @@
+"""CPU sets: parse the CLI's "0-31" / "0,2,4" form, pin a process, name its NUMA nodes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def parse_cpus(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | None:
+    """"0-3,8" -> [0, 1, 2, 3, 8]; a list passes through (checked); None means "all"."""
+    if spec is None:
+        return None
+    if isinstance(spec, (list, tuple)):
+        cpus = [int(c) for c in spec]
+    else:
+        cpus = []
+        for part in str(spec).replace(" ", "").split(","):
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-")
+            try:
+                first, last = int(lo), int(hi) if sep else int(lo)
+            except ValueError:
+                raise ValueError(f"bad CPU list {spec!r}: use a form like '0-31' or '0,2,4'") from None
+            if last < first:
+                raise ValueError(f"bad CPU range {part!r} in {spec!r}: the end is before the start")
+            cpus.extend(range(first, last + 1))
+    if not cpus:
+        raise ValueError(f"empty CPU list {spec!r}")
+    available = sorted(os.sched_getaffinity(0))
+    missing = sorted(set(cpus) - set(available))
+    if missing:
+        raise ValueError(f"CPUs {missing} are not available to this process (available: {format_cpus(available)})")
+    return sorted(set(cpus))
+
+
+def format_cpus(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5": the inverse of parse_cpus, for logs and command lines."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def numa_nodes(cpus: list[int]) -> list[int]:
+    """NUMA nodes that own these CPUs (empty where the kernel does not say)."""
+    nodes = []
+    for node_dir in sorted(Path("/sys/devices/system/node").glob("node[0-9]*")):
+        try:
+            owned = parse_range_list((node_dir / "cpulist").read_text().strip())
+        except OSError:
+            continue
+        if owned & set(cpus):
+            nodes.append(int(node_dir.name[4:]))
+    return nodes
+
+
+def parse_range_list(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def pin_process(cpus: list[int] | None) -> list[int]:
+    """Pin this process to ``cpus`` and size torch's intra-op pool to match; returns the set."""
+    import psutil
+    import torch
+    proc = psutil.Process()
+    if cpus is not None:
+        proc.cpu_affinity(cpus)
+    pinned = sorted(proc.cpu_affinity())
+    torch.set_num_threads(len(pinned))
+    return pinned

@@ -1,0 +1,116 @@
+"""Start the two worker processes and hand back a Coordinator wired to them."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import zmq
+
+from dovetail.client import WorkerClient, WorkerError
+from dovetail.config import CoordinatorConfig
+from dovetail.coordinator import Coordinator
+from dovetail.cpus import format_cpus, parse_cpus
+from dovetail.protocol import Handshake, check_compatible
+
+log = logging.getLogger("dovetail")
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
+
+
+def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: str = "auto",
+           **options) -> Coordinator:
+    """Start a target worker (and a draft worker) and return a Coordinator for them.
+
+    ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
+    ("qwen2.5-coder-1.5b-instruct", fetched once into the cache). ``draft=None`` decodes
+    with the target alone, through the same worker: the baseline. ``target_cpus``: "0-31",
+    "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
+    first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
+    workers. Other keyword options are fields of :class:`CoordinatorConfig`.
+    """
+    from dovetail.fetch import resolve_model
+
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    config = CoordinatorConfig(**options)
+    cpus = parse_cpus(target_cpus)
+    target_path = resolve_model(str(target))
+    draft_path = resolve_model(str(draft)) if draft is not None else None
+    device = _draft_device(draft_device)
+    overlap = config.overlap if config.overlap is not None else device.startswith("cuda")
+
+    run_dir = Path(tempfile.mkdtemp(prefix="dovetail-"))
+    ctx = zmq.Context()
+    clients: list[WorkerClient] = []
+    try:
+        tgt = _spawn(ctx, "target", run_dir, [
+            "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
+            *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
+        clients.append(tgt)
+        dft = None
+        if draft_path is not None:
+            draft_cpus = parse_cpus(config.draft_cpus) or cpus
+            dft = _spawn(ctx, "draft", run_dir, [
+                "--model", str(draft_path), "--dtype", dtype, "--device", device,
+                *(["--layers", str(config.draft_layers)] if config.draft_layers else []),
+                *(["--cpus", format_cpus(draft_cpus)] if draft_cpus and device == "cpu" else [])], config)
+            clients.append(dft)
+        hs_tgt = _handshake(tgt, config)
+        hs_dft = _handshake(dft, config) if dft else None
+        if hs_dft is not None:
+            check_compatible(hs_tgt, hs_dft)
+        from dovetail.workers.hf import load_tokenizer
+        tokenizer = load_tokenizer(target_path)
+    except BaseException:
+        for c in clients:
+            c.close()
+        ctx.term()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    log.info("target %s on CPUs %s; draft %s on %s; overlap %s", hs_tgt.model,
+             format_cpus(cpus) if cpus else "all", hs_dft.model if hs_dft else "none",
+             hs_dft.device if hs_dft else "-", overlap)
+    return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
+                       context=ctx, run_dir=run_dir)
+
+
+def _draft_device(spec) -> str:
+    if spec is None:
+        import torch
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if isinstance(spec, int):
+        return f"cuda:{spec}"
+    spec = str(spec)
+    if spec.isdigit():
+        return f"cuda:{spec}"
+    if spec == "cuda":
+        return "cuda:0"
+    if spec != "cpu" and not spec.startswith("cuda:"):
+        raise ValueError(f"draft_device must be 'cpu', 'cuda:N' or an int, got {spec!r}")
+    return spec
+
+
+def _spawn(ctx, role: str, run_dir: Path, args: list[str], config: CoordinatorConfig) -> WorkerClient:
+    address = f"ipc://{run_dir}/{role}.sock"
+    cmd = [sys.executable, "-m", f"dovetail.workers.{role}", "--bind", address,
+           "--parent-pid", str(os.getpid()), "--log-level", config.log_level, *args]
+    env = {**os.environ, **config.env}
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    log.info("started %s worker pid %d", role, proc.pid)
+    return WorkerClient(ctx, role, address, proc)
+
+
+def _handshake(client: WorkerClient, config: CoordinatorConfig) -> Handshake:
+    hello = Handshake(role="coordinator", vocab_size=0, tokenizer_hash="", hidden_size=0, dtype="",
+                      feature_codec=config.feature_codec, pid=os.getpid())
+    try:
+        hs = client.call(hello, Handshake, config.startup_timeout_s, "startup_timeout_s")
+    except WorkerError as e:
+        raise WorkerError(client.role, e.code, f"did not start: {e}") from e
+    client.vocab_size = hs.vocab_size
+    return hs

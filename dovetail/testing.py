@@ -1,0 +1,31 @@
+"""Tiny random models for tests and examples: real architectures, a few layers, any dtype."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 64, hidden_size: int = 32,
+                    layers: int = 2, dtype: torch.dtype = torch.float64, noise_from: str | Path | None = None,
+                    noise: float = 0.0) -> Path:
+    """Save a tiny random Qwen2 model (no tokenizer) to ``path`` and return the path.
+
+    With ``noise_from``, start from that model's weights plus Gaussian noise of scale
+    ``noise``: a draft that agrees with its target often but not always.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).to(dtype)
+    if noise_from is not None:
+        base = Qwen2ForCausalLM.from_pretrained(str(noise_from), dtype=dtype)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), base.parameters()):
+                p.copy_(q + noise * torch.randn_like(q))
+    path = Path(path)
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,205 @@
+"""Dovetail wire protocol: constants and message definitions (no I/O here).
+
+Every message travels as two ZeroMQ frames:
+
+1. a fixed header ``HEADER.pack(PROTOCOL_TAG, PROTOCOL_VERSION, TYPE)``;
+2. a msgpack map of field name -> value (a ``Feature`` is a nested map).
+
+The codec (``codec.py``) turns these dataclasses into frames and back, and
+validates everything it receives, since a peer may be buggy or hostile.
+
+Tree convention (DraftProposal / VerifyRequest)
+-----------------------------------------------
+A draft tree is sent flat as two parallel lists, ``tokens`` and ``parents``.
+``parents[i]`` is the index of node i's parent among the draft nodes, with -1
+meaning the root, i.e. the last committed token (``VerifyRequest.root``).
+Parents always come before children (``-1 <= parents[i] < i``), so one pass
+in index order visits a parent before any of its children, and a tree mask can
+be built without sorting. A plain chain of k tokens is
+``parents = [-1, 0, 1, ..., k-2]``. ``VerifyResult.accepted`` lists the node
+indices on the accepted path from the root down, so it is strictly increasing.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "PROTOCOL_TAG", "PROTOCOL_VERSION", "HEADER",
+    "MAX_FRAME_BYTES", "MAX_TOKENS", "MAX_TREE_NODES", "MAX_STRING", "MAX_FEATURE_DIMS",
+    "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES",
+    "Feature", "Handshake", "OpenRequest", "Opened", "DraftRequest", "DraftProposal",
+    "VerifyRequest", "VerifyResult", "Close", "Closed", "Heartbeat", "Error", "Shutdown",
+    "MESSAGE_TYPES",
+]
+
+PROTOCOL_TAG = b"DVTL"
+PROTOCOL_VERSION = 1
+# tag (4 bytes), protocol version (uint16), message type code (uint8); big-endian.
+HEADER = struct.Struct(">4sHB")
+
+# Limits. They bound what a peer can make us allocate; see codec.decode.
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # default cap for one frame
+MAX_TOKENS = 1 << 20                # longest token-id list (prompt, new_tokens, ...)
+MAX_TREE_NODES = 1024               # most draft nodes in one tree
+MAX_STRING = 4096                   # longest str field, in characters
+MAX_FEATURE_DIMS = 4                # most dimensions of a Feature's shape
+
+# Hidden-state feature codecs: "fp16" is near-lossless, "int8" halves the bytes
+# with per-row scales (see features.py for the error bound).
+FEATURE_CODECS = ("fp16", "int8")
+DEFAULT_FEATURE_CODEC = "fp16"
+# codec -> (dtype name of Feature.data, bytes per element)
+FEATURE_DTYPES = {"fp16": ("float16", 2), "int8": ("int8", 1)}
+
+ROLES = ("coordinator", "target", "draft")
+
+
+@dataclass(slots=True)
+class Feature:
+    """A tensor of hidden states; a nested value inside messages, not a message.
+
+    ``data`` holds prod(shape) elements of ``dtype`` in little-endian order.
+    For the int8 codec, ``scales`` holds one little-endian float16 scale per
+    row (rows = prod(shape[:-1])); for fp16 it is empty.
+    """
+    codec: str
+    dtype: str
+    shape: list[int]
+    data: bytes
+    scales: bytes = b""
+
+
+@dataclass(slots=True)
+class Handshake:
+    """First message each way. The coordinator sends role="coordinator" with
+    zeros/empty strings where it does not know a value; each worker answers
+    with its own identity (role "target" or "draft")."""
+    TYPE: ClassVar[int] = 1
+    role: str
+    vocab_size: int
+    tokenizer_hash: str
+    hidden_size: int
+    dtype: str
+    feature_codec: str
+    model: str = ""
+    device: str = ""
+    pid: int = 0
+
+
+@dataclass(slots=True)
+class OpenRequest:
+    """Start a request: prefill ``prompt`` into a fresh KV cache."""
+    TYPE: ClassVar[int] = 2
+    req_id: int
+    prompt: list[int]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class Opened:
+    """Prefill done; ``features`` are hidden states when the draft wants them."""
+    TYPE: ClassVar[int] = 3
+    req_id: int
+    cache_len: int
+    features: Feature | None = None
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class DraftRequest:
+    """Ask the draft for a tree. ``new_tokens`` were committed since the draft
+    last saw this request, starting at position ``base_len``."""
+    TYPE: ClassVar[int] = 4
+    req_id: int
+    step: int
+    base_len: int
+    new_tokens: list[int]
+    depth: int
+    top_k: int
+    max_nodes: int
+    guess_root: bool = False
+    features: Feature | None = None
+
+
+@dataclass(slots=True)
+class DraftProposal:
+    """A draft tree (see the tree convention above). ``root_guess`` is the
+    draft's guess of the next committed token when asked, else -1."""
+    TYPE: ClassVar[int] = 5
+    req_id: int
+    step: int
+    tokens: list[int]
+    parents: list[int]
+    root_guess: int = -1
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class VerifyRequest:
+    """Ask the target to verify a tree hanging off ``root`` (last committed token)."""
+    TYPE: ClassVar[int] = 6
+    req_id: int
+    step: int
+    root: int
+    tokens: list[int]
+    parents: list[int]
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    """``accepted``: draft-node indices on the accepted path; ``tokens``: the
+    accepted draft tokens followed by the target's own next token, so
+    ``len(tokens) == len(accepted) + 1``."""
+    TYPE: ClassVar[int] = 7
+    req_id: int
+    step: int
+    accepted: list[int]
+    tokens: list[int]
+    cache_len: int
+    features: Feature | None = None
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class Close:
+    TYPE: ClassVar[int] = 8
+    req_id: int
+
+
+@dataclass(slots=True)
+class Closed:
+    TYPE: ClassVar[int] = 9
+    req_id: int
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    TYPE: ClassVar[int] = 10
+    seq: int
+    time: float
+
+
+@dataclass(slots=True)
+class Error:
+    """A failure report; ``req_id`` is -1 when it is not about one request."""
+    TYPE: ClassVar[int] = 11
+    req_id: int
+    code: str
+    message: str
+
+
+@dataclass(slots=True)
+class Shutdown:
+    TYPE: ClassVar[int] = 12
+
+
+MESSAGE_TYPES: dict[int, type] = {
+    cls.TYPE: cls
+    for cls in (Handshake, OpenRequest, Opened, DraftRequest, DraftProposal, VerifyRequest,
+                VerifyResult, Close, Closed, Heartbeat, Error, Shutdown)
+}
+assert len(MESSAGE_TYPES) == 12, "message type codes must be unique"

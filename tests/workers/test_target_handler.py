@@ -1,0 +1,229 @@
+"""The target worker's request handler, in-process, on a tiny float64 model.
+
+The reference is the model's own greedy continuation computed the plain way (the whole
+sequence through the HF model each step, no KV cache). Every verification round must
+commit a prefix of that continuation, and decoding after any round (accepts, rejects,
+tree gathers, refused requests) must go on reproducing it exactly: that is what proves
+the KV cache was rolled back or gathered correctly.
+"""
+import numpy as np
+import pytest
+import torch
+
+from dovetail.protocol import Close, Closed, OpenRequest, VerifyRequest, decode_features
+from dovetail.testing import make_tiny_model
+from dovetail.tree import chain_parents
+from dovetail.workers.backend import HFBackend
+from dovetail.workers.serve import RequestError
+from dovetail.workers.target import TargetConfig, TargetHandler
+
+PROMPT = [1, 5, 9, 3, 7, 11, 2]
+VOCAB = 64
+
+
+def sharpened_tiny_model(path, seed):
+    """A tiny random Qwen2 whose attention is sharpened (q and k scaled up).
+
+    At random init attention is nearly uniform, so a tiny model acts like a bigram table
+    and its greedy output soon loops on a few tokens; a stale or misplaced KV entry would
+    then go unnoticed. Sharper attention makes every token depend on the whole context.
+    """
+    from transformers import Qwen2ForCausalLM
+    make_tiny_model(path, seed=seed, vocab_size=VOCAB)
+    model = Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float64)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(10)
+                proj.bias.mul_(10)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory):
+    return sharpened_tiny_model(tmp_path_factory.mktemp("target") / "model", seed=2)
+
+
+@pytest.fixture(scope="session")
+def backend(model_path):
+    return HFBackend(str(model_path), dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def truth(backend):
+    """The target's greedy continuation of PROMPT, by plain AR without a cache."""
+    ids = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(40):
+            # argmax of float32 logits, as the handler sees them (Forward.logits is float32)
+            ids.append(int(backend.lm.model(torch.tensor([ids])).logits[0, -1].float().argmax()))
+    cont = ids[len(PROMPT):]
+    assert len(set(cont)) > 15, "the reference continuation loops: the tests would be weak"
+    return cont
+
+
+@pytest.fixture
+def handler(backend, model_path):
+    return TargetHandler(backend, TargetConfig(bind="inproc://target", model=str(model_path)))
+
+
+class Session:
+    """One request driven through the handler, tracking what the coordinator would."""
+
+    def __init__(self, handler, req=1, prompt=PROMPT, **open_kw):
+        self.h, self.req, self.step = handler, req, 0
+        self.opened = handler.handle(OpenRequest(req, list(prompt), **open_kw))
+        self.committed = list(prompt)
+
+    def verify(self, tokens, parents=None):
+        parents = chain_parents(len(tokens)) if parents is None else parents
+        res = self.h.handle(VerifyRequest(self.req, self.step, self.committed[-1], tokens, parents))
+        assert res.step == self.step and len(res.tokens) == len(res.accepted) + 1
+        self.step += 1
+        self.committed += res.tokens
+        return res
+
+    def decode(self, n):
+        """n target-only rounds (empty drafts): one token each."""
+        for _ in range(n):
+            self.verify([])
+        return self.committed[len(PROMPT):]
+
+    def cache_len(self):
+        return self.h.backend.length(self.h.sequences[self.req].cache)
+
+
+def test_open_prefills_all_but_the_last_prompt_token(handler, backend):
+    s = Session(handler)
+    assert s.opened.cache_len == len(PROMPT) - 1  # the last token is the first root
+    feats = decode_features(s.opened.features)
+    assert feats.shape == (len(PROMPT) - 1, backend.identity.hidden_size)
+
+
+def test_target_only_decoding_reproduces_plain_ar(handler, truth):
+    assert Session(handler).decode(20) == truth[:20]
+
+
+@pytest.mark.parametrize("j", range(6))
+def test_chain_rejected_at_each_position_rolls_back_exactly(handler, truth, j):
+    k = 5
+    draft = truth[:k]
+    if j < k:
+        draft[j] = (draft[j] + 1) % VOCAB  # corrupt position j; everything after is moot
+    s = Session(handler)
+    before = s.cache_len()
+    res = s.verify(draft)
+    assert res.accepted == list(range(j))
+    assert res.tokens == truth[:j + 1]       # j accepted + the target's own token
+    assert res.cache_len == before + j + 1 == s.cache_len()
+    # The rejected rows must be gone from the cache: decoding on is still exact.
+    assert s.decode(12) == truth[:j + 1 + 12]
+
+
+def test_several_rounds_with_partial_accepts_stay_exact(handler, truth):
+    s = Session(handler)
+    for accept in (2, 0, 5, 1, 3):  # each round: `accept` right tokens, then a wrong one
+        n = len(s.committed) - len(PROMPT)
+        draft = truth[n:n + accept] + [(truth[n + accept] + 7) % VOCAB, 0, 1]
+        assert s.verify(draft).accepted == list(range(accept))
+    n = len(s.committed) - len(PROMPT)
+    assert s.decode(10) == truth[:n + 10]
+
+
+def test_tree_takes_the_second_child_and_gathers_its_kv(handler, backend, truth):
+    # root ─┬─ 0:wrong ── 2:truth[1]   (right token under the wrong parent: a trap)
+    #       └─ 1:truth[0] ── 3:truth[1] ─┬─ 4:wrong
+    #                                    └─ 5:truth[2]
+    wrong = (truth[0] + 1) % VOCAB
+    tokens = [wrong, truth[0], truth[1], truth[1], (truth[2] + 1) % VOCAB, truth[2]]
+    parents = [-1, -1, 0, 1, 3, 3]
+    s = Session(handler)
+    before = s.cache_len()
+    res = s.verify(tokens, parents)
+    assert res.accepted == [1, 3, 5]
+    assert res.tokens == truth[:4]
+    assert res.cache_len == before + 4
+    # Rows 2, 4 and 6 of the forward were kept out of order: decoding must stay exact.
+    assert s.decode(20) == truth[:24]
+
+    # Features: root + accepted nodes, equal to the model's final hidden states (after the
+    # final norm) at those positions, up to fp16 rounding.
+    feats = decode_features(res.features)
+    assert feats.shape == (len(res.accepted) + 1, backend.identity.hidden_size)
+    seq = PROMPT + truth[:3]  # root (last prompt token) and the three accepted tokens
+    with torch.no_grad():
+        ref = backend.lm.model.model(input_ids=torch.tensor([seq])).last_hidden_state[0, -4:]
+    np.testing.assert_allclose(feats, ref.numpy(), rtol=2**-10, atol=1e-4)
+
+
+def test_features_of_a_chain_round(handler, backend, truth):
+    s = Session(handler)
+    res = s.verify(truth[:2] + [(truth[2] + 1) % VOCAB])
+    feats = decode_features(res.features)
+    assert feats.shape == (3, backend.identity.hidden_size)
+    with torch.no_grad():
+        ref = backend.lm.model.model(input_ids=torch.tensor([PROMPT + truth[:2]])).last_hidden_state[0, -3:]
+    np.testing.assert_allclose(feats, ref.numpy(), rtol=2**-10, atol=1e-4)
+
+
+def _refused(handler, msg, code):
+    with pytest.raises(RequestError) as e:
+        handler.handle(msg)
+    assert e.value.code == code
+    assert e.value.req_id == msg.req_id
+
+
+def test_stale_and_duplicated_verify_do_not_advance(handler, truth):
+    s = Session(handler)
+    first = VerifyRequest(1, 0, PROMPT[-1], truth[:3], chain_parents(3))
+    res = handler.handle(first)
+    s.step, s.committed = 1, s.committed + res.tokens
+    length, pending = s.cache_len(), handler.sequences[1].pending
+    _refused(handler, first, "stale_step")  # the same message delivered twice
+    _refused(handler, VerifyRequest(1, 5, pending, [], []), "stale_step")  # from the future
+    assert s.cache_len() == length and handler.sequences[1].pending == pending
+    assert handler.sequences[1].step == 1
+    assert s.decode(8) == truth[:4 + 8]
+
+
+def test_wrong_root_is_refused(handler, truth):
+    s = Session(handler)
+    length = s.cache_len()
+    _refused(handler, VerifyRequest(1, 0, (PROMPT[-1] + 1) % VOCAB, truth[:2], [-1, 0]), "bad_root")
+    assert s.cache_len() == length
+    assert s.decode(5) == truth[:5]  # the refused round left no trace
+
+
+def test_unknown_request_and_close(handler, truth):
+    _refused(handler, VerifyRequest(42, 0, PROMPT[-1], [], []), "unknown_request")
+    Session(handler, req=7)
+    assert handler.handle(Close(7)) == Closed(req_id=7)
+    assert 7 not in handler.sequences
+    _refused(handler, VerifyRequest(7, 0, PROMPT[-1], [], []), "unknown_request")
+    assert handler.handle(Close(7)) == Closed(req_id=7)  # closing twice is harmless
+
+
+def test_a_verify_failing_midway_leaves_the_sequence_as_it_was(handler, truth):
+    s = Session(handler)
+    length = s.cache_len()
+    # One token but two parents: the forward runs (and grows the cache), then the
+    # acceptance walk accepts node 0 and trips over node 1, which has no token.
+    with pytest.raises(IndexError):
+        handler.handle(VerifyRequest(1, 0, PROMPT[-1], [truth[0]], [-1, 0]))
+    assert s.cache_len() == length and handler.sequences[1].step == 0
+    assert s.decode(6) == truth[:6]
+
+
+def test_sampling_is_deterministic_for_a_seed(handler):
+    def run(req, seed):
+        s = Session(handler, req=req, temperature=1.0, top_p=0.9, seed=seed)
+        for draft in ([3, 7, 11], [], [5, 5], [9, 8, 7, 6]):
+            s.verify(draft)
+            s.verify(draft, parents=[-1] * len(draft))  # and as siblings of the root
+        return s.committed
+
+    a, b = run(1, seed=123), run(2, seed=123)
+    assert a == b and len(a) >= len(PROMPT) + 8  # 8 rounds, >= 1 token each
+    # Another seed samples something else (64 tokens, near-uniform: a tie is hopeless).
+    assert run(3, seed=124) != a

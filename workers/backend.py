@@ -1,0 +1,87 @@
+"""The target's model behind a small interface, so faster CPU backends plug in later.
+
+A backend owns the KV caches. The worker loop only asks it to prefill, to verify a tree
+in one forward, to keep the accepted path, and to roll back to a length.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from dovetail.tree import is_chain, with_root
+from dovetail.workers.hf import CausalLM, Forward, load_tokenizer, tokenizer_hash
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a peer must agree with before it may draft for (or be verified by) this model."""
+    model: str
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    tokenizer_hash: str
+    dtype: str
+    device: str
+
+
+class TargetBackend(ABC):
+    identity: Identity
+
+    @abstractmethod
+    def new_sequence(self):
+        """An empty sequence (KV cache) handle."""
+
+    @abstractmethod
+    def length(self, seq) -> int:
+        """Number of positions the sequence holds."""
+
+    @abstractmethod
+    def prefill(self, seq, tokens: list[int]) -> torch.Tensor:
+        """Process tokens; return their final hidden states [n, hidden]."""
+
+    @abstractmethod
+    def verify(self, seq, root: int, tokens: list[int], parents: list[int]) -> Forward:
+        """One forward over [root, *tree]: logits and hidden states for all n+1 rows."""
+
+    @abstractmethod
+    def keep(self, seq, start: int, rows: list[int]) -> None:
+        """After verify: keep positions [0, start) and the given rows, in that order."""
+
+    @abstractmethod
+    def rollback(self, seq, length: int) -> None:
+        """Truncate the sequence to ``length`` positions."""
+
+
+class HFBackend(TargetBackend):
+    """Transformers on the CPU (or any torch device), from a HF folder or a GGUF file."""
+
+    def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu"):
+        self.lm = CausalLM.load(path, device=device, dtype=dtype)
+        tok = load_tokenizer(path)
+        self.identity = Identity(
+            model=self.lm.name, arch=str(getattr(self.lm.config, "model_type", "?")),
+            vocab_size=self.lm.vocab_size, hidden_size=self.lm.hidden_size,
+            tokenizer_hash=tokenizer_hash(tok, self.lm.vocab_size),
+            dtype=str(self.lm.dtype).removeprefix("torch."), device=device)
+
+    def new_sequence(self):
+        return self.lm.new_cache()
+
+    def length(self, seq) -> int:
+        return seq.get_seq_length()
+
+    def prefill(self, seq, tokens: list[int]) -> torch.Tensor:
+        return self.lm.forward(seq, tokens, logit_rows=[]).hidden
+
+    def verify(self, seq, root: int, tokens: list[int], parents: list[int]) -> Forward:
+        # A chain needs no custom mask: the model's own causal mask is exact and cheaper.
+        rows = None if is_chain(parents) else with_root(parents)
+        return self.lm.forward(seq, [root, *tokens], rows)
+
+    def keep(self, seq, start: int, rows: list[int]) -> None:
+        self.lm.keep_rows(seq, start, rows)
+
+    def rollback(self, seq, length: int) -> None:
+        self.lm.crop(seq, length)

@@ -1,0 +1,227 @@
+"""Draft worker: a small LM with the target's tokenizer proposes chains or top-k trees.
+
+Run as its own process: ``python -m dovetail.workers.draft --bind ipc://... --model PATH``.
+It keeps its own KV cache in step with the committed sequence: each DraftRequest says how
+many tokens of what the draft already knows are still right (``base_len``) and what came
+after; everything past that is rolled back by truncating cache positions.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dovetail.cpus import format_cpus, parse_cpus, pin_process
+from dovetail.protocol import (
+    Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
+)
+from dovetail.workers.hf import CausalLM, choose_dtype, load_tokenizer, tokenizer_hash
+from dovetail.workers.serve import RequestError, serve, setup_logging
+
+log = logging.getLogger("dovetail.draft")
+
+
+@dataclass
+class DraftConfig:
+    bind: str
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    layers: int | None = None
+    cpus: list[int] | None = None
+    max_requests: int = 256
+    parent_pid: int = 0
+    log_level: str = "info"
+
+    def __post_init__(self):
+        if not self.bind.startswith(("ipc://", "tcp://", "inproc://")):
+            raise ValueError(f"--bind must be an ipc:// or tcp:// address, got {self.bind!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"--device must be 'cpu' or 'cuda:N', got {self.device!r}")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError("--layers must be at least 1")
+        self.cpus = parse_cpus(self.cpus)
+
+
+@dataclass
+class DraftState:
+    known: list[int]          # the sequence as the draft believes it (committed + guesses)
+    cache: object
+    cached: int = 0           # leading tokens of `known` whose KV in `cache` is valid
+    step: int = -1
+
+
+@dataclass
+class DraftHandler:
+    lm: CausalLM
+    config: DraftConfig
+    tok_hash: str
+    role: str = "draft"
+    states: dict[int, DraftState] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.vocab_size
+
+    def handshake(self) -> Handshake:
+        return Handshake(role="draft", vocab_size=self.lm.vocab_size, tokenizer_hash=self.tok_hash,
+                         hidden_size=self.lm.hidden_size, dtype=str(self.lm.dtype).removeprefix("torch."),
+                         feature_codec="fp16", model=self.lm.name, device=self.lm.device, pid=os.getpid())
+
+    def handle(self, msg):
+        if isinstance(msg, OpenRequest):
+            if len(self.states) >= self.config.max_requests and msg.req_id not in self.states:
+                raise RequestError(msg.req_id, "busy", f"{len(self.states)} requests open (max_requests)")
+            self.states[msg.req_id] = DraftState(list(msg.prompt), self.lm.new_cache())
+            return Opened(req_id=msg.req_id, cache_len=0)
+        if isinstance(msg, DraftRequest):
+            return self.draft(msg)
+        if isinstance(msg, Close):
+            self.states.pop(msg.req_id, None)
+            return Closed(req_id=msg.req_id)
+        raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a draft worker does not take {type(msg).__name__}")
+
+    def draft(self, msg: DraftRequest) -> DraftProposal:
+        st = self.states.get(msg.req_id)
+        if st is None:
+            raise RequestError(msg.req_id, "unknown_request", f"request {msg.req_id} is not open")
+        if msg.step <= st.step:
+            raise RequestError(msg.req_id, "stale_step", f"draft step {msg.step} after step {st.step}")
+        if msg.base_len > len(st.known):
+            raise RequestError(msg.req_id, "bad_request", f"base_len {msg.base_len} > {len(st.known)} known tokens")
+        if msg.base_len + len(msg.new_tokens) == 0:
+            raise RequestError(msg.req_id, "bad_request", "nothing to draft from")
+        t0 = time.perf_counter()
+        st.step = msg.step
+        st.known = st.known[:msg.base_len] + list(msg.new_tokens)
+        # Roll back to what is still right; keep one token unprocessed to get its logits.
+        st.cached = min(st.cached, msg.base_len, len(st.known) - 1)
+        self.lm.crop(st.cache, st.cached)
+        logits = self.lm.forward(st.cache, st.known[st.cached:], logit_rows=[-1]).logits[-1]
+        st.cached = len(st.known)
+        root_guess = -1
+        if msg.guess_root:
+            # Speculating a whole round ahead: the target's next token is unknown, so bet
+            # on the draft's own favourite and draft from there.
+            root_guess = int(logits.argmax())
+            st.known.append(root_guess)
+            logits = self.lm.forward(st.cache, [root_guess]).logits[-1]
+            st.cached += 1
+        tokens, parents = grow_tree(self.lm, st.cache, logits, msg.depth, msg.top_k, msg.max_nodes)
+        self.lm.crop(st.cache, st.cached)  # tree nodes are guesses: never keep them
+        return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=tokens, parents=parents,
+                             root_guess=root_guess, seconds=time.perf_counter() - t0)
+
+
+def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k: int,
+              max_nodes: int) -> tuple[list[int], list[int]]:
+    """Beam-style tree growth (EAGLE-2): expand the top_k best nodes per level by path score.
+
+    Returns the max_nodes best nodes by cumulative log-probability, ordered so that parents
+    come before children and every node's first child is its most likely one (so the
+    first-child chain is the draft's greedy continuation).
+    """
+    start = cache.get_seq_length()
+    tok: list[int] = []
+    par: list[int] = []
+    score: list[float] = []
+    frontier, frontier_logits = [-1], root_logits[None]
+    base = 0.0
+    for level in range(depth):
+        logp = torch.log_softmax(frontier_logits.float(), dim=-1)
+        k = min(top_k, logp.shape[-1])
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        parent_scores = torch.tensor([base if f < 0 else score[f] for f in frontier])[:, None]
+        cand = (parent_scores + top_lp).flatten()
+        best = cand.topk(min(top_k, cand.numel())).indices.tolist()
+        new = []
+        for b in best:
+            r, c = divmod(b, k)
+            par.append(frontier[r])
+            tok.append(int(top_ids[r, c]))
+            score.append(float(cand[b]))
+            new.append(len(tok) - 1)
+        if level == depth - 1:
+            break
+        # Forward the new nodes: each sees the committed prefix plus its own ancestors.
+        frontier = new
+        frontier_logits = forward_nodes(lm, cache, start, tok, par, new)
+    return select_nodes(tok, par, score, max_nodes)
+
+
+def forward_nodes(lm: CausalLM, cache, start: int, tok, par, new) -> torch.Tensor:
+    n_cached = cache.get_seq_length() - start  # tree nodes already in the cache, in order
+    assert new[0] == n_cached, "tree nodes enter the cache in creation order"
+    total = start + new[-1] + 1
+    allowed = torch.zeros(len(new), total, dtype=torch.bool)
+    allowed[:, :start] = True
+    depth = []
+    for row, node in enumerate(new):
+        d, a = 0, node
+        while a >= 0:
+            allowed[row, start + a] = True
+            a, d = par[a], d + 1
+        depth.append(d)
+    positions = [start - 1 + d for d in depth]
+    return lm.forward_masked(cache, [tok[n] for n in new], positions, allowed).logits
+
+
+def select_nodes(tok, par, score, max_nodes) -> tuple[list[int], list[int]]:
+    # Sorting by (-score, creation order) puts every parent before its children: a child's
+    # path score is its parent's plus a log-probability <= 0, and it was created later.
+    keep = sorted(range(len(tok)), key=lambda i: (-score[i], i))[:max_nodes]
+    kept = set(keep)
+    keep = [i for i in keep if par[i] < 0 or par[i] in kept]
+    kids: dict[int, list[int]] = {}
+    for i in keep:
+        kids.setdefault(par[i], []).append(i)  # already in score order
+    order: list[int] = []
+    queue = list(kids.get(-1, []))
+    while queue:  # breadth first: parents before children, best sibling first
+        i = queue.pop(0)
+        order.append(i)
+        queue.extend(kids.get(i, []))
+    index = {old: new for new, old in enumerate(order)}
+    return [tok[i] for i in order], [-1 if par[i] < 0 else index[par[i]] for i in order]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dovetail.workers.draft", description=__doc__)
+    p.add_argument("--bind", required=True, help="address to serve on (ipc://PATH or tcp://HOST:PORT)")
+    p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file (same tokenizer as the target)")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
+    p.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32 | float64")
+    p.add_argument("--layers", type=int, default=None, help="use only the first N decoder layers (a cheaper self-draft)")
+    p.add_argument("--cpus", default=None, help="CPUs for a CPU draft, e.g. '0-3' (default: all)")
+    p.add_argument("--max-requests", type=int, default=256, help="most requests open at once")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
+    p.add_argument("--log-level", default="info", help="debug | info | warning")
+    return p
+
+
+def main(argv=None) -> None:
+    cfg = DraftConfig(**{k.replace("-", "_"): v for k, v in vars(build_parser().parse_args(argv)).items()})
+    setup_logging(cfg.log_level, "draft")
+    device = cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("no CUDA device is available: the draft runs on the CPU")
+        device = "cpu"
+    if device == "cpu":
+        pinned = pin_process(cfg.cpus)
+        log.info("draft on the CPU (CPUs %s, %d threads)", format_cpus(pinned), torch.get_num_threads())
+    else:
+        log.info("draft on %s (%s)", device, torch.cuda.get_device_name(torch.device(device)))
+    t0 = time.perf_counter()
+    lm = CausalLM.load(cfg.model, device=device, dtype=choose_dtype(cfg.dtype, device), num_layers=cfg.layers)
+    tok_hash = tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
+    log.info("loaded draft %s (%s, %d layers) in %.1f s", lm.name, lm.dtype, lm.config.num_hidden_layers,
+             time.perf_counter() - t0)
+    serve(cfg.bind, DraftHandler(lm, cfg, tok_hash), parent_pid=cfg.parent_pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The worker loop shared by both roles: one ROUTER socket, decode, dispatch, reply.
+
+Compute happens on this thread; ZeroMQ's own I/O thread keeps receiving meanwhile. Bad
+frames and failing requests are answered with an Error and the loop goes on serving.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import zmq
+
+from dovetail.protocol import (
+    Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
+    configure_socket, decode, encode,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100             # how often the loop wakes to check for a stop request
+PARENT_POLL_S = 0.5       # how often a worker checks that its coordinator still lives
+
+
+class RequestError(Exception):
+    """A request the worker refuses; ``code`` goes on the wire with the message."""
+
+    def __init__(self, req_id: int, code: str, message: str):
+        super().__init__(message)
+        self.req_id, self.code = req_id, code
+
+
+def watch_parent(parent_pid: int, on_orphaned) -> None:
+    """Exit when the coordinator that started us is gone (we get re-parented)."""
+    if parent_pid <= 0:
+        return
+
+    def loop():
+        while True:
+            if os.getppid() != parent_pid:
+                log.warning("coordinator (pid %d) is gone; exiting", parent_pid)
+                on_orphaned()
+                os._exit(0)
+            time.sleep(PARENT_POLL_S)
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+
+def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME_BYTES) -> None:
+    """Serve ``handler`` on ``bind`` until a Shutdown arrives."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    configure_socket(sock, max_bytes)
+    sock.bind(bind)
+    ipc_path = bind[len("ipc://"):] if bind.startswith("ipc://") else None
+    watch_parent(parent_pid, on_orphaned=lambda: ipc_path and _unlink(ipc_path))
+    log.info("%s worker serving on %s (pid %d)", handler.role, bind, os.getpid())
+    try:
+        while True:
+            if not sock.poll(POLL_MS):
+                continue
+            frames = sock.recv_multipart(copy=True)
+            peer, body = frames[0], frames[1:]
+            reply = _dispatch(handler, body, max_bytes)
+            if reply is _STOP:
+                log.info("%s worker: shutdown requested", handler.role)
+                return
+            if reply is not None:
+                sock.send_multipart([peer, *encode(reply)])
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        if ipc_path:
+            _unlink(ipc_path)
+
+
+_STOP = object()
+
+
+def _dispatch(handler, frames: list[bytes], max_bytes: int):
+    try:
+        msg = decode(frames, max_bytes=max_bytes, vocab_size=handler.vocab_size)
+    except ProtocolError as e:
+        log.warning("rejected frame: %s", e)
+        return Error(req_id=-1, code=e.code, message=str(e))
+    if isinstance(msg, Shutdown):
+        return _STOP
+    if isinstance(msg, Heartbeat):
+        return Heartbeat(seq=msg.seq, time=time.time())
+    if isinstance(msg, Handshake):
+        return handler.handshake()
+    req_id = getattr(msg, "req_id", -1)
+    try:
+        return handler.handle(msg)
+    except RequestError as e:
+        log.warning("request %d refused: %s", e.req_id, e)
+        return Error(req_id=e.req_id, code=e.code, message=str(e))
+    except Exception as e:  # keep serving: one bad request must not take the worker down
+        log.exception("request %d failed", req_id)
+        return Error(req_id=req_id, code="internal", message=f"{type(e).__name__}: {e}")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")

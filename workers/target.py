@@ -1,0 +1,168 @@
+"""Target worker: the big model on the CPU. Prefills, verifies draft trees, keeps the KV.
+
+Run as its own process: ``python -m dovetail.workers.target --bind ipc://... --model PATH``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dovetail.cpus import format_cpus, numa_nodes, parse_cpus, pin_process
+from dovetail.protocol import (
+    FEATURE_CODECS, Close, Closed, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
+    encode_features,
+)
+from dovetail.verify import accept_greedy, accept_sampled, target_probs
+from dovetail.workers.backend import HFBackend, TargetBackend
+from dovetail.workers.hf import choose_dtype
+from dovetail.workers.serve import RequestError, serve, setup_logging
+
+log = logging.getLogger("dovetail.target")
+
+
+@dataclass
+class TargetConfig:
+    bind: str
+    model: str
+    cpus: list[int] | None = None
+    dtype: str = "auto"
+    feature_codec: str = "fp16"
+    max_requests: int = 256
+    parent_pid: int = 0
+    log_level: str = "info"
+
+    def __post_init__(self):
+        if not self.bind.startswith(("ipc://", "tcp://", "inproc://")):
+            raise ValueError(f"--bind must be an ipc:// or tcp:// address, got {self.bind!r}")
+        if self.feature_codec not in FEATURE_CODECS:
+            raise ValueError(f"feature codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
+        if self.max_requests < 1:
+            raise ValueError("max_requests must be at least 1")
+        self.cpus = parse_cpus(self.cpus)
+
+
+@dataclass
+class Sequence:
+    """One request: its KV cache and the committed token the target has not processed yet."""
+    cache: object
+    pending: int
+    temperature: float
+    top_p: float
+    generator: torch.Generator
+    step: int = 0
+
+
+@dataclass
+class TargetHandler:
+    backend: TargetBackend
+    config: TargetConfig
+    role: str = "target"
+    sequences: dict[int, Sequence] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.identity.vocab_size
+
+    def handshake(self) -> Handshake:
+        ident = self.backend.identity
+        return Handshake(role="target", vocab_size=ident.vocab_size, tokenizer_hash=ident.tokenizer_hash,
+                         hidden_size=ident.hidden_size, dtype=ident.dtype,
+                         feature_codec=self.config.feature_codec, model=ident.model,
+                         device=ident.device, pid=_pid())
+
+    def handle(self, msg):
+        if isinstance(msg, OpenRequest):
+            return self.open(msg)
+        if isinstance(msg, VerifyRequest):
+            return self.verify(msg)
+        if isinstance(msg, Close):
+            self.sequences.pop(msg.req_id, None)
+            return Closed(req_id=msg.req_id)
+        raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a target worker does not take {type(msg).__name__}")
+
+    def open(self, msg: OpenRequest) -> Opened:
+        if not msg.prompt:
+            raise RequestError(msg.req_id, "bad_request", "the prompt is empty")
+        if msg.req_id in self.sequences:
+            raise RequestError(msg.req_id, "duplicate", f"request {msg.req_id} is already open")
+        if len(self.sequences) >= self.config.max_requests:
+            raise RequestError(msg.req_id, "busy", f"{len(self.sequences)} requests open (max_requests)")
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(msg.seed)
+        seq = Sequence(self.backend.new_sequence(), msg.prompt[-1], msg.temperature, msg.top_p, gen)
+        # The last prompt token stays pending: it is the root of the first verification.
+        hidden = self.backend.prefill(seq.cache, msg.prompt[:-1]) if len(msg.prompt) > 1 else None
+        self.sequences[msg.req_id] = seq
+        feats = encode_features(hidden, self.config.feature_codec) if hidden is not None else None
+        return Opened(req_id=msg.req_id, cache_len=self.backend.length(seq.cache), features=feats,
+                      seconds=time.perf_counter() - t0)
+
+    def verify(self, msg: VerifyRequest) -> VerifyResult:
+        seq = self.sequences.get(msg.req_id)
+        if seq is None:
+            raise RequestError(msg.req_id, "unknown_request", f"request {msg.req_id} is not open")
+        if msg.step != seq.step:
+            # A duplicated or stale verify must never advance the KV cache twice.
+            raise RequestError(msg.req_id, "stale_step", f"verify step {msg.step} but the request is at step {seq.step}")
+        if msg.root != seq.pending:
+            raise RequestError(msg.req_id, "bad_root", f"root token {msg.root} is not the pending token {seq.pending}")
+        t0 = time.perf_counter()
+        start = self.backend.length(seq.cache)
+        try:
+            out = self.backend.verify(seq.cache, msg.root, msg.tokens, msg.parents)
+            if seq.temperature == 0.0:
+                path, nxt = accept_greedy(out.logits, msg.tokens, msg.parents)
+            else:
+                probs = target_probs(out.logits, seq.temperature, seq.top_p)
+                path, nxt = accept_sampled(probs, msg.tokens, msg.parents, seq.generator)
+            rows = [0] + [c + 1 for c in path]
+            self.backend.keep(seq.cache, start, rows)
+        except BaseException:
+            self.backend.rollback(seq.cache, start)  # a failed step leaves the sequence as it was
+            raise
+        seq.pending, seq.step = nxt, seq.step + 1
+        feats = encode_features(out.hidden[rows], self.config.feature_codec)
+        return VerifyResult(req_id=msg.req_id, step=msg.step, accepted=path,
+                            tokens=[msg.tokens[c] for c in path] + [nxt],
+                            cache_len=self.backend.length(seq.cache), features=feats,
+                            seconds=time.perf_counter() - t0)
+
+
+def _pid() -> int:
+    import os
+    return os.getpid()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dovetail.workers.target", description=__doc__)
+    p.add_argument("--bind", required=True, help="address to serve on (ipc://PATH or tcp://HOST:PORT)")
+    p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
+    p.add_argument("--cpus", default=None, help="CPUs to pin to, e.g. '0-31' or '0,2,4' (default: all)")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 | float64 (auto: bf16 where the CPU has it)")
+    p.add_argument("--feature-codec", default="fp16", choices=FEATURE_CODECS, help="how hidden states travel")
+    p.add_argument("--max-requests", type=int, default=256, help="most requests open at once")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
+    p.add_argument("--log-level", default="info", help="debug | info | warning")
+    return p
+
+
+def main(argv=None) -> None:
+    cfg = TargetConfig(**{k.replace("-", "_"): v for k, v in vars(build_parser().parse_args(argv)).items()})
+    setup_logging(cfg.log_level, "target")
+    pinned = pin_process(cfg.cpus)
+    log.info("pinned to CPUs %s (NUMA node(s) %s), %d torch threads", format_cpus(pinned),
+             numa_nodes(pinned) or "unknown", torch.get_num_threads())
+    dtype = choose_dtype(cfg.dtype, "cpu")
+    t0 = time.perf_counter()
+    backend = HFBackend(cfg.model, dtype=dtype)
+    log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
+             backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
+    serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid)
+
+
+if __name__ == "__main__":
+    main()
