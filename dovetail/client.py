@@ -85,12 +85,18 @@ class WorkerClient:
 
     def close(self) -> None:
         """Ask the worker to stop, then make sure it did; never leaves a process behind."""
+        self.request_shutdown()
+        self.wait_exit()
+
+    def request_shutdown(self) -> None:
         try:
             if self.proc is None or self.proc.poll() is None:
                 self.send(Shutdown())
         except zmq.ZMQError:
             pass
         self.sock.close(linger=200)
+
+    def wait_exit(self) -> None:
         if self.proc is None:
             return
         try:

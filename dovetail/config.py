@@ -17,7 +17,8 @@ class CoordinatorConfig:
     startup_timeout_s: float = 1800.0  # loading (and de-quantizing) a model can take minutes
     prefill_timeout_s: float = 600.0
     verify_timeout_s: float = 120.0
-    draft_timeout_s: float = 30.0   # past this the draft is declared dead: target-only from then
+    draft_timeout_s: float = 30.0   # past this the draft is suspect: target-only until it answers
+    draft_probe_timeout_s: float = 0.2  # how long a request waits for a suspect draft's heartbeat
     log_level: str = "warning"
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the workers
 
@@ -26,7 +27,8 @@ class CoordinatorConfig:
             raise ValueError(f"depth and top_k must be at least 1 (got depth={self.depth}, top_k={self.top_k})")
         if not 1 <= self.max_nodes <= 1024:
             raise ValueError(f"max_nodes must be in 1..1024, got {self.max_nodes}")
-        for name in ("startup_timeout_s", "prefill_timeout_s", "verify_timeout_s", "draft_timeout_s"):
+        for name in ("startup_timeout_s", "prefill_timeout_s", "verify_timeout_s", "draft_timeout_s",
+                     "draft_probe_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.feature_codec not in ("fp16", "int8"):

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from dovetail.client import WorkerClient, WorkerError
+from dovetail.client import WorkerClient, WorkerDied, WorkerError, WorkerTimeout
 from dovetail.config import CoordinatorConfig
 from dovetail.protocol import (
-    Close, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
+    Close, DraftProposal, DraftRequest, Handshake, Heartbeat, OpenRequest, Opened, VerifyRequest,
+    VerifyResult,
 )
 from dovetail.tree import depths, main_path
 
@@ -85,6 +86,9 @@ class Coordinator:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # one request at a time through the workers
         self._closed = False
+        # "ok", "suspect" (timed out: probed before each request until it answers) or "dead".
+        self.draft_health = "ok" if draft is not None else "dead"
+        self._probes = itertools.count(1)
         self.stop_token_ids = set(config.stop_token_ids if config.stop_token_ids is not None
                                   else default_stop_ids(tokenizer))
 
@@ -131,9 +135,11 @@ class Coordinator:
         if self._closed:
             return
         self._closed = True
-        for client in (self.draft, self.target):
-            if client is not None:
-                client.close()
+        clients = [c for c in (self.draft, self.target) if c is not None]
+        for client in clients:  # both exit at once rather than one after the other
+            client.request_shutdown()
+        for client in clients:
+            client.wait_exit()
         if self._ctx is not None:
             self._ctx.term()
         if self._run_dir is not None:
@@ -165,7 +171,7 @@ class Coordinator:
         opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed), Opened,
                                   cfg.prefill_timeout_s, "prefill_timeout_s")
         stats.prefill_s = opened.seconds
-        drafter = _Drafter(self, req, prompt, stats) if self.draft is not None else None
+        drafter = _Drafter(self, req, prompt, stats) if self._draft_usable(stats) else None
         committed = list(prompt)
         try:
             while True:
@@ -202,6 +208,25 @@ class Coordinator:
             stats.target_idle_s = max(0.0, stats.seconds - stats.prefill_s - stats.verify_s)
             stats.draft_idle_s = max(0.0, stats.seconds - stats.draft_s) if drafter else 0.0
             self._close_request(req, drafter)
+
+    def _draft_usable(self, stats: Stats) -> bool:
+        """Use the draft unless it died, or it hung and does not answer a short probe yet."""
+        if self.draft is None:
+            return False
+        if self.draft_health == "suspect":
+            seq = next(self._probes)
+            try:
+                self.draft.send(Heartbeat(seq, time.time()))
+                self.draft.recv(lambda m: isinstance(m, Heartbeat) and m.seq == seq,
+                                self.config.draft_probe_timeout_s, "draft_probe_timeout_s")
+                log.warning("draft worker answers again; drafting resumes")
+                self.draft_health = "ok"
+            except WorkerError as e:
+                self.draft_health = "dead" if isinstance(e, WorkerDied) else "suspect"
+        if self.draft_health != "ok":
+            stats.draft_fallback = True
+            return False
+        return True
 
     def _close_request(self, req: int, drafter) -> None:
         if drafter and drafter.alive:
@@ -320,6 +345,10 @@ class _Drafter:
             return fn()
         except WorkerError as e:
             log.warning("draft worker failed (%s); continuing with the target alone", e)
+            if isinstance(e, WorkerDied):
+                self.coord.draft_health = "dead"
+            elif isinstance(e, WorkerTimeout):
+                self.coord.draft_health = "suspect"
             self.alive = False
             self.stats.draft_fallback = True
             self.ready = self.bet = None

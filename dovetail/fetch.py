@@ -50,6 +50,10 @@ class FetchError(RuntimeError):
     """A download could not be completed (network, index or packaging problem)."""
 
 
+class ModelNotFound(FileNotFoundError, ValueError):
+    """Neither an existing file or folder nor a registry name."""
+
+
 class ChecksumError(FetchError):
     """Downloaded or assembled bytes do not match the pinned sha256."""
 
@@ -513,7 +517,7 @@ def resolve_model(
         return path
     if str(spec) in MODELS:
         return fetch_model(str(spec), cache_dir, progress)
-    raise ValueError(
+    raise ModelNotFound(
         f"{str(spec)!r} is neither an existing path nor a known model; "
         f"known models: {', '.join(sorted(MODELS))}"
     )

@@ -99,7 +99,10 @@ def _spawn(ctx, role: str, run_dir: Path, args: list[str], config: CoordinatorCo
     address = f"ipc://{run_dir}/{role}.sock"
     cmd = [sys.executable, "-m", f"dovetail.workers.{role}", "--bind", address,
            "--parent-pid", str(os.getpid()), "--log-level", config.log_level, *args]
-    env = {**os.environ, **config.env}
+    # torch's OpenMP threads busy-wait after each parallel region by default. Two workers
+    # taking turns on the same cores (a CPU draft) then steal each other's time, which
+    # makes every round many times slower; passive waiting costs a lone worker little.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **config.env}
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
     log.info("started %s worker pid %d", role, proc.pid)
     return WorkerClient(ctx, role, address, proc)

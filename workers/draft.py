@@ -123,7 +123,7 @@ def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k:
 
     Returns the max_nodes best nodes by cumulative log-probability, ordered so that parents
     come before children and every node's first child is its most likely one (so the
-    first-child chain is the draft's greedy continuation).
+    first-child chain is a prefix of the draft's greedy continuation).
     """
     start = cache.get_seq_length()
     tok: list[int] = []
@@ -145,7 +145,7 @@ def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k:
             tok.append(int(top_ids[r, c]))
             score.append(float(cand[b]))
             new.append(len(tok) - 1)
-        if level == depth - 1:
+        if not new or level == depth - 1:
             break
         # Forward the new nodes: each sees the committed prefix plus its own ancestors.
         frontier = new

@@ -13,7 +13,7 @@ import time
 import zmq
 
 from dovetail.protocol import (
-    Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
+    MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
     configure_socket, decode, encode,
 )
 
@@ -67,7 +67,7 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
                 log.info("%s worker: shutdown requested", handler.role)
                 return
             if reply is not None:
-                sock.send_multipart([peer, *encode(reply)])
+                sock.send_multipart([peer, *_encode_reply(reply)])
     finally:
         sock.close(linger=0)
         ctx.term()
@@ -76,6 +76,18 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
 
 
 _STOP = object()
+
+
+def _encode_reply(reply) -> list[bytes]:
+    """Encode a reply; an unencodable one becomes a short Error rather than a crash."""
+    if isinstance(reply, Error) and len(reply.message) > MAX_STRING:
+        reply = Error(reply.req_id, reply.code, reply.message[:MAX_STRING - 3] + "...")
+    try:
+        return encode(reply)
+    except Exception as e:
+        log.exception("could not encode a %s reply", type(reply).__name__)
+        return encode(Error(getattr(reply, "req_id", -1), "internal",
+                            f"reply could not be encoded: {type(e).__name__}"[:MAX_STRING]))
 
 
 def _dispatch(handler, frames: list[bytes], max_bytes: int):

@@ -50,15 +50,19 @@ def backend(model_path):
     return HFBackend(str(model_path), dtype=torch.float64)
 
 
-@pytest.fixture(scope="session")
-def truth(backend):
-    """The target's greedy continuation of PROMPT, by plain AR without a cache."""
-    ids = list(PROMPT)
+def plain_ar(backend, prompt, n):
+    """The target's greedy continuation: the whole sequence through the model each step."""
+    ids = list(prompt)
     with torch.no_grad():
-        for _ in range(40):
+        for _ in range(n):
             # argmax of float32 logits, as the handler sees them (Forward.logits is float32)
             ids.append(int(backend.lm.model(torch.tensor([ids])).logits[0, -1].float().argmax()))
-    cont = ids[len(PROMPT):]
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="session")
+def truth(backend):
+    cont = plain_ar(backend, PROMPT, 40)
     assert len(set(cont)) > 15, "the reference continuation loops: the tests would be weak"
     return cont
 
@@ -75,6 +79,7 @@ class Session:
         self.h, self.req, self.step = handler, req, 0
         self.opened = handler.handle(OpenRequest(req, list(prompt), **open_kw))
         self.committed = list(prompt)
+        self.prompt_len = len(prompt)
 
     def verify(self, tokens, parents=None):
         parents = chain_parents(len(tokens)) if parents is None else parents
@@ -88,7 +93,10 @@ class Session:
         """n target-only rounds (empty drafts): one token each."""
         for _ in range(n):
             self.verify([])
-        return self.committed[len(PROMPT):]
+        return self.generated()
+
+    def generated(self):
+        return self.committed[self.prompt_len:]
 
     def cache_len(self):
         return self.h.backend.length(self.h.sequences[self.req].cache)
@@ -99,10 +107,20 @@ def test_open_prefills_all_but_the_last_prompt_token(handler, backend):
     assert s.opened.cache_len == len(PROMPT) - 1  # the last token is the first root
     feats = decode_features(s.opened.features)
     assert feats.shape == (len(PROMPT) - 1, backend.identity.hidden_size)
+    with torch.no_grad():
+        ref = backend.lm.model.model(input_ids=torch.tensor([PROMPT[:-1]])).last_hidden_state[0]
+    np.testing.assert_allclose(feats, ref.numpy(), rtol=2**-10, atol=1e-4)  # fp16 on the wire
 
 
 def test_target_only_decoding_reproduces_plain_ar(handler, truth):
     assert Session(handler).decode(20) == truth[:20]
+
+
+def test_a_one_token_prompt_has_nothing_to_prefill(handler, backend):
+    s = Session(handler, prompt=[PROMPT[-1]])
+    assert (s.opened.cache_len, s.opened.features) == (0, None)
+    s.verify([5, 6])  # a (probably wrong) draft into an empty cache
+    assert s.decode(6) == plain_ar(backend, [PROMPT[-1]], len(s.generated()))
 
 
 @pytest.mark.parametrize("j", range(6))
@@ -124,10 +142,10 @@ def test_chain_rejected_at_each_position_rolls_back_exactly(handler, truth, j):
 def test_several_rounds_with_partial_accepts_stay_exact(handler, truth):
     s = Session(handler)
     for accept in (2, 0, 5, 1, 3):  # each round: `accept` right tokens, then a wrong one
-        n = len(s.committed) - len(PROMPT)
+        n = len(s.generated())
         draft = truth[n:n + accept] + [(truth[n + accept] + 7) % VOCAB, 0, 1]
         assert s.verify(draft).accepted == list(range(accept))
-    n = len(s.committed) - len(PROMPT)
+    n = len(s.generated())
     assert s.decode(10) == truth[:n + 10]
 
 
@@ -213,6 +231,16 @@ def test_a_verify_failing_midway_leaves_the_sequence_as_it_was(handler, truth):
         handler.handle(VerifyRequest(1, 0, PROMPT[-1], [truth[0]], [-1, 0]))
     assert s.cache_len() == length and handler.sequences[1].step == 0
     assert s.decode(6) == truth[:6]
+
+
+def test_sampling_with_a_one_token_nucleus_is_greedy(handler, truth):
+    # top_p this small keeps only the argmax: the sampled path (accept_sampled, its
+    # rejections and the tree gather) must then commit exactly the greedy continuation.
+    s = Session(handler, temperature=1.0, top_p=1e-9, seed=5)
+    wrong = (truth[0] + 1) % VOCAB
+    assert s.verify([wrong, truth[0], truth[1], truth[2]], [-1, -1, 1, 1]).accepted == [1, 2]
+    assert s.verify(truth[3:5] + [(truth[5] + 1) % VOCAB]).accepted == [0, 1]
+    assert s.decode(10) == truth[:6 + 10]
 
 
 def test_sampling_is_deterministic_for_a_seed(handler):

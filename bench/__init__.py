@@ -1,0 +1,1 @@
+"""Benchmarks: target-only decoding and Dovetail back to back, on the same prompts."""

@@ -1,0 +1,248 @@
+"""The worker processes' lives: who they are, where they run, and that they always go away.
+
+Every test that starts workers either closes them or kills them; the session fixture in
+conftest SIGKILLs any tracked worker still alive at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import dovetail
+from dovetail.protocol import HandshakeMismatch
+
+pytestmark = pytest.mark.timeout(90)
+
+CPUS = sorted(os.sched_getaffinity(0))
+PROMPT = [1, 5, 9, 13]
+
+
+def live_children() -> set[int]:
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def affinity(pid: int) -> list[int]:
+    return sorted(psutil.Process(pid).cpu_affinity())
+
+
+TWO = len(CPUS) >= 2
+TARGET_CPUS = CPUS[:2] if TWO else CPUS[:1]   # given as a list
+DRAFT_CPUS = CPUS[1:2] if TWO else CPUS[:1]
+
+
+@pytest.fixture(scope="module")
+def pinned(launch_tracked, tiny_target, tiny_draft_near):
+    """Target and draft pinned to CPU lists. The last two tests kill its target, then close it."""
+    coord = launch_tracked(tiny_target, tiny_draft_near, target_cpus=TARGET_CPUS, draft_cpus=DRAFT_CPUS)
+    try:
+        yield coord
+    finally:
+        coord.close()
+
+
+def test_two_distinct_live_worker_processes(pinned, pids):
+    wp = pinned.worker_pids
+    target, draft = wp["target"], wp["draft"]
+    assert None not in (target, draft)
+    assert len({target, draft, os.getpid()}) == 3
+    for role, pid in wp.items():
+        assert pids.alive(pid), role
+        proc = psutil.Process(pid)
+        assert proc.ppid() == os.getpid()  # started by this (the coordinator's) process
+        assert f"dovetail.workers.{role}" in proc.cmdline()
+    # Each worker reported its own pid in the handshake.
+    assert pinned.target_info.pid == target and pinned.draft_info.pid == draft
+    assert pinned.target_info.role == "target" and pinned.draft_info.role == "draft"
+    assert pinned.generate(PROMPT, max_new_tokens=8).stats.new_tokens == 8
+
+
+def test_target_and_draft_cpu_lists_pin_the_workers(pinned):
+    assert affinity(pinned.worker_pids["target"]) == TARGET_CPUS
+    assert affinity(pinned.worker_pids["draft"]) == DRAFT_CPUS
+
+
+KILLED_COORDINATOR = textwrap.dedent("""
+    import json, sys, time
+    import dovetail
+    coord = dovetail.launch(sys.argv[1], sys.argv[2], dtype="float64", draft_device="cpu",
+                            target_cpus=sys.argv[3], env={"OMP_WAIT_POLICY": "PASSIVE"})
+    coord.generate([1, 2, 3], max_new_tokens=4)
+    print(json.dumps({"pids": coord.worker_pids, "run_dir": str(coord._run_dir)}), flush=True)
+    time.sleep(300)
+""")
+
+
+@pytest.mark.timeout(90)
+def test_sigkilled_coordinator_takes_its_workers_down(tiny_target, tiny_draft_near, pids, tmp_path):
+    """Also: target_cpus as a string pins the target, and a CPU draft inherits it."""
+    log = tmp_path / "coordinator.log"
+    cpu = str(CPUS[0])
+    with open(log, "wb") as err:
+        script = subprocess.Popen([sys.executable, "-c", KILLED_COORDINATOR, str(tiny_target), str(tiny_draft_near), cpu],
+                                  stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+    pids.track(script.pid)
+    workers: dict[str, int] = {}
+    run_dir = None
+    try:
+        ready, _, _ = select.select([script.stdout], [], [], 60)
+        line = script.stdout.readline() if ready else b""
+        assert line, f"the coordinator script printed nothing (rc={script.poll()}): {log.read_text()[-3000:]}"
+        info = json.loads(line)
+        workers, run_dir = info["pids"], Path(info["run_dir"])
+        for pid in workers.values():
+            pids.track(pid)
+        assert set(workers) == {"target", "draft"} and all(pids.alive(p) for p in workers.values())
+        assert all(psutil.Process(p).ppid() == script.pid for p in workers.values())
+        assert affinity(workers["target"]) == [CPUS[0]] and affinity(workers["draft"]) == [CPUS[0]]
+
+        script.kill()  # SIGKILL: no close(), no atexit, nothing
+        script.wait(10)
+        t0 = time.monotonic()
+        left = pids.wait_gone(list(workers.values()), 5.0)
+        assert not left, f"workers {left} outlived their coordinator by {time.monotonic() - t0:.1f} s"
+        assert not any(run_dir.iterdir())  # orphaned workers removed their ipc socket files
+    finally:
+        script.kill()
+        script.wait(10)
+        script.stdout.close()
+        for pid in workers.values():
+            pids.kill(pid)
+        if run_dir is not None:  # the killed coordinator could not remove it
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_missing_model_path_is_refused_before_starting_anything(tiny_target, tmp_path):
+    before = live_children()
+    missing = tmp_path / "no-such-model"
+    for target, draft in ((missing, None), (tiny_target, missing)):
+        t0 = time.monotonic()
+        with pytest.raises((FileNotFoundError, ValueError)) as caught:
+            dovetail.launch(target, draft, dtype="float64", draft_device="cpu")
+        assert time.monotonic() - t0 < 5
+        assert "no-such-model" in str(caught.value)
+    assert live_children() <= before
+
+
+def test_missing_model_path_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        dovetail.launch(tmp_path / "no-such-model", None, dtype="float64")
+
+
+@pytest.mark.timeout(60)
+def test_target_that_fails_to_load_is_reported_and_cleaned_up(tmp_path, pids):
+    """An existing folder that is no model: the target exits during startup and launch says
+    so at once (not after startup_timeout_s)."""
+    before = live_children()
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    t0 = time.monotonic()
+    with pytest.raises(dovetail.WorkerError) as caught:
+        dovetail.launch(broken, None, dtype="float64", env={"OMP_WAIT_POLICY": "PASSIVE"})
+    assert time.monotonic() - t0 < 30
+    assert caught.value.role == "target" and "did not start" in str(caught.value)
+    assert not pids.wait_gone(list(live_children() - before), 5.0)
+
+
+@pytest.mark.timeout(60)
+def test_draft_with_another_vocabulary_is_refused(tiny_target, tiny_draft_vocab80, pids):
+    before = live_children()
+    with pytest.raises(HandshakeMismatch) as caught:
+        dovetail.launch(tiny_target, tiny_draft_vocab80, dtype="float64", draft_device="cpu",
+                        env={"OMP_WAIT_POLICY": "PASSIVE"})
+    msg = str(caught.value)
+    assert caught.value.code == "handshake_mismatch"
+    assert tiny_target.name in msg and tiny_draft_vocab80.name in msg, msg
+    assert "64" in msg and "80" in msg, msg
+    assert not pids.wait_gone(list(live_children() - before), 5.0)
+    assert live_children() <= before
+
+
+@pytest.mark.timeout(60)
+def test_stalled_target_times_out_and_the_coordinator_recovers(pinned, pids):
+    """A target that stops answering (SIGSTOP) gives WorkerTimeout naming the setting to raise;
+    resumed, it serves the next request, and the stale replies of the old one are dropped."""
+    import dataclasses
+    target = pinned.worker_pids["target"]
+    expected = pinned.generate(PROMPT, max_new_tokens=24).token_ids
+    saved = pinned.config
+    pinned.config = dataclasses.replace(saved, verify_timeout_s=1.0)
+    try:
+        stream = pinned.stream(PROMPT, max_new_tokens=24)
+        got = list(next(stream).token_ids)
+        os.kill(target, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(dovetail.WorkerTimeout) as caught:
+                for chunk in stream:
+                    got.extend(chunk.token_ids)
+            elapsed = time.monotonic() - t0
+        finally:
+            os.kill(target, signal.SIGCONT)
+    finally:
+        pinned.config = saved
+    assert 0.9 < elapsed < 5
+    assert caught.value.role == "target" and "verify_timeout_s" in str(caught.value)
+    assert got == expected[:len(got)]
+    assert pids.alive(target)
+    r = pinned.generate(PROMPT, max_new_tokens=24)
+    assert r.token_ids == expected and not r.stats.draft_fallback
+
+
+# The last two tests share ``pinned`` in this order: kill its target, then close it.
+@pytest.mark.timeout(60)
+def test_target_killed_mid_run_raises_worker_died(pinned, pids):
+    target, draft = pinned.worker_pids["target"], pinned.worker_pids["draft"]
+    assert pinned.generate(PROMPT, max_new_tokens=8).stats.new_tokens == 8
+
+    stream = pinned.stream(PROMPT, max_new_tokens=64)
+    next(stream)
+    os.kill(target, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(dovetail.WorkerDied) as caught:
+        for _ in stream:
+            pass
+    assert time.monotonic() - t0 < 5
+    assert caught.value.role == "target" and caught.value.code == "died"
+    assert "target" in str(caught.value) and str(target) in str(caught.value)
+
+    t0 = time.monotonic()
+    with pytest.raises(dovetail.WorkerDied, match="target"):
+        pinned.generate(PROMPT, max_new_tokens=8)
+    assert time.monotonic() - t0 < 5
+    assert pids.alive(draft)  # the draft is fine: close() must still stop it
+
+
+@pytest.mark.timeout(30)
+def test_close_leaves_no_process(pinned, pids):
+    """Here after the target was killed (when run alone: with both workers alive)."""
+    wp = dict(pinned.worker_pids)
+    run_dir = pinned._run_dir
+    assert run_dir.is_dir()
+    t0 = time.monotonic()
+    pinned.close()
+    assert time.monotonic() - t0 < 10
+    assert not pids.wait_gone(list(wp.values()), 5.0)
+    for pid in wp.values():  # reaped too, not left as zombies of this process
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).ppid() != os.getpid()
+    assert not run_dir.exists()
+    pinned.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        pinned.generate(PROMPT, max_new_tokens=2)
