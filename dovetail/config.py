@@ -1,14 +1,21 @@
 """Settings of the coordinator: how to draft, how to wait, where the workers run."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+# Tree shape (depth, top_k, max_nodes) by where the draft runs. A CPU draft shares the
+# target's cores, so each draft step costs about half a target step (0.5B vs 1.5B on the
+# 2-core machine): a shallow, narrow tree won there (python -m bench.pipeline). A GPU
+# draft step is ~50x cheaper than CPU verification, so the tree grows until the CPU's
+# cost of verifying more tokens bites (design notes: 7B verify cost is flat to k ~ 16).
+TREE_DEFAULTS = {"cpu": (3, 2, 6), "cuda": (6, 4, 16)}
 
 
 @dataclass
 class CoordinatorConfig:
-    depth: int = 4                 # draft tokens along one path (chain length when top_k = 1)
-    top_k: int = 1                 # children per tree node; 1 drafts a chain
-    max_nodes: int = 16            # most tree tokens sent for one verification
+    depth: int | None = None       # draft tokens along one path (None: by draft device)
+    top_k: int | None = None       # children per tree node; 1 drafts a chain
+    max_nodes: int | None = None   # most tree tokens sent for one verification
     overlap: bool | None = None    # draft round n+1 while round n verifies (None: only on a GPU draft)
     draft_layers: int | None = None  # run only the first N layers of the draft model
     draft_cpus: list[int] | None = None  # CPUs for a CPU draft (default: the target's)
@@ -23,9 +30,11 @@ class CoordinatorConfig:
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the workers
 
     def __post_init__(self):
-        if self.depth < 1 or self.top_k < 1:
-            raise ValueError(f"depth and top_k must be at least 1 (got depth={self.depth}, top_k={self.top_k})")
-        if not 1 <= self.max_nodes <= 1024:
+        for name in ("depth", "top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.max_nodes is not None and not 1 <= self.max_nodes <= 1024:
             raise ValueError(f"max_nodes must be in 1..1024, got {self.max_nodes}")
         for name in ("startup_timeout_s", "prefill_timeout_s", "verify_timeout_s", "draft_timeout_s",
                      "draft_probe_timeout_s"):
@@ -33,3 +42,9 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be positive")
         if self.feature_codec not in ("fp16", "int8"):
             raise ValueError(f"feature_codec must be 'fp16' or 'int8', got {self.feature_codec!r}")
+
+    def with_tree_defaults(self, draft_device: str) -> "CoordinatorConfig":
+        """Fill the unset tree-shape fields with the defaults for this draft device."""
+        depth, top_k, max_nodes = TREE_DEFAULTS["cuda" if draft_device.startswith("cuda") else "cpu"]
+        return replace(self, depth=self.depth or depth, top_k=self.top_k or top_k,
+                       max_nodes=self.max_nodes or max_nodes)

@@ -53,7 +53,14 @@ class Stats:
 
     @property
     def tokens_per_s(self) -> float:
+        """New tokens over the whole request's wall time, prefill included."""
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens over the time after prefill: the part speculation speeds up."""
+        decode = self.seconds - self.prefill_s
+        return self.new_tokens / decode if decode > 0 else 0.0
 
     def summary(self) -> str:
         return (f"{self.new_tokens} tokens in {self.seconds:.2f} s = {self.tokens_per_s:.2f} tok/s; "

@@ -42,6 +42,7 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     target_path = resolve_model(str(target))
     draft_path = resolve_model(str(draft)) if draft is not None else None
     device = _draft_device(draft_device)
+    config = config.with_tree_defaults(device)
     overlap = config.overlap if config.overlap is not None else device.startswith("cuda")
 
     run_dir = Path(tempfile.mkdtemp(prefix="dovetail-"))
