@@ -8,11 +8,15 @@ import torch
 
 def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 64, hidden_size: int = 32,
                     layers: int = 2, dtype: torch.dtype = torch.float64, noise_from: str | Path | None = None,
-                    noise: float = 0.0) -> Path:
+                    noise: float = 0.0, attention_gain: float = 1.0) -> Path:
     """Save a tiny random Qwen2 model (no tokenizer) to ``path`` and return the path.
 
     With ``noise_from``, start from that model's weights plus Gaussian noise of scale
     ``noise``: a draft that agrees with its target often but not always.
+
+    ``attention_gain`` scales the query and key projections. At random init attention is
+    nearly uniform and greedy output soon loops on a few tokens, so a stale KV entry
+    would change nothing; sharper attention makes every token depend on the context.
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -26,6 +30,12 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 64, hi
         with torch.no_grad():
             for p, q in zip(model.parameters(), base.parameters()):
                 p.copy_(q + noise * torch.randn_like(q))
+    if attention_gain != 1.0:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.mul_(attention_gain)
+                    proj.bias.mul_(attention_gain)
     path = Path(path)
     model.save_pretrained(path)
     return path

@@ -20,7 +20,9 @@ from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
 from dovetail.workers.hf import CausalLM, choose_dtype, load_tokenizer, tokenizer_hash
-from dovetail.workers.serve import RequestError, serve, setup_logging
+from dovetail.workers.serve import (
+    RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
+)
 
 log = logging.getLogger("dovetail.draft")
 
@@ -38,8 +40,7 @@ class DraftConfig:
     log_level: str = "info"
 
     def __post_init__(self):
-        if not self.bind.startswith(("ipc://", "tcp://", "inproc://")):
-            raise ValueError(f"--bind must be an ipc:// or tcp:// address, got {self.bind!r}")
+        check_bind(self.bind)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device must be 'cpu' or 'cuda:N', got {self.device!r}")
         if self.layers is not None and self.layers < 1:
@@ -190,21 +191,15 @@ def select_nodes(tok, par, score, max_nodes) -> tuple[list[int], list[int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dovetail.workers.draft", description=__doc__)
-    p.add_argument("--bind", required=True, help="address to serve on (ipc://PATH or tcp://HOST:PORT)")
+    p = worker_parser("draft", __doc__)
     p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file (same tokenizer as the target)")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
-    p.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32 | float64")
     p.add_argument("--layers", type=int, default=None, help="use only the first N decoder layers (a cheaper self-draft)")
-    p.add_argument("--cpus", default=None, help="CPUs for a CPU draft, e.g. '0-3' (default: all)")
-    p.add_argument("--max-requests", type=int, default=256, help="most requests open at once")
-    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
-    p.add_argument("--log-level", default="info", help="debug | info | warning")
     return p
 
 
 def main(argv=None) -> None:
-    cfg = DraftConfig(**{k.replace("-", "_"): v for k, v in vars(build_parser().parse_args(argv)).items()})
+    cfg = parse_config(DraftConfig, build_parser(), argv)
     setup_logging(cfg.log_level, "draft")
     device = cfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():

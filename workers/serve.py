@@ -5,6 +5,7 @@ frames and failing requests are answered with an Error and the loop goes on serv
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import threading
@@ -118,6 +119,29 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def worker_parser(role: str, description: str) -> argparse.ArgumentParser:
+    """The flags every worker takes; each role adds its own."""
+    p = argparse.ArgumentParser(prog=f"python -m dovetail.workers.{role}", description=description)
+    p.add_argument("--bind", required=True, help="address to serve on (ipc://PATH or tcp://HOST:PORT)")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 | float64 (auto: bf16 where the device has it)")
+    p.add_argument("--cpus", default=None, help="CPUs to pin to, e.g. '0-31' or '0,2,4' (default: all)")
+    p.add_argument("--max-requests", type=int, default=256, help="most requests open at once")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
+    p.add_argument("--log-level", default="info", help="debug | info | warning")
+    return p
+
+
+def parse_config(config_cls, parser: argparse.ArgumentParser, argv=None):
+    """Parse the command line straight into the role's config dataclass (validated there)."""
+    args = vars(parser.parse_args(argv))
+    return config_cls(**{k.replace("-", "_"): v for k, v in args.items()})
+
+
+def check_bind(bind: str) -> None:
+    if not bind.startswith(("ipc://", "tcp://", "inproc://")):
+        raise ValueError(f"--bind must be an ipc:// or tcp:// address, got {bind!r}")
 
 
 def setup_logging(level: str, role: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,9 @@ from dovetail.protocol import (
 from dovetail.verify import accept_greedy, accept_sampled, target_probs
 from dovetail.workers.backend import HFBackend, TargetBackend
 from dovetail.workers.hf import choose_dtype
-from dovetail.workers.serve import RequestError, serve, setup_logging
+from dovetail.workers.serve import (
+    RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
+)
 
 log = logging.getLogger("dovetail.target")
 
@@ -36,8 +39,7 @@ class TargetConfig:
     log_level: str = "info"
 
     def __post_init__(self):
-        if not self.bind.startswith(("ipc://", "tcp://", "inproc://")):
-            raise ValueError(f"--bind must be an ipc:// or tcp:// address, got {self.bind!r}")
+        check_bind(self.bind)
         if self.feature_codec not in FEATURE_CODECS:
             raise ValueError(f"feature codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
         if self.max_requests < 1:
@@ -72,7 +74,7 @@ class TargetHandler:
         return Handshake(role="target", vocab_size=ident.vocab_size, tokenizer_hash=ident.tokenizer_hash,
                          hidden_size=ident.hidden_size, dtype=ident.dtype,
                          feature_codec=self.config.feature_codec, model=ident.model,
-                         device=ident.device, pid=_pid())
+                         device=ident.device, pid=os.getpid())
 
     def handle(self, msg):
         if isinstance(msg, OpenRequest):
@@ -132,26 +134,15 @@ class TargetHandler:
                             seconds=time.perf_counter() - t0)
 
 
-def _pid() -> int:
-    import os
-    return os.getpid()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dovetail.workers.target", description=__doc__)
-    p.add_argument("--bind", required=True, help="address to serve on (ipc://PATH or tcp://HOST:PORT)")
+    p = worker_parser("target", __doc__)
     p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
-    p.add_argument("--cpus", default=None, help="CPUs to pin to, e.g. '0-31' or '0,2,4' (default: all)")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 | float64 (auto: bf16 where the CPU has it)")
     p.add_argument("--feature-codec", default="fp16", choices=FEATURE_CODECS, help="how hidden states travel")
-    p.add_argument("--max-requests", type=int, default=256, help="most requests open at once")
-    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
-    p.add_argument("--log-level", default="info", help="debug | info | warning")
     return p
 
 
 def main(argv=None) -> None:
-    cfg = TargetConfig(**{k.replace("-", "_"): v for k, v in vars(build_parser().parse_args(argv)).items()})
+    cfg = parse_config(TargetConfig, build_parser(), argv)
     setup_logging(cfg.log_level, "target")
     pinned = pin_process(cfg.cpus)
     log.info("pinned to CPUs %s (NUMA node(s) %s), %d torch threads", format_cpus(pinned),

@@ -25,16 +25,7 @@ def sharpened_tiny_model(path, seed):
     table, and a stale KV entry left by a bad rollback would change nothing. Sharper
     attention makes every prediction depend on the whole context.
     """
-    from transformers import Qwen2ForCausalLM
-    make_tiny_model(path, seed=seed, vocab_size=VOCAB)
-    model = Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float64)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight.mul_(10)
-                proj.bias.mul_(10)
-    model.save_pretrained(path)
-    return path
+    return make_tiny_model(path, seed=seed, vocab_size=VOCAB, attention_gain=10.0)
 
 
 @pytest.fixture(scope="session")
