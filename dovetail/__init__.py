@@ -6,7 +6,8 @@
         print(coord.generate("def fib(n):", max_new_tokens=64).text)
 """
 from dovetail.config import CoordinatorConfig
-from dovetail.coordinator import Chunk, Coordinator, GenerationResult, Stats
+from dovetail.coordinator import Coordinator
+from dovetail.results import Chunk, GenerationResult, Stats
 from dovetail.client import WorkerDied, WorkerError, WorkerTimeout
 from dovetail.launch import launch
 

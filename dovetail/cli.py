@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
 
 def _run(coord, prompt, args):
-    from dovetail.coordinator import Stats
+    from dovetail.results import Stats
     stats = Stats()
     for chunk in coord.stream(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, stats=stats):
         sys.stdout.write(chunk.text)

@@ -12,74 +12,15 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
-from dovetail.client import WorkerClient, WorkerDied, WorkerError, WorkerTimeout
+from dovetail.client import WorkerClient, WorkerDied, WorkerError
 from dovetail.config import CoordinatorConfig
-from dovetail.protocol import (
-    Close, DraftProposal, DraftRequest, Handshake, Heartbeat, OpenRequest, Opened, VerifyRequest,
-    VerifyResult,
-)
-from dovetail.tree import depths, main_path
+from dovetail.drafter import Drafter
+from dovetail.protocol import Close, Handshake, Heartbeat, OpenRequest, Opened, VerifyRequest, VerifyResult
+from dovetail.results import Chunk, GenerationResult, Stats
 
 log = logging.getLogger("dovetail")
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    rounds: int = 0                 # verifications
-    drafted: int = 0                # draft tokens sent for verification
-    accepted: int = 0               # tokens committed by verifications (accepted drafts + 1 each)
-    accepted_drafts: int = 0        # draft tokens among them
-    speculative_hits: int = 0       # overlapped drafts that could be used
-    seconds: float = 0.0            # wall time of the request, prefill included
-    prefill_s: float = 0.0
-    draft_s: float = 0.0            # draft worker compute
-    verify_s: float = 0.0           # target worker compute (verifications)
-    wire_s: float = 0.0             # round trips minus worker compute, where the caller waited
-    target_idle_s: float = 0.0
-    draft_idle_s: float = 0.0
-    draft_fallback: bool = False    # the draft failed and decoding went on with the target alone
-    finish_reason: str = ""
-    accept_lengths: list[int] = field(default_factory=list)  # tokens committed per round
-
-    @property
-    def mean_accepted(self) -> float:
-        """τ: tokens committed per verification round (accepted draft tokens + 1)."""
-        return self.accepted / self.rounds if self.rounds else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """New tokens over the whole request's wall time, prefill included."""
-        return self.new_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """New tokens over the time after prefill: the part speculation speeds up."""
-        decode = self.seconds - self.prefill_s
-        return self.new_tokens / decode if decode > 0 else 0.0
-
-    def summary(self) -> str:
-        return (f"{self.new_tokens} tokens in {self.seconds:.2f} s = {self.tokens_per_s:.2f} tok/s; "
-                f"{self.rounds} rounds, {self.mean_accepted:.2f} accepted per round"
-                + (" (draft failed: target-only)" if self.draft_fallback else ""))
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str | None
-    stats: Stats
-
-
-@dataclass
-class Chunk:
-    """Tokens committed by one verification round, and the text they completed."""
-    token_ids: list[int]
-    text: str
 
 
 class Coordinator:
@@ -178,7 +119,7 @@ class Coordinator:
         opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed), Opened,
                                   cfg.prefill_timeout_s, "prefill_timeout_s")
         stats.prefill_s = opened.seconds
-        drafter = _Drafter(self, req, prompt, stats) if self._draft_usable(stats) else None
+        drafter = Drafter(self, req, prompt, stats) if self._draft_usable(stats) else None
         committed = list(prompt)
         try:
             while True:
@@ -264,112 +205,6 @@ class Coordinator:
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
             raise TypeError(f"{what} needs a tokenizer and this target has none: pass token ids")
-
-
-class _Drafter:
-    """The coordinator's view of the draft worker for one request.
-
-    ``synced`` counts the leading committed tokens the draft is known to hold; each request
-    to the draft says so (``base_len``), and the draft rolls back whatever lies beyond.
-    """
-
-    def __init__(self, coord: Coordinator, req: int, prompt: list[int], stats: Stats):
-        self.coord, self.req, self.stats = coord, req, stats
-        self.client = coord.draft
-        self.cfg = coord.config
-        self.alive = True
-        self.step = 0
-        self.synced = len(prompt)
-        self.ready: DraftProposal | None = None     # a proposal for the next root, if any
-        self.bet: tuple[int, list[int]] | None = None  # (step, main-path tokens) of the overlapped draft
-        self._guard(lambda: self.client.call(OpenRequest(req, prompt), Opened, self.cfg.draft_timeout_s,
-                                             "draft_timeout_s"))
-
-    def propose(self, committed: list[int], max_depth: int) -> tuple[list[int], list[int]]:
-        if not self.alive or max_depth < 1:
-            return [], []
-        prop, self.ready = self.ready, None
-        if prop is None:
-            self.step += 1
-            msg = DraftRequest(self.req, self.step, self.synced, committed[self.synced:],
-                               self.cfg.depth, self.cfg.top_k, self.cfg.max_nodes)
-            t0 = time.perf_counter()
-            prop = self._guard(lambda: self._call(msg))
-            if prop is None:
-                return [], []
-            self.stats.wire_s += max(0.0, time.perf_counter() - t0 - prop.seconds)
-            self.synced = len(committed)
-        self.stats.draft_s += prop.seconds
-        return trim_depth(prop.tokens, prop.parents, max_depth)
-
-    def speculate(self, committed: list[int], tokens: list[int], parents: list[int]) -> None:
-        """Start drafting the next round, betting the main path is accepted in full."""
-        if not self.alive or not tokens:
-            return
-        path = [tokens[i] for i in main_path(parents)]
-        self.step += 1
-        msg = DraftRequest(self.req, self.step, len(committed), path, self.cfg.depth, self.cfg.top_k,
-                           self.cfg.max_nodes, guess_root=True)
-        self._guard(lambda: self.client.send(msg))
-        self.bet = (self.step, path)
-
-    def settle(self, committed: list[int], res: VerifyResult, tokens, parents) -> None:
-        """After a verification: keep the overlapped draft if the bet won, else resync."""
-        if self.bet is None or not self.alive:
-            return
-        step, path = self.bet
-        self.bet = None
-        # The draft now holds committed + path + its guess; find how much of that is right.
-        if res.tokens[:-1] == path:
-            prop = self._guard(lambda: self._await(step))
-            if prop is None:
-                return
-            if prop.root_guess == res.tokens[-1]:
-                self.stats.speculative_hits += 1
-                self.ready = prop
-                self.synced = len(committed) + len(res.tokens)
-                return
-            self.stats.draft_s += prop.seconds  # wasted, but the draft did spend it
-            self.synced = len(committed) + len(path)
-            return
-        agree = 0
-        while agree < len(path) and agree < len(res.tokens) and path[agree] == res.tokens[agree]:
-            agree += 1
-        self.synced = len(committed) + agree
-
-    def _call(self, msg: DraftRequest) -> DraftProposal:
-        self.client.send(msg)
-        return self._await(msg.step)
-
-    def _await(self, step: int) -> DraftProposal:
-        return self.client.recv(
-            lambda m: isinstance(m, DraftProposal) and m.req_id == self.req and m.step == step,
-            self.cfg.draft_timeout_s, "draft_timeout_s", self.req)
-
-    def _guard(self, fn):
-        """Run a draft call; a failing draft turns into target-only decoding, never an error."""
-        try:
-            return fn()
-        except WorkerError as e:
-            log.warning("draft worker failed (%s); continuing with the target alone", e)
-            if isinstance(e, WorkerDied):
-                self.coord.draft_health = "dead"
-            elif isinstance(e, WorkerTimeout):
-                self.coord.draft_health = "suspect"
-            self.alive = False
-            self.stats.draft_fallback = True
-            self.ready = self.bet = None
-            return None
-
-
-def trim_depth(tokens: list[int], parents: list[int], max_depth: int) -> tuple[list[int], list[int]]:
-    """Drop nodes deeper than max_depth: tokens past the length limit cost verify time for nothing."""
-    d = depths(parents)
-    if not d or max(d) <= max_depth:
-        return tokens, parents
-    keep = [i for i in range(len(tokens)) if d[i] <= max_depth]
-    index = {old: new for new, old in enumerate(keep)}
-    return [tokens[i] for i in keep], [-1 if parents[i] < 0 else index[parents[i]] for i in keep]
 
 
 def default_stop_ids(tokenizer) -> list[int]:

@@ -39,3 +39,25 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 64, hi
     path = Path(path)
     model.save_pretrained(path)
     return path
+
+
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;()=+-*/\n_'\"[]{}<>!?#"
+
+
+def make_tiny_tokenizer(path: str | Path, vocab_size: int = 64, chars: str = TINY_CHARS) -> Path:
+    """Save a character-level fast tokenizer of exactly ``vocab_size`` ids next to a tiny model.
+
+    Ids 0 and 1 are <unk> and <eos>; then one id per character. Different ``chars`` give a
+    tokenizer with the same vocabulary size but a different identity (hash).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["<unk>", "<eos>", *dict.fromkeys(chars)][:vocab_size]
+    symbols += [f"<extra{i}>" for i in range(vocab_size - len(symbols))]
+    tok = Tokenizer(models.WordLevel(vocab={s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(str(path))
+    return Path(path)

@@ -117,7 +117,19 @@ def load_tokenizer(path: str | os.PathLike):
     if not kw and not any((Path(folder) / f).exists() for f in
                           ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
         return None
+    if not kw and _saved_tokenizer_class(Path(folder)) in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        # A generic tokenizer.json: AutoTokenizer would rebuild it as the model type's own
+        # class (new pre-tokenizer included); load it exactly as saved instead.
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder, **kw)
+
+
+def _saved_tokenizer_class(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
 
 
 def tokenizer_hash(tokenizer, vocab_size: int) -> str:
@@ -151,6 +163,10 @@ class CausalLM:
         from transformers import AutoModelForCausalLM
         folder, kw = split_model_path(path)
         cached = converted_dir(Path(path), dtype) if kw else None
+        from transformers.utils import logging as hf_logging
+        # A progress bar only where loading is slow: de-quantizing a GGUF file.
+        slow = kw and not _usable(cached)
+        (hf_logging.enable_progress_bar if slow else hf_logging.disable_progress_bar)()
         if _usable(cached):
             model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
         else:

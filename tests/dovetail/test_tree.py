@@ -6,7 +6,7 @@ picture next to it, so a failure points at the helper, not at a model.
 import pytest
 import torch
 
-from dovetail.coordinator import trim_depth
+from dovetail.drafter import trim_depth
 from dovetail.tree import (
     ancestor_mask, chain_parents, check_parents, children, depths, is_chain, main_path,
     row_positions, with_root,

@@ -1,0 +1,118 @@
+"""The coordinator's side of the draft worker, for one request: sync, speculate, fall back."""
+from __future__ import annotations
+
+import logging
+import time
+
+from dovetail.client import WorkerDied, WorkerError, WorkerTimeout
+from dovetail.protocol import DraftProposal, DraftRequest, OpenRequest, Opened, VerifyResult
+from dovetail.results import Stats
+from dovetail.tree import depths, main_path
+
+log = logging.getLogger("dovetail")
+
+
+class Drafter:
+    """The coordinator's view of the draft worker for one request.
+
+    ``synced`` counts the leading committed tokens the draft is known to hold; each request
+    to the draft says so (``base_len``), and the draft rolls back whatever lies beyond.
+    """
+
+    def __init__(self, coord, req: int, prompt: list[int], stats: Stats):
+        self.coord, self.req, self.stats = coord, req, stats
+        self.client = coord.draft
+        self.cfg = coord.config
+        self.alive = True
+        self.step = 0
+        self.synced = len(prompt)
+        self.ready: DraftProposal | None = None     # a proposal for the next root, if any
+        self.bet: tuple[int, list[int]] | None = None  # (step, main-path tokens) of the overlapped draft
+        self._guard(lambda: self.client.call(OpenRequest(req, prompt), Opened, self.cfg.draft_timeout_s,
+                                             "draft_timeout_s"))
+
+    def propose(self, committed: list[int], max_depth: int) -> tuple[list[int], list[int]]:
+        if not self.alive or max_depth < 1:
+            return [], []
+        prop, self.ready = self.ready, None
+        if prop is None:
+            self.step += 1
+            msg = DraftRequest(self.req, self.step, self.synced, committed[self.synced:],
+                               self.cfg.depth, self.cfg.top_k, self.cfg.max_nodes)
+            t0 = time.perf_counter()
+            prop = self._guard(lambda: self._call(msg))
+            if prop is None:
+                return [], []
+            self.stats.wire_s += max(0.0, time.perf_counter() - t0 - prop.seconds)
+            self.synced = len(committed)
+        self.stats.draft_s += prop.seconds
+        return trim_depth(prop.tokens, prop.parents, max_depth)
+
+    def speculate(self, committed: list[int], tokens: list[int], parents: list[int]) -> None:
+        """Start drafting the next round, betting the main path is accepted in full."""
+        if not self.alive or not tokens:
+            return
+        path = [tokens[i] for i in main_path(parents)]
+        self.step += 1
+        msg = DraftRequest(self.req, self.step, len(committed), path, self.cfg.depth, self.cfg.top_k,
+                           self.cfg.max_nodes, guess_root=True)
+        self._guard(lambda: self.client.send(msg))
+        self.bet = (self.step, path)
+
+    def settle(self, committed: list[int], res: VerifyResult, tokens, parents) -> None:
+        """After a verification: keep the overlapped draft if the bet won, else resync."""
+        if self.bet is None or not self.alive:
+            return
+        step, path = self.bet
+        self.bet = None
+        # The draft now holds committed + path + its guess; find how much of that is right.
+        if res.tokens[:-1] == path:
+            prop = self._guard(lambda: self._await(step))
+            if prop is None:
+                return
+            if prop.root_guess == res.tokens[-1]:
+                self.stats.speculative_hits += 1
+                self.ready = prop
+                self.synced = len(committed) + len(res.tokens)
+                return
+            self.stats.draft_s += prop.seconds  # wasted, but the draft did spend it
+            self.synced = len(committed) + len(path)
+            return
+        agree = 0
+        while agree < len(path) and agree < len(res.tokens) and path[agree] == res.tokens[agree]:
+            agree += 1
+        self.synced = len(committed) + agree
+
+    def _call(self, msg: DraftRequest) -> DraftProposal:
+        self.client.send(msg)
+        return self._await(msg.step)
+
+    def _await(self, step: int) -> DraftProposal:
+        return self.client.recv(
+            lambda m: isinstance(m, DraftProposal) and m.req_id == self.req and m.step == step,
+            self.cfg.draft_timeout_s, "draft_timeout_s", self.req)
+
+    def _guard(self, fn):
+        """Run a draft call; a failing draft turns into target-only decoding, never an error."""
+        try:
+            return fn()
+        except WorkerError as e:
+            log.warning("draft worker failed (%s); continuing with the target alone", e)
+            if isinstance(e, WorkerDied):
+                self.coord.draft_health = "dead"
+            elif isinstance(e, WorkerTimeout):
+                self.coord.draft_health = "suspect"
+            self.alive = False
+            self.stats.draft_fallback = True
+            self.ready = self.bet = None
+            return None
+
+
+def trim_depth(tokens: list[int], parents: list[int], max_depth: int) -> tuple[list[int], list[int]]:
+    """Drop nodes deeper than max_depth: tokens past the length limit cost verify time for nothing."""
+    d = depths(parents)
+    if not d or max(d) <= max_depth:
+        return tokens, parents
+    keep = [i for i in range(len(tokens)) if d[i] <= max_depth]
+    index = {old: new for new, old in enumerate(keep)}
+    return [tokens[i] for i in keep], [-1 if parents[i] < 0 else index[parents[i]] for i in keep]

@@ -1,0 +1,60 @@
+"""What a request returns: its tokens, its text, and how the time was spent."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    rounds: int = 0                 # verifications
+    drafted: int = 0                # draft tokens sent for verification
+    accepted: int = 0               # tokens committed by verifications (accepted drafts + 1 each)
+    accepted_drafts: int = 0        # draft tokens among them
+    speculative_hits: int = 0       # overlapped drafts that could be used
+    seconds: float = 0.0            # wall time of the request, prefill included
+    prefill_s: float = 0.0
+    draft_s: float = 0.0            # draft worker compute
+    verify_s: float = 0.0           # target worker compute (verifications)
+    wire_s: float = 0.0             # round trips minus worker compute, where the caller waited
+    target_idle_s: float = 0.0
+    draft_idle_s: float = 0.0
+    draft_fallback: bool = False    # the draft failed and decoding went on with the target alone
+    finish_reason: str = ""
+    accept_lengths: list[int] = field(default_factory=list)  # tokens committed per round
+
+    @property
+    def mean_accepted(self) -> float:
+        """τ: tokens committed per verification round (accepted draft tokens + 1)."""
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens over the whole request's wall time, prefill included."""
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens over the time after prefill: the part speculation speeds up."""
+        decode = self.seconds - self.prefill_s
+        return self.new_tokens / decode if decode > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.new_tokens} tokens in {self.seconds:.2f} s = {self.tokens_per_s:.2f} tok/s; "
+                f"{self.rounds} rounds, {self.mean_accepted:.2f} accepted per round"
+                + (" (draft failed: target-only)" if self.draft_fallback else ""))
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str | None
+    stats: Stats
+
+
+@dataclass
+class Chunk:
+    """Tokens committed by one verification round, and the text they completed."""
+    token_ids: list[int]
+    text: str

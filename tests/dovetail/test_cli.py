@@ -1,0 +1,77 @@
+"""dovetail-launch end to end on tiny models that carry a character-level tokenizer."""
+import io
+import sys
+
+import pytest
+
+import dovetail
+from dovetail.cli import main
+from dovetail.testing import make_tiny_model, make_tiny_tokenizer
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPT = "def f(x):"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    target = make_tiny_model(root / "target", seed=0, attention_gain=4.0)
+    draft = make_tiny_model(root / "draft", seed=1, noise_from=target, noise=0.002)
+    other = make_tiny_model(root / "other", seed=2)
+    for path in (target, draft):
+        make_tiny_tokenizer(path)
+    make_tiny_tokenizer(other, chars="zyxwvutsrqponmlkjihgfedcba9876543210 .,:;()=+-*/\n_'\"[]{}<>!?#")
+    return target, draft, other
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    with dovetail.launch(models[0], None, dtype="float64") as coord:
+        text = coord.generate(PROMPT, max_new_tokens=12).text
+    assert len(text) >= 6  # twelve tokens of real characters: the comparisons below mean something
+    return text
+
+
+def run_cli(capsys, *args):
+    rc = main(["--dtype", "float64", "--draft-gpu", "cpu", "--max-new-tokens", "12", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_prompt_streams_the_target_only_text(models, reference, capsys):
+    target, draft, _ = models
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft, "--prompt", PROMPT)
+    assert rc == 0, err
+    assert out.strip("\n") == reference  # text with a draft is the target's own
+    assert "tok/s" in err and "accepted per round" in err
+
+
+def test_prompts_from_stdin_one_per_line(models, reference, capsys, monkeypatch):
+    target, draft, _ = models
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPT}\n\n{PROMPT}\n"))
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft)
+    assert rc == 0, err
+    assert out.count(reference) == 2  # the blank line is skipped
+    assert err.count("tok/s") == 2
+
+
+def test_no_draft_is_the_baseline(models, reference, capsys):
+    rc, out, err = run_cli(capsys, "--target", models[0], "--no-draft", "--prompt", PROMPT)
+    assert rc == 0, err
+    assert out.strip("\n") == reference
+    assert "1.00 accepted per round" in err
+
+
+def test_a_draft_with_another_tokenizer_is_refused(models, capsys):
+    target, _, other = models
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", other, "--prompt", PROMPT)
+    assert rc == 1
+    assert "tokenizer" in err and "target" in err and "draft" in err
+    assert out == ""
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "--target", tmp_path / "nope", "--no-draft", "--prompt", PROMPT)
+    assert rc == 1
+    assert "nope" in err
