@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         return 1
     with coord:
         info = coord.draft_info
-        print(f"dovetail: target {coord.target_info.model} ({coord.target_info.dtype}, CPU); draft "
+        print(f"dovetail: target {coord.target_info.model} ({coord.target_info.dtype}, {coord.target_info.device}); draft "
               + (f"{info.model} ({info.dtype}, {info.device})" if info else "none") + f"; overlap {coord.overlap}",
               file=sys.stderr)
         prompts = [args.prompt] if args.prompt is not None else _read_prompts()

@@ -42,6 +42,8 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     target_path = resolve_model(str(target))
     draft_path = resolve_model(str(draft)) if draft is not None else None
     device = _draft_device(draft_device)
+    if draft is not None and draft_device is None and device == "cpu":
+        log.warning("no GPU found: the draft runs on the CPU, sharing the target's cores")
     config = config.with_tree_defaults(device)
     overlap = config.overlap if config.overlap is not None else device.startswith("cuda")
 

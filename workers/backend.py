@@ -57,14 +57,14 @@ class TargetBackend(ABC):
 class HFBackend(TargetBackend):
     """Transformers on the CPU (or any torch device), from a HF folder or a GGUF file."""
 
-    def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu"):
+    def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu", device_label: str | None = None):
         self.lm = CausalLM.load(path, device=device, dtype=dtype)
         tok = load_tokenizer(path)
         self.identity = Identity(
             model=self.lm.name, arch=str(getattr(self.lm.config, "model_type", "?")),
             vocab_size=self.lm.vocab_size, hidden_size=self.lm.hidden_size,
             tokenizer_hash=tokenizer_hash(tok, self.lm.vocab_size),
-            dtype=str(self.lm.dtype).removeprefix("torch."), device=device)
+            dtype=str(self.lm.dtype).removeprefix("torch."), device=device_label or device)
 
     def new_sequence(self):
         return self.lm.new_cache()

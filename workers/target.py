@@ -145,11 +145,14 @@ def main(argv=None) -> None:
     cfg = parse_config(TargetConfig, build_parser(), argv)
     setup_logging(cfg.log_level, "target")
     pinned = pin_process(cfg.cpus)
-    log.info("pinned to CPUs %s (NUMA node(s) %s), %d torch threads", format_cpus(pinned),
-             numa_nodes(pinned) or "unknown", torch.get_num_threads())
+    nodes = numa_nodes(pinned)
+    # The handshake carries this, so the coordinator (and the CLI) can show where we run.
+    where = f"cpu {format_cpus(pinned)}, {torch.get_num_threads()} threads, NUMA node(s) " + \
+        (",".join(map(str, nodes)) if nodes else "unknown")
+    log.info("pinned to %s", where)
     dtype = choose_dtype(cfg.dtype, "cpu")
     t0 = time.perf_counter()
-    backend = HFBackend(cfg.model, dtype=dtype)
+    backend = HFBackend(cfg.model, dtype=dtype, device_label=where)
     log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
              backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
     serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid)
