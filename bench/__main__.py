@@ -1,0 +1,131 @@
+"""python -m bench: every system back to back, on the same prompts, in one run.
+
+    python -m bench --quick            # 3 HumanEval prompts x 48 tokens, greedy and T=1
+    python -m bench --prompts 20 --max-new-tokens 128 --target-cpus 0-31
+
+Systems: target-only decoding through our target worker (the baseline); Dovetail with
+each --draft; Hugging Face assisted generation with the same target and draft; llama.cpp
+CPU-only decoding of the target GGUF (skipped with a line when llama-cpp-python is
+missing). Every system produces exactly --max-new-tokens per prompt (end-of-text is
+ignored) with the same thread count, after one discarded warm-up prompt. Writes
+results.json (every raw figure), results.md (the table) and PNG plots to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from bench import report, systems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct", help="target: GGUF, HF folder or registry name")
+    p.add_argument("--draft", action="append", default=None,
+                   help="a draft model for Dovetail and HF assisted generation; repeat for several "
+                        "(default: qwen2.5-coder-0.5b-instruct)")
+    p.add_argument("--prompts-file", default=None, help="JSONL of {'prompt': ...} or {'messages': [...]} (default: HumanEval)")
+    p.add_argument("--prompts", type=int, default=10, help="how many prompts (default: 10; --quick: 3)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt (default: 128; --quick: 48)")
+    p.add_argument("--modes", default="greedy,sample", help="comma list of greedy (T=0) and sample (T=1)")
+    p.add_argument("--systems", default="target-only,dovetail,hf-assisted,llama.cpp",
+                   help="comma list of systems to run (default: all)")
+    p.add_argument("--target-cpus", default=None, help="CPUs for every system's target, e.g. '0-31' (default: all)")
+    p.add_argument("--draft-device", default=None, help="Dovetail's draft device: 'cpu' or 'cuda:N' (default: GPU if any)")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 for the torch systems")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (then +1 per prompt)")
+    p.add_argument("--quick", action="store_true", help="3 prompts x 48 tokens: a run of a few minutes on 2 cores")
+    p.add_argument("--out", default="bench/out", help="folder for results.json, results.md and plots")
+    return p
+
+
+def load_prompt_ids(args) -> list[list[int]]:
+    from dovetail.fetch import resolve_model
+    from dovetail.prompts import load_humaneval, load_prompts_jsonl
+    from dovetail.workers.hf import load_tokenizer
+    tok = load_tokenizer(resolve_model(args.target))
+    if tok is None:
+        raise SystemExit("the target has no tokenizer: give prompts as token ids in code instead")
+    raw = load_prompts_jsonl(args.prompts_file) if args.prompts_file else \
+        [p["prompt"] for p in load_humaneval(limit=args.prompts)]
+    ids = []
+    for p in raw[:args.prompts]:
+        if isinstance(p, str):
+            ids.append(tok.encode(p, add_special_tokens=False))
+        else:
+            enc = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True)
+            ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    return ids
+
+
+def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
+    """(name, runner, kwargs) for every system that will run, in order."""
+    from dovetail.fetch import resolve_model
+    wanted = set(args.systems.split(","))
+    ours = dict(target=args.target, target_cpus=args.target_cpus, dtype=args.dtype, stop_token_ids=[])
+    runs = []
+    if "target-only" in wanted:
+        runs.append(("target-only", systems.run_dovetail, dict(ours, draft=None)))
+    for d in args.draft:
+        name = Path(str(d)).name
+        if "dovetail" in wanted:
+            runs.append((f"dovetail[{name}]", systems.run_dovetail, dict(ours, draft=d, draft_device=draft_device)))
+        if "hf-assisted" in wanted:
+            runs.append((f"hf-assisted[{name}]", systems.run_hf_assisted,
+                         dict(target=args.target, draft=d, dtype=args.dtype, cpus=args.target_cpus)))
+    if "llama.cpp" in wanted:
+        gguf = resolve_model(args.target)
+        why = systems.llama_cpp_available() or (None if str(gguf).endswith(".gguf") else "the target is not a GGUF file")
+        if why:
+            print(f"bench: skipping llama.cpp: {why}", file=sys.stderr)
+        else:
+            runs.append(("llama.cpp", systems.run_llama_cpp, dict(gguf=gguf, cpus=args.target_cpus)))
+    return runs
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.prompts, args.max_new_tokens = min(args.prompts, 3), min(args.max_new_tokens, 48)
+    args.draft = args.draft or ["qwen2.5-coder-0.5b-instruct"]
+    from dovetail.cpus import parse_cpus
+    from dovetail.launch import _draft_device
+    args.target_cpus = parse_cpus(args.target_cpus)
+    draft_device = _draft_device(args.draft_device)
+    modes = {"greedy": 0.0, "sample": 1.0}
+    chosen = [m for m in args.modes.split(",") if m]
+    unknown = set(chosen) - set(modes)
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {sorted(unknown)}: use greedy and/or sample")
+    prompts = load_prompt_ids(args)
+    runs = plan(args, draft_device)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": report.machine(args.target_cpus),
+               "args": {k: v for k, v in vars(args).items()}, "draft_device": draft_device,
+               "prompt_lengths": [len(p) for p in prompts], "modes": {}}
+    with tqdm(total=len(chosen) * len(runs) * len(prompts), desc="bench", unit="prompt") as bar:
+        for mode in chosen:
+            results["modes"][mode] = {}
+            for name, runner, kwargs in runs:
+                bar.set_postfix_str(f"{mode}: {name}")
+                results["modes"][mode][name] = runner(prompts, args.max_new_tokens, modes[mode], args.seed,
+                                                      lambda: bar.update(1), **kwargs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["summary"] = {mode: report.summarize(recs) for mode, recs in results["modes"].items()}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    table = report.markdown(results)
+    (out / "results.md").write_text(table)
+    report.plots(results, out)
+    print(table)
+    print(f"raw figures, table and plots in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

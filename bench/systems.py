@@ -1,0 +1,121 @@
+"""The systems `python -m bench` compares, each run on the same prompts the same way.
+
+Every runner takes token-id prompts and returns one record per prompt with the same
+fields, so the report can put them side by side. Each runner does one warm-up prompt
+first and leaves it out.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Callable
+
+RECORD_FIELDS = ("new_tokens", "seconds", "prefill_s", "rounds", "accept_lengths", "draft_s", "verify_s",
+                 "wire_s", "target_idle_s", "draft_idle_s", "token_ids")
+
+
+def _record(**fields) -> dict:
+    rec = {k: None for k in RECORD_FIELDS}
+    rec.update(fields)
+    return rec
+
+
+def run_dovetail(prompts: list[list[int]], max_new: int, temperature: float, seed: int, progress: Callable,
+                 **launch_kwargs) -> list[dict]:
+    """Target-only (draft=None) or Dovetail through our workers."""
+    import dovetail
+    out = []
+    with dovetail.launch(**launch_kwargs) as coord:
+        coord.generate(prompts[0], max_new_tokens=8, temperature=temperature, seed=seed)  # warm-up
+        for i, prompt in enumerate(prompts):
+            r = coord.generate(prompt, max_new_tokens=max_new, temperature=temperature, seed=seed + i)
+            st = asdict(r.stats)
+            out.append(_record(**{k: st[k] for k in RECORD_FIELDS if k in st}, token_ids=r.token_ids))
+            progress()
+    return out
+
+
+def run_hf_assisted(prompts: list[list[int]], max_new: int, temperature: float, seed: int, progress: Callable,
+                    *, target, draft, dtype, cpus) -> list[dict]:
+    """Hugging Face assisted generation, in this process, with the same models and threads."""
+    import torch
+
+    from dovetail.cpus import pin_process
+    from dovetail.fetch import resolve_model
+    from dovetail.workers.hf import CausalLM, choose_dtype
+
+    before = sorted(os.sched_getaffinity(0))
+    pin_process(cpus)
+    try:
+        dt = choose_dtype(dtype, "cpu")
+        tgt = CausalLM.load(resolve_model(str(target)), dtype=dt).model
+        dft = CausalLM.load(resolve_model(str(draft)), dtype=dt).model if draft else None
+        out = []
+
+        def generate(prompt, n, s):
+            torch.manual_seed(s)
+            ids = torch.tensor([prompt])
+            kw = dict(max_new_tokens=n, min_new_tokens=n,  # exactly n tokens, as the others
+                      do_sample=temperature > 0, attention_mask=torch.ones_like(ids))
+            if temperature > 0:
+                kw.update(temperature=temperature, top_k=0, top_p=1.0)
+            if dft is not None:
+                kw["assistant_model"] = dft
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                res = tgt.generate(ids, **kw)
+            return res[0, len(prompt):].tolist(), time.perf_counter() - t0
+
+        generate(prompts[0], 8, seed)  # warm-up
+        for i, prompt in enumerate(prompts):
+            ids, seconds = generate(prompt, max_new, seed + i)
+            out.append(_record(new_tokens=len(ids), seconds=seconds, token_ids=ids))
+            progress()
+        return out
+    finally:
+        pin_process(before)
+
+
+def llama_cpp_available() -> str | None:
+    """None when llama-cpp-python can run; else the reason it is skipped."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed (pip install -e '.[llama]')"
+    return None
+
+
+def run_llama_cpp(prompts: list[list[int]], max_new: int, temperature: float, seed: int, progress: Callable,
+                  *, gguf, cpus) -> list[dict]:
+    """llama.cpp's own CPU decoding of the same GGUF file, same thread count."""
+    import llama_cpp
+
+    from dovetail.cpus import pin_process
+    before = sorted(os.sched_getaffinity(0))
+    n_threads = len(pin_process(cpus))
+    try:
+        longest = max(len(p) for p in prompts) + max_new + 16
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=longest, n_threads=n_threads,
+                              n_threads_batch=n_threads, seed=seed, verbose=False)
+        out = []
+
+        def generate(prompt, n):
+            llm.reset()
+            sampler = dict(temp=temperature, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+            ids = []
+            t0 = time.perf_counter()
+            for tok in llm.generate(prompt, reset=True, **sampler):
+                ids.append(int(tok))
+                if len(ids) >= n:
+                    break
+            return ids, time.perf_counter() - t0
+
+        generate(prompts[0], 8)  # warm-up
+        for prompt in prompts:
+            ids, seconds = generate(prompt, max_new)
+            out.append(_record(new_tokens=len(ids), seconds=seconds, token_ids=ids))
+            progress()
+        return out
+    finally:
+        pin_process(before)
