@@ -28,6 +28,10 @@ class CoordinatorConfig:
     draft_probe_timeout_s: float = 0.2  # how long a request waits for a suspect draft's heartbeat
     log_level: str = "warning"
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the workers
+    # draft="replay:FILE.json" (workers/replay.py, a draft of known acceptance, for benchmarks):
+    replay_corrupt: float = 0.0     # probability each replayed token is replaced (the target rejects it)
+    replay_seed: int = 0            # seed of those coins
+    replay_model: str | None = None  # run this model's chain forwards on draft_device for real draft time
 
     def __post_init__(self):
         for name in ("depth", "top_k"):
@@ -40,6 +44,8 @@ class CoordinatorConfig:
                      "draft_probe_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not 0.0 <= self.replay_corrupt <= 1.0:
+            raise ValueError(f"replay_corrupt must be in [0, 1], got {self.replay_corrupt}")
         if self.feature_codec not in ("fp16", "int8"):
             raise ValueError(f"feature_codec must be 'fp16' or 'int8', got {self.feature_codec!r}")
 

@@ -28,8 +28,9 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
     ("qwen2.5-coder-1.5b-instruct", fetched once into the cache). ``draft=None`` decodes
-    with the target alone, through the same worker: the baseline. ``target_cpus``: "0-31",
-    "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
+    with the target alone, through the same worker: the baseline. ``draft="replay:FILE.json"``
+    replays a recorded target output instead (workers/replay.py; see the replay_* options).
+    ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
     workers. Other keyword options are fields of :class:`CoordinatorConfig`.
     """
@@ -40,7 +41,13 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     config = CoordinatorConfig(**options)
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target))
-    draft_path = resolve_model(str(draft)) if draft is not None else None
+    # "replay:FILE.json" starts workers/replay.py: the target's recorded output, corrupted at
+    # config.replay_corrupt, so that the acceptance rate is known (benchmarks, tests).
+    replay = str(draft)[len("replay:"):] if str(draft).startswith("replay:") else None
+    if replay is not None and not Path(replay).is_file():
+        raise FileNotFoundError(f"replay script not found: {replay}")
+    replay = str(Path(replay).resolve()) if replay is not None else None  # workers may chdir
+    draft_path = resolve_model(str(draft)) if draft is not None and replay is None else None
     device = _draft_device(draft_device)
     if draft is not None and draft_device is None and device == "cpu":
         log.warning("no GPU found: the draft runs on the CPU, sharing the target's cores")
@@ -63,7 +70,14 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
                 *(["--layers", str(config.draft_layers)] if config.draft_layers else []),
                 *(["--cpus", format_cpus(draft_cpus)] if draft_cpus and device == "cpu" else [])], config)
             clients.append(dft)
+        elif replay is not None and config.replay_model:  # identity from its own model
+            dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device), config)
+            clients.append(dft)
         hs_tgt = _handshake(tgt, config)
+        if replay is not None and dft is None:  # no model: it takes the target's identity
+            dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device) + [
+                "--vocab-size", str(hs_tgt.vocab_size), "--tokenizer-hash", hs_tgt.tokenizer_hash], config)
+            clients.append(dft)
         hs_dft = _handshake(dft, config) if dft else None
         if hs_dft is not None:
             check_compatible(hs_tgt, hs_dft)
@@ -80,6 +94,12 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
              hs_dft.device if hs_dft else "-", overlap)
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
                        context=ctx, run_dir=run_dir)
+
+
+def _replay_args(script: str, config: CoordinatorConfig, dtype: str, device: str) -> list[str]:
+    model = ["--model", str(config.replay_model), "--device", device] if config.replay_model else []
+    return ["--script", script, "--corrupt", str(config.replay_corrupt), "--seed", str(config.replay_seed),
+            "--dtype", dtype, *model]
 
 
 def _draft_device(spec) -> str:
