@@ -29,6 +29,11 @@ def _new_axes(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
+def _wrap(labels: list[str]) -> list[str]:
+    """Break "system[model-name]" labels before the bracket so neighbours do not overlap."""
+    return [label.replace("[", "\n[") for label in labels]
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +68,7 @@ def save_bar_plot(path, labels: list[str], values: list[float], *, title: str, y
         return None
     fig, ax = made
     bars = ax.bar(range(len(labels)), values)
-    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), _wrap(labels), fontsize="small")
     ax.bar_label(bars, fmt="%.3g")
     ax.grid(False, axis="x")
     return _save(fig, path)
@@ -101,7 +106,7 @@ def save_stacked_bars(path, labels: list[str], parts: dict[str, list[float]], *,
             raise ValueError(f"part {name!r} has {len(values)} values for {len(labels)} labels")
         ax.bar(range(len(labels)), values, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), _wrap(labels), fontsize="small")
     ax.grid(False, axis="x")
     if parts:
         ax.legend()
