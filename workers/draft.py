@@ -87,20 +87,10 @@ class DraftHandler:
         raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a draft worker does not take {type(msg).__name__}")
 
     def draft(self, msg: DraftRequest) -> DraftProposal:
-        st = self.states.get(msg.req_id)
-        if st is None:
-            raise RequestError(msg.req_id, "unknown_request", f"request {msg.req_id} is not open")
-        if msg.step <= st.step:
-            raise RequestError(msg.req_id, "stale_step", f"draft step {msg.step} after step {st.step}")
-        if msg.base_len > len(st.known):
-            raise RequestError(msg.req_id, "bad_request", f"base_len {msg.base_len} > {len(st.known)} known tokens")
-        if msg.base_len + len(msg.new_tokens) == 0:
-            raise RequestError(msg.req_id, "bad_request", "nothing to draft from")
         t0 = time.perf_counter()
-        st.step = msg.step
-        st.known = st.known[:msg.base_len] + list(msg.new_tokens)
-        # Roll back to what is still right; keep one token unprocessed to get its logits.
-        st.cached = min(st.cached, msg.base_len, len(st.known) - 1)
+        st = apply_request(self.states, msg)
+        # Keep one token unprocessed to get its logits.
+        st.cached = min(st.cached, len(st.known) - 1)
         self.lm.crop(st.cache, st.cached)
         logits = self.lm.forward(st.cache, st.known[st.cached:], logit_rows=[-1]).logits[-1]
         st.cached = len(st.known)
@@ -116,6 +106,27 @@ class DraftHandler:
         self.lm.crop(st.cache, st.cached)  # tree nodes are guesses: never keep them
         return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=tokens, parents=parents,
                              root_guess=root_guess, seconds=time.perf_counter() - t0)
+
+
+def apply_request(states: dict, msg: DraftRequest):
+    """Check a DraftRequest against its request's state and apply base_len + new_tokens.
+
+    Everything the draft knew past ``base_len`` is wrong now (rejected drafts, a lost
+    bet), so ``cached`` is clamped there too: the caller's next forward recomputes it.
+    """
+    st = states.get(msg.req_id)
+    if st is None:
+        raise RequestError(msg.req_id, "unknown_request", f"request {msg.req_id} is not open")
+    if msg.step <= st.step:
+        raise RequestError(msg.req_id, "stale_step", f"draft step {msg.step} after step {st.step}")
+    if msg.base_len > len(st.known):
+        raise RequestError(msg.req_id, "bad_request", f"base_len {msg.base_len} > {len(st.known)} known tokens")
+    if msg.base_len + len(msg.new_tokens) == 0:
+        raise RequestError(msg.req_id, "bad_request", "nothing to draft from")
+    st.step = msg.step
+    st.known = st.known[:msg.base_len] + list(msg.new_tokens)
+    st.cached = min(st.cached, msg.base_len)
+    return st
 
 
 def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k: int,

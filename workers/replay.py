@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dovetail.protocol import Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened
+from dovetail.workers.draft import apply_request
 from dovetail.workers.serve import RequestError, check_bind, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.replay")
@@ -193,18 +194,8 @@ class ReplayHandler:
         return (token + int(rng.integers(1, self.vocab_size))) % self.vocab_size  # never itself
 
     def draft(self, msg: DraftRequest) -> DraftProposal:
-        st = self.states.get(msg.req_id)
-        if st is None:
-            raise RequestError(msg.req_id, "unknown_request", f"request {msg.req_id} is not open")
-        if msg.step <= st.step:
-            raise RequestError(msg.req_id, "stale_step", f"draft step {msg.step} after step {st.step}")
-        if msg.base_len > len(st.known):
-            raise RequestError(msg.req_id, "bad_request", f"base_len {msg.base_len} > {len(st.known)} known tokens")
-        if msg.base_len + len(msg.new_tokens) == 0:
-            raise RequestError(msg.req_id, "bad_request", "nothing to draft from")
         t0 = time.perf_counter()
-        st.step = msg.step
-        st.known = st.known[:msg.base_len] + list(msg.new_tokens)
+        st = apply_request(self.states, msg)
         self._catch_up(st)
         root_guess = -1
         if msg.guess_root:
