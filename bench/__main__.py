@@ -81,7 +81,7 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
                          dict(target=args.target, draft=d, dtype=args.dtype, cpus=args.target_cpus)))
     if "llama.cpp" in wanted:
         gguf = resolve_model(args.target)
-        why = systems.llama_cpp_available() or (None if str(gguf).endswith(".gguf") else "the target is not a GGUF file")
+        why = systems.llama_skip_reason(gguf)
         if why:
             print(f"bench: skipping llama.cpp: {why}", file=sys.stderr)
         else:

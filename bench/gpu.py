@@ -88,6 +88,7 @@ def build_random_model(path: Path, shape, layers: int, seed: int, dtype: str = "
     # One safetensors file written by hand (8-byte header length, JSON header, raw data):
     # safetensors.save_file would first copy every tensor; this writes the pool's bytes.
     plan, offset = [], 0
+    embed = None  # set at embed_tokens, which comes before lm_head in the state dict
     for name, shp in shapes.items():
         n = int(torch.Size(shp).numel())
         if name.endswith("norm.weight"):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from bench.report import machine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,13 +63,6 @@ def run_config(name, launch_kwargs, prompts, max_new, bar) -> dict:
             "wire_s": sum(r["wire_s"] for r in rows), "rounds": rounds}
 
 
-def _machine() -> str:
-    import os
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.machine())
-    return f"{model}, {len(os.sched_getaffinity(0))} CPUs"
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from dovetail.prompts import load_humaneval
@@ -85,7 +79,7 @@ def main(argv=None) -> int:
         results = [run_config(name, kw, prompts, args.max_new_tokens, bar) for name, kw in configs]
     base, spec = results
     same = [a["token_ids"] == b["token_ids"] for a, b in zip(base["per_prompt"], spec["per_prompt"])]
-    report = {"date": started, "machine": _machine(), "args": vars(args), "results": results,
+    report = {"date": started, "machine": machine(None), "args": vars(args), "results": results,
               "greedy_match": sum(same) / len(same),
               "speedup": spec["tokens_per_s"] / base["tokens_per_s"],
               "decode_speedup": spec["decode_tokens_per_s"] / base["decode_tokens_per_s"]}

@@ -8,14 +8,17 @@ from pathlib import Path
 BASELINE = "target-only"
 
 
-def machine(cpus: list[int] | None) -> str:
-    model = platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name, for reports (the architecture where the kernel does not say)."""
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.machine()
+
+
+def machine(cpus: list[int] | None) -> str:
     n = len(cpus) if cpus else len(os.sched_getaffinity(0))
-    return f"{model}, {n} CPU threads for the target"
+    return f"{cpu_model()}, {n} CPU threads for the target"
 
 
 def _is_peer(name: str) -> bool:

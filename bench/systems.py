@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 RECORD_FIELDS = ("new_tokens", "seconds", "prefill_s", "rounds", "accept_lengths", "draft_s", "verify_s",
@@ -77,12 +78,14 @@ def run_hf_assisted(prompts: list[list[int]], max_new: int, temperature: float, 
         pin_process(before)
 
 
-def llama_cpp_available() -> str | None:
-    """None when llama-cpp-python can run; else the reason it is skipped."""
+def llama_skip_reason(target) -> str | None:
+    """Why llama.cpp cannot run ``target`` here (missing library, not a GGUF), or None."""
     try:
         import llama_cpp  # noqa: F401
-    except ImportError:
-        return "llama-cpp-python is not installed (pip install -e '.[llama]')"
+    except ImportError as e:
+        return f"llama-cpp-python is not installed ({e}); pip install -e '.[llama]' to compare"
+    if Path(target).suffix != ".gguf":
+        return f"the target {target} is not a .gguf file"
     return None
 
 

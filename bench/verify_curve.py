@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.report import cpu_model
+from bench.systems import llama_skip_reason
+
 DEFAULT_KS = "1,2,3,4,6,8,12,16,24,32,48,64"
 OURS, LLAMA = "ours", "llama.cpp"
 LABELS = {OURS: "ours ({})", LLAMA: "llama.cpp (the GGUF's own quantization)"}  # plot legend
@@ -97,17 +100,6 @@ def measure_curve(backend, ks, ctx, repeats, seed=0, progress=None) -> dict[int,
 
 
 # ---- llama.cpp -------------------------------------------------------------------------------
-def llama_skip_reason(target) -> str | None:
-    """Why llama.cpp cannot be measured on ``target``, or None when it can."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as e:
-        return f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python to compare"
-    if Path(target).suffix != ".gguf":
-        return f"the target {target} is not a .gguf file"
-    return None
-
-
 def _kv_truncator(lib, llm):
     """``cut(n)``: drop KV cache positions >= n, checked; None where this version has no way."""
     ctx = llm.ctx
@@ -154,10 +146,7 @@ def measure_llama(path, ks, ctx, repeats, threads, seed=0, progress=None) -> dic
 # ---- report ----------------------------------------------------------------------------------
 def machine(cpus: list[int]) -> dict:
     import torch
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                 platform.machine())
-    return {"cpu_model": model, "cpus": cpus, "cpu_count": len(cpus), "torch": torch.__version__,
+    return {"cpu_model": cpu_model(), "cpus": cpus, "cpu_count": len(cpus), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform()}
 

@@ -41,11 +41,16 @@ class DraftConfig:
 
     def __post_init__(self):
         check_bind(self.bind)
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"--device must be 'cpu' or 'cuda:N', got {self.device!r}")
-        if self.layers is not None and self.layers < 1:
-            raise ValueError("--layers must be at least 1")
+        check_placement(self.device, self.layers)
         self.cpus = parse_cpus(self.cpus)
+
+
+def check_placement(device: str, layers: int | None) -> None:
+    """Validation shared by every worker that runs a draft model (draft and replay)."""
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"--device must be 'cpu' or 'cuda:N', got {device!r}")
+    if layers is not None and layers < 1:
+        raise ValueError("--layers must be at least 1")
 
 
 @dataclass
@@ -209,25 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_draft_model(model: str, device: str, dtype: str, layers: int | None, cpus: list[int] | None,
+                     role: str = "draft") -> CausalLM:
+    """Place and load a draft model: on its GPU, or pinned on the CPU when there is none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("no CUDA device is available: the %s runs on the CPU", role)
+        device = "cpu"
+    if device == "cpu":
+        pinned = pin_process(cpus)
+        log.info("%s on the CPU (CPUs %s, %d threads)", role, format_cpus(pinned), torch.get_num_threads())
+    else:
+        log.info("%s on %s (%s)", role, device, torch.cuda.get_device_name(torch.device(device)))
+    t0 = time.perf_counter()
+    lm = CausalLM.load(model, device=device, dtype=choose_dtype(dtype, device), num_layers=layers)
+    log.info("loaded %s %s (%s, %d layers) in %.1f s", role, lm.name, lm.dtype, lm.config.num_hidden_layers,
+             time.perf_counter() - t0)
+    return lm
+
+
 def main(argv=None) -> None:
     cfg = parse_config(DraftConfig, build_parser(), argv)
     setup_logging(cfg.log_level, "draft")
-    device = cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("no CUDA device is available: the draft runs on the CPU")
-        device = "cpu"
-    if device == "cpu":
-        pinned = pin_process(cfg.cpus)
-        log.info("draft on the CPU (CPUs %s, %d threads)", format_cpus(pinned), torch.get_num_threads())
-    else:
-        log.info("draft on %s (%s)", device, torch.cuda.get_device_name(torch.device(device)))
-    t0 = time.perf_counter()
-    lm = CausalLM.load(cfg.model, device=device, dtype=choose_dtype(cfg.dtype, device), num_layers=cfg.layers)
+    lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus)
     tok_hash = tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
-    log.info("loaded draft %s (%s, %d layers) in %.1f s", lm.name, lm.dtype, lm.config.num_hidden_layers,
-             time.perf_counter() - t0)
     serve(cfg.bind, DraftHandler(lm, cfg, tok_hash), parent_pid=cfg.parent_pid)
-
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from dovetail.protocol import Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened
-from dovetail.workers.draft import apply_request
+from dovetail.cpus import parse_cpus
+from dovetail.workers.draft import apply_request, check_placement, load_draft_model
 from dovetail.workers.serve import RequestError, check_bind, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.replay")
@@ -100,6 +101,8 @@ class ReplayConfig:
 
     def __post_init__(self):
         check_bind(self.bind)
+        check_placement(self.device, self.layers)
+        self.cpus = parse_cpus(self.cpus)
         if not 0.0 <= self.corrupt <= 1.0:
             raise ValueError(f"--corrupt must be in [0, 1], got {self.corrupt}")
         if self.model is None and (self.vocab_size is None or self.tokenizer_hash is None):
@@ -255,16 +258,8 @@ def main(argv=None) -> None:
     setup_logging(cfg.log_level, "replay")
     lm, vocab, tok_hash = None, cfg.vocab_size, cfg.tokenizer_hash
     if cfg.model is not None:
-        import torch
-        from dovetail.cpus import pin_process
-        from dovetail.workers.hf import CausalLM, choose_dtype, load_tokenizer, tokenizer_hash
-        device = cfg.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            log.warning("no CUDA device is available: the replay draft runs on the CPU")
-            device = "cpu"
-        if device == "cpu":
-            pin_process(cfg.cpus)
-        lm = CausalLM.load(cfg.model, device=device, dtype=choose_dtype(cfg.dtype, device), num_layers=cfg.layers)
+        from dovetail.workers.hf import load_tokenizer, tokenizer_hash
+        lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus, role="replay draft")
         vocab = vocab or lm.vocab_size
         tok_hash = tok_hash or tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
     serve(cfg.bind, ReplayHandler(cfg, vocab, tok_hash, lm), parent_pid=cfg.parent_pid)
