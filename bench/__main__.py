@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="greedy,sample", help="comma list of greedy (T=0) and sample (T=1)")
     p.add_argument("--systems", default="target-only,dovetail,hf-assisted,llama.cpp",
                    help="comma list of systems to run (default: all)")
+    p.add_argument("--backends", default="transformers",
+                   help="comma list of target backends for target-only and Dovetail: transformers, llama.cpp")
     p.add_argument("--target-cpus", default=None, help="CPUs for every system's target, e.g. '0-31' (default: all)")
     p.add_argument("--draft-device", default=None, help="Dovetail's draft device: 'cpu' or 'cuda:N' (default: GPU if any)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 for the torch systems")
@@ -68,14 +70,19 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
     """(name, runner, kwargs) for every system that will run, in order."""
     from dovetail.fetch import resolve_model
     wanted = set(args.systems.split(","))
-    ours = dict(target=args.target, target_cpus=args.target_cpus, dtype=args.dtype, stop_token_ids=[])
     runs = []
-    if "target-only" in wanted:
-        runs.append(("target-only", systems.run_dovetail, dict(ours, draft=None)))
+    for backend in args.backends.split(","):
+        ours = dict(target=args.target, target_cpus=args.target_cpus, dtype=args.dtype, stop_token_ids=[],
+                    backend=backend)
+        tag = report.backend_tag(backend)
+        if "target-only" in wanted:
+            runs.append((f"target-only{tag}", systems.run_dovetail, dict(ours, draft=None)))
+        if "dovetail" in wanted:
+            for d in args.draft:
+                runs.append((f"dovetail[{Path(str(d)).name}]{tag}", systems.run_dovetail,
+                             dict(ours, draft=d, draft_device=draft_device)))
     for d in args.draft:
         name = Path(str(d)).name
-        if "dovetail" in wanted:
-            runs.append((f"dovetail[{name}]", systems.run_dovetail, dict(ours, draft=d, draft_device=draft_device)))
         if "hf-assisted" in wanted:
             runs.append((f"hf-assisted[{name}]", systems.run_hf_assisted,
                          dict(target=args.target, draft=d, dtype=args.dtype, cpus=args.target_cpus)))
@@ -103,6 +110,9 @@ def main(argv=None) -> int:
     unknown = set(chosen) - set(modes)
     if unknown:
         raise SystemExit(f"unknown mode(s) {sorted(unknown)}: use greedy and/or sample")
+    bad = set(args.backends.split(",")) - {"transformers", "llama.cpp"}
+    if bad:
+        raise SystemExit(f"unknown backend(s) {sorted(bad)}: use transformers and/or llama.cpp")
     prompts = load_prompt_ids(args)
     runs = plan(args, draft_device)
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": report.machine(args.target_cpus),

@@ -21,6 +21,16 @@ def machine(cpus: list[int] | None) -> str:
     return f"{cpu_model()}, {n} CPU threads for the target"
 
 
+def backend_tag(backend: str) -> str:
+    """Suffix of our systems' names for a target backend ("" for the default, transformers)."""
+    return "" if backend == "transformers" else f" @{backend}"
+
+
+def baseline_of(name: str) -> str:
+    """The target-only run on the same backend: the reference for identical output."""
+    return BASELINE + (name[name.index(" @"):] if " @" in name else "")
+
+
 def _is_peer(name: str) -> bool:
     return name.startswith("hf-assisted") or name == "llama.cpp"
 
@@ -45,13 +55,13 @@ def summarize(by_system: dict[str, list[dict]]) -> dict[str, dict]:
             for part in ("draft_s", "verify_s", "wire_s"):
                 s[part] = sum(r[part] for r in recs)
         out[name] = s
-    base = by_system.get(BASELINE)
     for name, s in out.items():
-        if BASELINE in out:
-            s["speedup_vs_target_only"] = s["tokens_per_s"] / out[BASELINE]["tokens_per_s"]
+        if baseline_of(name) in out:  # the same backend's target-only run
+            s["speedup_vs_target_only"] = s["tokens_per_s"] / out[baseline_of(name)]["tokens_per_s"]
         s["speedup_vs"] = {peer: s["tokens_per_s"] / p["tokens_per_s"] for peer, p in out.items()
                            if _is_peer(peer) and peer != name and p["tokens_per_s"]}
-        if base is not None and name != BASELINE:
+        base = by_system.get(baseline_of(name))
+        if base is not None and name != baseline_of(name):
             recs = by_system[name]
             same = [a["token_ids"] == b["token_ids"] for a, b in zip(base, recs)]
             s["identical_to_target_only"] = f"{sum(same)}/{len(same)}"
@@ -65,7 +75,7 @@ def markdown(results: dict) -> str:
     for mode, summary in results["summary"].items():
         peers = [n for n in summary if _is_peer(n)]
         lines += [f"### {mode}", "",
-                  "| system | tok/s | × target-only | " + "".join(f"× {p} | " for p in peers)
+                  "| system | tok/s | × target-only (same backend) | " + "".join(f"× {p} | " for p in peers)
                   + "accepted / round | identical to target-only |",
                   "|---|---|---|" + "---|" * len(peers) + "---|---|"]
         for name, s in summary.items():
@@ -87,7 +97,8 @@ def plots(results: dict, out: Path) -> None:
         recs = results["modes"][mode]
         ours = [n for n in names if recs[n][0]["rounds"]]
         save_histogram(out / f"accepted_length-{mode}.png",
-                       {n: [a for r in recs[n] for a in r["accept_lengths"]] for n in ours if n != BASELINE},
+                       {n: [a for r in recs[n] for a in r["accept_lengths"]] for n in ours
+                        if not n.startswith(BASELINE)},
                        title=f"tokens committed per round ({mode})", xlabel="tokens per round")
         parts = {"draft": [], "verify": [], "wire": [], "other": []}
         for n in ours:

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target-cpus", default=None, help="CPUs for the target, e.g. '0-31' or '0,2,4' (default: all)")
     m.add_argument("--draft-gpu", default=None,
                    help="GPU index for the draft, or 'cpu' (default: GPU 0 when there is one, else the CPU)")
+    m.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
+                   help="target backend: transformers, or llama.cpp for a GGUF on its native kernels "
+                        "(pip install -e \".[llama]\")")
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float64"),
                    help="force one dtype on both workers (auto: bf16 where the CPU has it)")
     m.add_argument("--draft-layers", type=int, default=None, help="use only the first N layers of the draft model")
@@ -61,9 +64,10 @@ def main(argv=None) -> int:
     try:
         coord = dovetail.launch(args.target, None if args.no_draft else args.draft,
                                 target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
+                                backend=args.backend,
                                 depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                                 overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level)
-    except (FetchError, WorkerError, ValueError, FileNotFoundError) as e:
+    except (FetchError, RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"dovetail-launch: {e}", file=sys.stderr)
         return 1
     with coord:

@@ -116,7 +116,9 @@ class Coordinator:
         req = next(self._ids)
         t_start = time.perf_counter()
         stats.prompt_tokens = len(prompt)
-        opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed), Opened,
+        # Hidden states travel only to a draft that reads them (its handshake says so).
+        features = bool(self.draft_info is not None and self.draft_info.features)
+        opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed, features), Opened,
                                   cfg.prefill_timeout_s, "prefill_timeout_s")
         stats.prefill_s = opened.seconds
         drafter = Drafter(self, req, prompt, stats) if self._draft_usable(stats) else None

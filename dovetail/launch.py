@@ -23,7 +23,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 
 
 def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: str = "auto",
-           **options) -> Coordinator:
+           backend: str = "transformers", **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -32,7 +32,9 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     replays a recorded target output instead (workers/replay.py; see the replay_* options).
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
-    workers. Other keyword options are fields of :class:`CoordinatorConfig`.
+    workers. ``backend``: how the target runs, "transformers" or "llama.cpp" (a GGUF on
+    llama.cpp's own kernels; needs the ``llama`` extra). Other keyword options are fields of
+    :class:`CoordinatorConfig`.
     """
     from dovetail.fetch import resolve_model
 
@@ -41,6 +43,7 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     config = CoordinatorConfig(**options)
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target))
+    check_backend(backend, target_path)
     # "replay:FILE.json" starts workers/replay.py: the target's recorded output, corrupted at
     # config.replay_corrupt, so that the acceptance rate is known (benchmarks, tests).
     replay = str(draft)[len("replay:"):] if str(draft).startswith("replay:") else None
@@ -60,6 +63,7 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     try:
         tgt = _spawn(ctx, "target", run_dir, [
             "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
+            "--backend", backend,
             *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
         dft = None
@@ -94,6 +98,20 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
              hs_dft.device if hs_dft else "-", overlap)
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
                        context=ctx, run_dir=run_dir)
+
+
+def check_backend(backend: str, target_path) -> None:
+    """Refuse a backend that cannot run this target before any process starts."""
+    from dovetail.workers.target import BACKENDS
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "llama.cpp":
+        import importlib.util
+        from dovetail.workers.llama import MISSING
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise RuntimeError(MISSING)
+        if not str(target_path).endswith(".gguf"):
+            raise ValueError(f"the llama.cpp backend runs .gguf targets, got {target_path}")
 
 
 def _replay_args(script: str, config: CoordinatorConfig, dtype: str, device: str) -> list[str]:

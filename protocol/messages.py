@@ -86,6 +86,8 @@ class Handshake:
     model: str = ""
     device: str = ""
     pid: int = 0
+    features: bool = False  # a draft that reads the target's hidden states says so
+
 
 
 @dataclass(slots=True)
@@ -97,6 +99,7 @@ class OpenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    features: bool = True  # return hidden states (Opened, VerifyResult) for a feature draft
 
 
 @dataclass(slots=True)

@@ -38,12 +38,13 @@ class TargetBackend(ABC):
         """Number of positions the sequence holds."""
 
     @abstractmethod
-    def prefill(self, seq, tokens: list[int]) -> torch.Tensor:
-        """Process tokens; return their final hidden states [n, hidden]."""
+    def prefill(self, seq, tokens: list[int], hidden: bool = True) -> torch.Tensor | None:
+        """Process tokens; return their final hidden states [n, hidden] (None if not ``hidden``)."""
 
     @abstractmethod
-    def verify(self, seq, root: int, tokens: list[int], parents: list[int]) -> Forward:
-        """One forward over [root, *tree]: logits and hidden states for all n+1 rows."""
+    def verify(self, seq, root: int, tokens: list[int], parents: list[int], hidden: bool = True) -> Forward:
+        """One forward over [root, *tree]: logits for all n+1 rows, and their hidden states
+        when ``hidden`` (a backend may return them anyway when they cost nothing)."""
 
     @abstractmethod
     def keep(self, seq, start: int, rows: list[int]) -> None:
@@ -52,6 +53,12 @@ class TargetBackend(ABC):
     @abstractmethod
     def rollback(self, seq, length: int) -> None:
         """Truncate the sequence to ``length`` positions."""
+
+    def release(self, seq) -> None:
+        """The request is closed: free what the sequence holds."""
+
+    def close(self) -> None:
+        """Free the model (the worker is exiting)."""
 
 
 class HFBackend(TargetBackend):
@@ -72,10 +79,11 @@ class HFBackend(TargetBackend):
     def length(self, seq) -> int:
         return seq.get_seq_length()
 
-    def prefill(self, seq, tokens: list[int]) -> torch.Tensor:
-        return self.lm.forward(seq, tokens, logit_rows=[]).hidden
+    def prefill(self, seq, tokens: list[int], hidden: bool = True) -> torch.Tensor | None:
+        out = self.lm.forward(seq, tokens, logit_rows=[]).hidden
+        return out if hidden else None
 
-    def verify(self, seq, root: int, tokens: list[int], parents: list[int]) -> Forward:
+    def verify(self, seq, root: int, tokens: list[int], parents: list[int], hidden: bool = True) -> Forward:
         # A chain needs no custom mask: the model's own causal mask is exact and cheaper.
         rows = None if is_chain(parents) else with_root(parents)
         return self.lm.forward(seq, [root, *tokens], rows)

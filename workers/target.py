@@ -26,6 +26,8 @@ from dovetail.workers.serve import (
 
 log = logging.getLogger("dovetail.target")
 
+BACKENDS = ("transformers", "llama.cpp")
+
 
 @dataclass
 class TargetConfig:
@@ -34,12 +36,20 @@ class TargetConfig:
     cpus: list[int] | None = None
     dtype: str = "auto"
     feature_codec: str = "fp16"
+    backend: str = "transformers"
+    ctx: int = 8192
     max_requests: int = 256
     parent_pid: int = 0
     log_level: str = "info"
 
     def __post_init__(self):
         check_bind(self.bind)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "llama.cpp" and not str(self.model).endswith(".gguf"):
+            raise ValueError(f"the llama.cpp backend needs a .gguf model, got {self.model}")
+        if self.ctx < 16:
+            raise ValueError("ctx must be at least 16 positions")
         if self.feature_codec not in FEATURE_CODECS:
             raise ValueError(f"feature codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
         if self.max_requests < 1:
@@ -55,6 +65,7 @@ class Sequence:
     temperature: float
     top_p: float
     generator: torch.Generator
+    features: bool = True  # send hidden states back (a feature draft reads them)
     step: int = 0
 
 
@@ -82,7 +93,9 @@ class TargetHandler:
         if isinstance(msg, VerifyRequest):
             return self.verify(msg)
         if isinstance(msg, Close):
-            self.sequences.pop(msg.req_id, None)
+            seq = self.sequences.pop(msg.req_id, None)
+            if seq is not None:
+                self.backend.release(seq.cache)
             return Closed(req_id=msg.req_id)
         raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a target worker does not take {type(msg).__name__}")
 
@@ -95,9 +108,15 @@ class TargetHandler:
             raise RequestError(msg.req_id, "busy", f"{len(self.sequences)} requests open (max_requests)")
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(msg.seed)
-        seq = Sequence(self.backend.new_sequence(), msg.prompt[-1], msg.temperature, msg.top_p, gen)
+        seq = Sequence(self.backend.new_sequence(), msg.prompt[-1], msg.temperature, msg.top_p, gen,
+                       features=msg.features)
         # The last prompt token stays pending: it is the root of the first verification.
-        hidden = self.backend.prefill(seq.cache, msg.prompt[:-1]) if len(msg.prompt) > 1 else None
+        try:
+            hidden = (self.backend.prefill(seq.cache, msg.prompt[:-1], hidden=seq.features)
+                      if len(msg.prompt) > 1 else None)
+        except BaseException:
+            self.backend.release(seq.cache)
+            raise
         self.sequences[msg.req_id] = seq
         feats = encode_features(hidden, self.config.feature_codec) if hidden is not None else None
         return Opened(req_id=msg.req_id, cache_len=self.backend.length(seq.cache), features=feats,
@@ -115,7 +134,7 @@ class TargetHandler:
         t0 = time.perf_counter()
         start = self.backend.length(seq.cache)
         try:
-            out = self.backend.verify(seq.cache, msg.root, msg.tokens, msg.parents)
+            out = self.backend.verify(seq.cache, msg.root, msg.tokens, msg.parents, hidden=seq.features)
             if seq.temperature == 0.0:
                 path, nxt = accept_greedy(out.logits, msg.tokens, msg.parents)
             else:
@@ -127,7 +146,8 @@ class TargetHandler:
             self.backend.rollback(seq.cache, start)  # a failed step leaves the sequence as it was
             raise
         seq.pending, seq.step = nxt, seq.step + 1
-        feats = encode_features(out.hidden[rows], self.config.feature_codec)
+        feats = (encode_features(out.hidden[rows], self.config.feature_codec)
+                 if seq.features and out.hidden is not None else None)
         return VerifyResult(req_id=msg.req_id, step=msg.step, accepted=path,
                             tokens=[msg.tokens[c] for c in path] + [nxt],
                             cache_len=self.backend.length(seq.cache), features=feats,
@@ -138,7 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = worker_parser("target", __doc__)
     p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
     p.add_argument("--feature-codec", default="fp16", choices=FEATURE_CODECS, help="how hidden states travel")
+    p.add_argument("--backend", default="transformers", choices=BACKENDS,
+                   help="transformers (HF folder or de-quantized GGUF) or llama.cpp (GGUF, native kernels)")
+    p.add_argument("--ctx", type=int, default=8192,
+                   help="llama.cpp only: KV cells shared by all open requests (prompt + output tokens)")
     return p
+
+
+def load_backend(cfg: TargetConfig, pinned: list[int], where: str) -> TargetBackend:
+    if cfg.backend == "llama.cpp":
+        from dovetail.workers.llama import LlamaBackend
+        return LlamaBackend(cfg.model, threads=len(pinned), n_ctx=cfg.ctx,
+                            n_seqs=cfg.max_requests + 16, device_label=where)
+    return HFBackend(cfg.model, dtype=choose_dtype(cfg.dtype, "cpu"), device_label=where)
 
 
 def main(argv=None) -> None:
@@ -150,12 +182,14 @@ def main(argv=None) -> None:
     where = f"cpu {format_cpus(pinned)}, {torch.get_num_threads()} threads, NUMA node(s) " + \
         (",".join(map(str, nodes)) if nodes else "unknown")
     log.info("pinned to %s", where)
-    dtype = choose_dtype(cfg.dtype, "cpu")
     t0 = time.perf_counter()
-    backend = HFBackend(cfg.model, dtype=dtype, device_label=where)
+    backend = load_backend(cfg, pinned, where)
     log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
              backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
-    serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid)
+    try:
+        serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid)
+    finally:
+        backend.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""Dovetail end to end through the llama.cpp target backend, on real Qwen2.5-Coder-0.5B weights.
+
+Target-only decoding through our worker must give llama.cpp's own greedy tokens (the same
+single-row decodes), and adding a draft must not change them. The draft here is the same
+model cut to 20 of its 24 layers (transformers, float32, CPU): it agrees with the target
+often, not always, so rounds both accept and reject.
+"""
+import os
+
+import pytest
+import torch
+
+import dovetail
+from dovetail.fetch import fetch_model
+from dovetail.prompts import load_humaneval
+from dovetail.testing import make_tiny_model, make_tiny_tokenizer
+
+pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1200)]
+
+if os.environ.get("DOVETAIL_REQUIRE_LLAMA") != "1":
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
+
+MODEL = "qwen2.5-coder-0.5b-instruct"
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    return fetch_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [p["prompt"] for p in load_humaneval(limit=2)]
+
+
+def llama_cpp_greedy(gguf, prompt_ids: list[int], n: int) -> list[int]:
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=2, verbose=False)
+    out = []
+    for tok in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    llm.close()
+    return out
+
+
+def test_greedy_identical_to_llama_cpp_and_with_a_draft(gguf, prompts):
+    with dovetail.launch(gguf, None, backend="llama.cpp") as base:
+        assert "llama.cpp" in base.target_info.device and base.target_info.dtype.startswith("gguf:")
+        reference = [base.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]
+        prompt_ids = [base.encode_prompt(p) for p in prompts]
+    for ids, ref in zip(prompt_ids, reference):
+        assert ref.token_ids == llama_cpp_greedy(gguf, ids, NEW_TOKENS)
+    with dovetail.launch(gguf, gguf, backend="llama.cpp", dtype="float32", draft_device="cpu",
+                         draft_layers=20, depth=4, top_k=2, max_nodes=6) as coord:
+        results = [coord.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]
+    for ref, res in zip(reference, results):
+        assert res.token_ids == ref.token_ids
+    committed = sum(r.stats.accepted for r in results)
+    rounds = sum(r.stats.rounds for r in results)
+    assert committed / rounds > 1.2, f"mean accepted length {committed / rounds:.2f}"  # drafts were used
+
+
+def test_refuses_a_draft_for_another_target(gguf, tmp_path):
+    draft = make_tiny_model(tmp_path / "tiny", vocab_size=64, dtype=torch.float32)
+    make_tiny_tokenizer(draft)
+    with pytest.raises(Exception, match="tokenizer"):
+        dovetail.launch(gguf, draft, backend="llama.cpp", draft_device="cpu")
+
+
+def test_backend_errors_are_clear(tmp_path):
+    from dovetail.launch import check_backend
+    with pytest.raises(ValueError, match="backend must be one of"):
+        check_backend("onnx", "x.gguf")
+    with pytest.raises(ValueError, match=".gguf"):
+        check_backend("llama.cpp", tmp_path)

@@ -1,0 +1,263 @@
+"""The target on llama.cpp (llama-cpp-python): GGUF weights run natively, no de-quantizing.
+
+All requests share one llama.cpp context with a unified KV cache; each request owns one
+sequence id. A draft tree is verified in ONE decode call without a custom mask: every
+root-to-leaf path gets a sequence id, and each tree row is tagged with the ids of the
+leaves below it. llama.cpp lets a row attend to the cells that carry its first sequence
+id at positions up to its own, and a cell carries leaf s exactly when it lies on the path
+to s, so a row sees the committed prefix, its ancestors and itself: the tree mask.
+Keeping the accepted path then means keeping the path's cells under the request's own id
+and dropping the scratch ids; rolling back is removing positions from that id.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dovetail.tree import children, with_root
+from dovetail.workers.backend import Identity, TargetBackend
+from dovetail.workers.hf import Forward, load_tokenizer, tokenizer_hash
+
+log = logging.getLogger("dovetail.target")
+
+MISSING = ("the llama.cpp backend needs llama-cpp-python: pip install -e \".[llama]\" "
+           "(it compiles llama.cpp, a few minutes), or use the transformers backend")
+DEFAULT_CTX = 8192       # KV cells shared by all open requests (tokens in all of them)
+DEFAULT_SEQS = 64        # sequence ids: one per open request plus scratch ids for tree leaves
+MAX_BATCH = 512          # rows per llama_decode call; longer prompts go in chunks
+
+
+def import_llama():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise RuntimeError(MISSING) from e
+    return llama_cpp
+
+
+@dataclass
+class LlamaSeq:
+    """One request's handle: its sequence id and how many positions it holds."""
+    seq_id: int
+    length: int = 0
+    verify_leaves: tuple | None = None  # (leaves, their sequence ids, row parents) until keep()
+
+
+class LlamaBackend(TargetBackend):
+    """Verify with llama.cpp's CPU kernels on the GGUF's own quantization."""
+
+    def __init__(self, path: str, threads: int, n_ctx: int = DEFAULT_CTX, n_seqs: int = DEFAULT_SEQS,
+                 device_label: str | None = None):
+        if not str(path).endswith(".gguf"):
+            raise ValueError(f"the llama.cpp backend loads .gguf files, got {path}")
+        ll = import_llama()
+        self.lib = ll.llama_cpp
+        _route_logs(self.lib)
+        self.lib.llama_backend_init()
+        mparams = self.lib.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self.model = self.lib.llama_model_load_from_file(os.fsencode(path), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        n_seqs = min(n_seqs, int(self.lib.llama_max_parallel_sequences()))
+        cparams = self.lib.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, MAX_BATCH, MAX_BATCH
+        cparams.n_seq_max, cparams.kv_unified = n_seqs, True  # one cell pool for every request
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.embeddings = False  # switched on per call, only when hidden states are wanted
+        self.ctx = self.lib.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seqs})")
+        self.mem = self.lib.llama_get_memory(self.ctx)
+        self.batch = self.lib.llama_batch_init(MAX_BATCH, 0, n_seqs)
+        self.n_seqs, self.n_ctx = n_seqs, n_ctx
+        self.free_ids = list(range(n_seqs - 1, -1, -1))
+        self.vocab_size = int(self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self.model)))
+        self.hidden_size = int(self.lib.llama_model_n_embd(self.model))
+        self.embeddings_on = False
+        tok = load_tokenizer(path)
+        self.identity = Identity(
+            model=os.path.basename(str(path)), arch=self._meta("general.architecture"),
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            tokenizer_hash=tokenizer_hash(tok, self.vocab_size),
+            dtype="gguf:" + self._describe(), device=(device_label or "cpu") + ", llama.cpp")
+
+    # ---- TargetBackend ------------------------------------------------------------------
+    def new_sequence(self) -> LlamaSeq:
+        if not self.free_ids:
+            raise RuntimeError(f"all {self.n_seqs} llama.cpp sequence ids are in use (close requests first)")
+        return LlamaSeq(self.free_ids.pop())
+
+    def release(self, seq: LlamaSeq) -> None:
+        self.lib.llama_memory_seq_rm(self.mem, seq.seq_id, -1, -1)
+        self.free_ids.append(seq.seq_id)
+
+    def length(self, seq: LlamaSeq) -> int:
+        return seq.length
+
+    def prefill(self, seq: LlamaSeq, tokens: list[int], hidden: bool = True) -> torch.Tensor | None:
+        out = []
+        for i in range(0, len(tokens), MAX_BATCH):
+            chunk = tokens[i:i + MAX_BATCH]
+            rows = [([seq.seq_id], seq.length + j) for j in range(len(chunk))]
+            try:
+                self._decode(chunk, rows, logits=False, hidden=hidden)
+            except BaseException:
+                self.rollback(seq, seq.length)
+                raise
+            seq.length += len(chunk)
+            if hidden:
+                out.append(self._read(self.lib.llama_get_embeddings(self.ctx), len(chunk), self.hidden_size))
+        return torch.cat(out) if hidden else None
+
+    def verify(self, seq: LlamaSeq, root: int, tokens: list[int], parents: list[int],
+               hidden: bool = True) -> Forward:
+        row_parents = with_root(parents)
+        leaves = _leaves(row_parents)
+        scratch = self._take_ids(len(leaves) - 1)
+        leaf_ids = [seq.seq_id, *scratch]
+        for s in scratch:  # every leaf path shares the committed prefix
+            self.lib.llama_memory_seq_cp(self.mem, seq.seq_id, s, -1, -1)
+        rows = [(ids, seq.length + d) for ids, d in zip(_row_seq_ids(row_parents, leaves, leaf_ids),
+                                                          _row_depths(row_parents))]
+        seq.verify_leaves = (leaves, leaf_ids, row_parents)
+        try:
+            self._decode([root, *tokens], rows, logits=True, hidden=hidden)
+        except BaseException:
+            self._drop_scratch(seq, seq.length)
+            raise
+        n = len(rows)
+        logits = self._read(self.lib.llama_get_logits(self.ctx), n, self.vocab_size)
+        feats = self._read(self.lib.llama_get_embeddings(self.ctx), n, self.hidden_size) if hidden else None
+        return Forward(logits=logits, hidden=feats)
+
+    def keep(self, seq: LlamaSeq, start: int, rows: list[int]) -> None:
+        leaves, leaf_ids, row_parents = seq.verify_leaves
+        # A leaf whose path runs through the last kept row carries every kept row.
+        below = _subtree_leaf(row_parents, leaves, rows[-1])
+        owner = leaf_ids[below]
+        if owner != seq.seq_id:
+            self.lib.llama_memory_seq_rm(self.mem, seq.seq_id, start, -1)
+            self.lib.llama_memory_seq_cp(self.mem, owner, seq.seq_id, start, start + len(rows))
+        self._drop_scratch(seq, start + len(rows))
+
+    def rollback(self, seq: LlamaSeq, length: int) -> None:
+        if seq.verify_leaves is not None:
+            self._drop_scratch(seq, length)
+        if not self.lib.llama_memory_seq_rm(self.mem, seq.seq_id, length, -1):
+            raise RuntimeError(f"llama.cpp refused to remove positions >= {length}")
+        seq.length = min(seq.length, length)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _decode(self, tokens: list[int], rows: list[tuple[list[int], int]], *, logits: bool, hidden: bool) -> None:
+        if len(tokens) > MAX_BATCH:
+            raise ValueError(f"{len(tokens)} rows in one decode; at most {MAX_BATCH}")
+        if hidden != self.embeddings_on:
+            # Embeddings make llama.cpp output every row (logits included): only when asked.
+            self.lib.llama_set_embeddings(self.ctx, hidden)
+            self.embeddings_on = hidden
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, (tok, (ids, pos)) in enumerate(zip(tokens, rows)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(ids), logits
+            for j, s in enumerate(ids):
+                b.seq_id[i][j] = s
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}" +
+                               (" (KV cache full: raise --ctx)" if rc == 1 else ""))
+
+    @staticmethod
+    def _read(ptr, n: int, width: int) -> torch.Tensor:
+        arr = np.ctypeslib.as_array(ptr, shape=(n * width,))
+        return torch.from_numpy(arr.reshape(n, width).copy())
+
+    def _take_ids(self, n: int) -> list[int]:
+        if n > len(self.free_ids):
+            raise RuntimeError(f"a tree with {n + 1} leaves needs {n} free sequence ids, "
+                               f"{len(self.free_ids)} left (raise --llama-seqs)")
+        return [self.free_ids.pop() for _ in range(n)]
+
+    def _drop_scratch(self, seq: LlamaSeq, keep_len: int) -> None:
+        leaves, leaf_ids, _ = seq.verify_leaves
+        seq.verify_leaves = None
+        for s in leaf_ids[1:]:
+            self.lib.llama_memory_seq_rm(self.mem, s, -1, -1)
+            self.free_ids.append(s)
+        self.lib.llama_memory_seq_rm(self.mem, seq.seq_id, keep_len, -1)
+        seq.length = keep_len
+
+    def _meta(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else "?"
+
+    def _describe(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self.lib.llama_model_desc(self.model, buf, len(buf))
+        return buf.value.decode(errors="replace")
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.lib.llama_model_free(self.model)
+            self.ctx = None
+
+
+# ---- tree bookkeeping (pure functions of the row-parent array) ---------------------------
+def _leaves(row_parents: list[int]) -> list[int]:
+    kids = children(row_parents)
+    return [i for i in range(len(row_parents)) if not kids.get(i)]
+
+
+def _row_depths(row_parents: list[int]) -> list[int]:
+    out: list[int] = []
+    for p in row_parents:
+        out.append(0 if p < 0 else out[p] + 1)
+    return out
+
+
+def _row_seq_ids(row_parents: list[int], leaves: list[int], leaf_ids: list[int]) -> list[list[int]]:
+    """Each row carries the sequence ids of the leaves below it (itself if it is a leaf)."""
+    ids: list[list[int]] = [[] for _ in row_parents]
+    for leaf, s in zip(leaves, leaf_ids):
+        node = leaf
+        while node >= 0:
+            ids[node].append(s)
+            node = row_parents[node]
+    return ids
+
+
+def _subtree_leaf(row_parents: list[int], leaves: list[int], row: int) -> int:
+    """Index (into ``leaves``) of a leaf at or below ``row``."""
+    for k, leaf in enumerate(leaves):
+        node = leaf
+        while node >= 0:
+            if node == row:
+                return k
+            node = row_parents[node]
+    raise ValueError(f"row {row} has no leaf below it")
+
+
+_LOG_CALLBACK = None  # kept alive: llama.cpp holds a raw pointer to it
+
+
+def _route_logs(lib) -> None:
+    """llama.cpp prints hundreds of lines while loading: send them to our debug log."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+
+    @lib.llama_log_callback
+    def forward(level, text, user_data):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+    _LOG_CALLBACK = forward
+    lib.llama_log_set(forward, ctypes.c_void_p(0))
