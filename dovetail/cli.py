@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
                    help="target backend: transformers, or llama.cpp for a GGUF on its native kernels "
                         "(pip install -e \".[llama]\")")
+    m.add_argument("--draft-backend", default=None, choices=("transformers", "llama.cpp"),
+                   help="draft backend (default: llama.cpp for a GGUF draft on the CPU when the target "
+                        "uses it, else transformers); llama.cpp drafts chains")
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float64"),
                    help="force one dtype on both workers (auto: bf16 where the CPU has it)")
     m.add_argument("--draft-layers", type=int, default=None, help="use only the first N layers of the draft model")
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     try:
         coord = dovetail.launch(args.target, None if args.no_draft else args.draft,
                                 target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
-                                backend=args.backend,
+                                backend=args.backend, draft_backend=args.draft_backend,
                                 depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                                 overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level)
     except (FetchError, RuntimeError, ValueError, FileNotFoundError) as e:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import zmq
@@ -23,7 +24,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 
 
 def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: str = "auto",
-           backend: str = "transformers", **options) -> Coordinator:
+           backend: str = "transformers", draft_backend: str | None = None, **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -33,8 +34,10 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
     workers. ``backend``: how the target runs, "transformers" or "llama.cpp" (a GGUF on
-    llama.cpp's own kernels; needs the ``llama`` extra). Other keyword options are fields of
-    :class:`CoordinatorConfig`.
+    llama.cpp's own kernels; needs the ``llama`` extra). ``draft_backend``: the same for a
+    draft model; None picks llama.cpp for a GGUF draft on the CPU when the target uses it
+    (a CPU draft step must be cheap), transformers otherwise. Other keyword options are
+    fields of :class:`CoordinatorConfig`.
     """
     from dovetail.fetch import resolve_model
 
@@ -54,6 +57,10 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     device = _draft_device(draft_device)
     if draft is not None and draft_device is None and device == "cpu":
         log.warning("no GPU found: the draft runs on the CPU, sharing the target's cores")
+    draft_backend = pick_draft_backend(draft_backend, backend, draft_path, device, config)
+    if draft_backend == "llama.cpp":
+        check_backend(draft_backend, draft_path)
+        config = replace(config, top_k=1)  # llama.cpp drafts grow chains
     config = config.with_tree_defaults(device)
     overlap = config.overlap if config.overlap is not None else device.startswith("cuda")
 
@@ -70,7 +77,7 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
         if draft_path is not None:
             draft_cpus = parse_cpus(config.draft_cpus) or cpus
             dft = _spawn(ctx, "draft", run_dir, [
-                "--model", str(draft_path), "--dtype", dtype, "--device", device,
+                "--model", str(draft_path), "--dtype", dtype, "--device", device, "--backend", draft_backend,
                 *(["--layers", str(config.draft_layers)] if config.draft_layers else []),
                 *(["--cpus", format_cpus(draft_cpus)] if draft_cpus and device == "cpu" else [])], config)
             clients.append(dft)
@@ -98,6 +105,14 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
              hs_dft.device if hs_dft else "-", overlap)
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
                        context=ctx, run_dir=run_dir)
+
+
+def pick_draft_backend(chosen, target_backend: str, draft_path, device: str, config) -> str:
+    if chosen is not None:
+        return chosen
+    auto = (target_backend == "llama.cpp" and device == "cpu" and draft_path is not None
+            and str(draft_path).endswith(".gguf") and not config.draft_layers)
+    return "llama.cpp" if auto else "transformers"
 
 
 def check_backend(backend: str, target_path) -> None:

@@ -35,6 +35,7 @@ class DraftConfig:
     dtype: str = "auto"
     layers: int | None = None
     cpus: list[int] | None = None
+    backend: str = "transformers"
     max_requests: int = 256
     parent_pid: int = 0
     log_level: str = "info"
@@ -43,6 +44,12 @@ class DraftConfig:
         check_bind(self.bind)
         check_placement(self.device, self.layers)
         self.cpus = parse_cpus(self.cpus)
+        if self.backend not in ("transformers", "llama.cpp"):
+            raise ValueError(f"--backend must be transformers or llama.cpp, got {self.backend!r}")
+        if self.backend == "llama.cpp":
+            if not str(self.model).endswith(".gguf") or self.device != "cpu" or self.layers:
+                raise ValueError("a llama.cpp draft runs a whole .gguf model on the CPU "
+                                 "(no --layers, --device cpu)")
 
 
 def check_placement(device: str, layers: int | None) -> None:
@@ -87,7 +94,9 @@ class DraftHandler:
         if isinstance(msg, DraftRequest):
             return self.draft(msg)
         if isinstance(msg, Close):
-            self.states.pop(msg.req_id, None)
+            st = self.states.pop(msg.req_id, None)
+            if st is not None and hasattr(self.lm, "release"):  # llama.cpp: free the sequence id
+                self.lm.release(st.cache)
             return Closed(req_id=msg.req_id)
         raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a draft worker does not take {type(msg).__name__}")
 
@@ -211,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file (same tokenizer as the target)")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
     p.add_argument("--layers", type=int, default=None, help="use only the first N decoder layers (a cheaper self-draft)")
+    p.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
+                   help="transformers, or llama.cpp for a .gguf draft on the CPU (chains only)")
     return p
 
 
@@ -235,8 +246,13 @@ def load_draft_model(model: str, device: str, dtype: str, layers: int | None, cp
 def main(argv=None) -> None:
     cfg = parse_config(DraftConfig, build_parser(), argv)
     setup_logging(cfg.log_level, "draft")
-    lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus)
-    tok_hash = tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
+    if cfg.backend == "llama.cpp":
+        from dovetail.workers.llama_draft import LlamaDraftLM
+        lm = LlamaDraftLM(cfg.model, threads=len(pin_process(cfg.cpus)), n_seqs=cfg.max_requests + 1)
+        tok_hash = lm.tokenizer_hash
+    else:
+        lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus)
+        tok_hash = tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
     serve(cfg.bind, DraftHandler(lm, cfg, tok_hash), parent_pid=cfg.parent_pid)
 
 if __name__ == "__main__":

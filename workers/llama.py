@@ -47,6 +47,9 @@ class LlamaSeq:
     length: int = 0
     verify_leaves: tuple | None = None  # (leaves, their sequence ids, row parents) until keep()
 
+    def get_seq_length(self) -> int:  # the name transformers' caches use (draft code calls it)
+        return self.length
+
 
 class LlamaBackend(TargetBackend):
     """Verify with llama.cpp's CPU kernels on the GGUF's own quantization."""
@@ -154,7 +157,20 @@ class LlamaBackend(TargetBackend):
         seq.length = min(seq.length, length)
 
     # ---- internals ------------------------------------------------------------------------
-    def _decode(self, tokens: list[int], rows: list[tuple[list[int], int]], *, logits: bool, hidden: bool) -> None:
+    def decode_chain(self, seq: LlamaSeq, tokens: list[int], logit_rows: list[int]) -> torch.Tensor:
+        """Append a plain chain to ``seq``; logits of ``logit_rows`` only (a draft's step)."""
+        rows = [([seq.seq_id], seq.length + j) for j in range(len(tokens))]
+        wanted = {r % len(tokens) for r in logit_rows}
+        try:
+            self._decode(tokens, rows, logits=[j in wanted for j in range(len(tokens))], hidden=False)
+        except BaseException:
+            self.rollback(seq, seq.length)
+            raise
+        seq.length += len(tokens)
+        return self._read(self.lib.llama_get_logits(self.ctx), len(wanted), self.vocab_size)
+
+    def _decode(self, tokens: list[int], rows: list[tuple[list[int], int]], *, logits, hidden: bool) -> None:
+        """One llama_decode; ``logits``: for every row (True/False) or a flag per row."""
         if len(tokens) > MAX_BATCH:
             raise ValueError(f"{len(tokens)} rows in one decode; at most {MAX_BATCH}")
         if hidden != self.embeddings_on:
@@ -163,8 +179,9 @@ class LlamaBackend(TargetBackend):
             self.embeddings_on = hidden
         b = self.batch
         b.n_tokens = len(tokens)
+        flags = logits if isinstance(logits, list) else [logits] * len(tokens)
         for i, (tok, (ids, pos)) in enumerate(zip(tokens, rows)):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(ids), logits
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(ids), flags[i]
             for j, s in enumerate(ids):
                 b.seq_id[i][j] = s
         rc = self.lib.llama_decode(self.ctx, b)
