@@ -5,6 +5,10 @@
 With no model arguments it uses Qwen2.5-Coder-1.5B-Instruct drafted by
 Qwen2.5-Coder-0.5B-Instruct, fetched once into the cache. With no --prompt it is
 interactive: one prompt per line, Ctrl-D to quit.
+
+    dovetail-launch keys --out DIR [--name NAME ...]
+
+writes CurveZMQ key pairs for workers served over tcp:// (see `dovetail-launch keys --help`).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import sys
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+KEYS_SUBCOMMAND = "keys"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    # A first word, not an argparse subparser: the decoding flags stay where they were.
+    if argv[:1] == [KEYS_SUBCOMMAND]:
+        return keys_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s coordinator %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -88,6 +97,36 @@ def main(argv=None) -> int:
                 print(f"\ndovetail-launch: {e}", file=sys.stderr)
                 return 1
             print(f"\n[{stats.summary()}]", file=sys.stderr)
+    return 0
+
+
+def build_keys_parser() -> argparse.ArgumentParser:
+    from dovetail.security import DEFAULT_CLIENT
+    p = argparse.ArgumentParser(
+        prog=f"dovetail-launch {KEYS_SUBCOMMAND}",
+        description="Create CurveZMQ key pairs for a worker served over tcp:// and for the clients it lets in. "
+                    "Existing keys are never overwritten.")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to write into: DIR/worker/ goes to the worker host, DIR/NAME/ to each client host")
+    p.add_argument("--name", action="append", default=None, metavar="NAME",
+                   help=f"a client key pair to create and allow; repeat for several (default: {DEFAULT_CLIENT})")
+    return p
+
+
+def keys_main(argv) -> int:
+    from dovetail.security import DEFAULT_CLIENT, write_keys
+    args = build_keys_parser().parse_args(argv)
+    try:
+        paths = write_keys(args.out, args.name or [DEFAULT_CLIENT])
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"dovetail-launch {KEYS_SUBCOMMAND}: {e}", file=sys.stderr)
+        return 1
+    worker = paths.pop("worker")
+    print(f"On the worker host (keep {worker['secret'].parent} private):\n"
+          f"  --curve-secret {worker['secret']}\n  --curve-allow {worker['allow']}")
+    for name, p in paths.items():
+        print(f"On the host of client {name!r} (keep {p['secret'].parent} private):\n"
+              f"  client secret key: {p['secret']}\n  worker public key: {p['server_public']}")
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import zmq
 
 from dovetail.protocol import Error, MAX_FRAME_BYTES, ProtocolError, Shutdown, configure_socket, decode, encode
+from dovetail.security import ClientKeys, curve_client
 
 log = logging.getLogger("dovetail")
 
@@ -37,11 +38,15 @@ class WorkerTimeout(WorkerError):
 
 
 class WorkerClient:
+    """``keys``: CurveZMQ keys for a worker started with --curve-secret (None: plain)."""
+
     def __init__(self, ctx: zmq.Context, role: str, address: str, proc: subprocess.Popen | None,
-                 max_bytes: int = MAX_FRAME_BYTES):
+                 max_bytes: int = MAX_FRAME_BYTES, keys: ClientKeys | None = None):
         self.role, self.address, self.proc = role, address, proc
         self.sock = ctx.socket(zmq.DEALER)
         configure_socket(self.sock, max_bytes)
+        if keys is not None:
+            curve_client(self.sock, keys)  # before connect: the handshake starts at connect
         self.sock.connect(address)
         self.max_bytes = max_bytes
         self.vocab_size: int | None = None

@@ -20,6 +20,7 @@ from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
 from dovetail.workers.hf import CausalLM, choose_dtype, load_tokenizer, tokenizer_hash
+from dovetail.security import ServerKeys, server_keys
 from dovetail.workers.serve import (
     RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
 )
@@ -39,9 +40,13 @@ class DraftConfig:
     max_requests: int = 256
     parent_pid: int = 0
     log_level: str = "info"
+    curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
+    curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
+    keys: ServerKeys | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        check_bind(self.bind)
+        self.keys = server_keys(self.curve_secret, self.curve_allow)
+        check_bind(self.bind, self.keys)
         check_placement(self.device, self.layers)
         self.cpus = parse_cpus(self.cpus)
         if self.backend not in ("transformers", "llama.cpp"):
@@ -253,7 +258,7 @@ def main(argv=None) -> None:
     else:
         lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus)
         tok_hash = tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
-    serve(cfg.bind, DraftHandler(lm, cfg, tok_hash), parent_pid=cfg.parent_pid)
+    serve(cfg.bind, DraftHandler(lm, cfg, tok_hash), parent_pid=cfg.parent_pid, keys=cfg.keys)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ frames and failing requests are answered with an Error and the loop goes on serv
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import threading
@@ -17,11 +18,13 @@ from dovetail.protocol import (
     MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
     configure_socket, decode, encode,
 )
+from dovetail.security import KEYS_COMMAND, ServerKeys, curve_server, start_authenticator
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 100             # how often the loop wakes to check for a stop request
 PARENT_POLL_S = 0.5       # how often a worker checks that its coordinator still lives
+LOOPBACK_NAMES = ("localhost",)  # besides 127.0.0.0/8 and ::1
 
 
 class RequestError(Exception):
@@ -48,15 +51,31 @@ def watch_parent(parent_pid: int, on_orphaned) -> None:
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
-def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME_BYTES) -> None:
-    """Serve ``handler`` on ``bind`` until a Shutdown arrives."""
+def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME_BYTES,
+          keys: ServerKeys | None = None) -> None:
+    """Serve ``handler`` on ``bind`` until a Shutdown arrives.
+
+    With ``keys`` the socket is a CURVE server and a ZAP authenticator on this context
+    lets in only the allowlisted client keys.
+    """
+    check_bind(bind, keys)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
-    configure_socket(sock, max_bytes)
-    sock.bind(bind)
+    auth = None
+    try:
+        configure_socket(sock, max_bytes)
+        if keys is not None:
+            # before bind: libzmq accepts any client key while no ZAP handler is bound
+            auth = start_authenticator(ctx, keys)
+            curve_server(sock, keys)
+        sock.bind(bind)
+    except BaseException:
+        _close(ctx, sock, auth)
+        raise
     ipc_path = bind[len("ipc://"):] if bind.startswith("ipc://") else None
     watch_parent(parent_pid, on_orphaned=lambda: ipc_path and _unlink(ipc_path))
-    log.info("%s worker serving on %s (pid %d)", handler.role, bind, os.getpid())
+    curve = f" with CurveZMQ, {len(keys.allowed)} allowed client key(s)" if keys else ""
+    log.info("%s worker serving on %s%s (pid %d)", handler.role, bind, curve, os.getpid())
     try:
         while True:
             if not sock.poll(POLL_MS):
@@ -70,13 +89,19 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
             if reply is not None:
                 sock.send_multipart([peer, *_encode_reply(reply)])
     finally:
-        sock.close(linger=0)
-        ctx.term()
+        _close(ctx, sock, auth)
         if ipc_path:
             _unlink(ipc_path)
 
 
 _STOP = object()
+
+
+def _close(ctx: zmq.Context, sock: zmq.Socket, auth) -> None:
+    sock.close(linger=0)
+    if auth is not None:
+        auth.stop()  # its sockets live on ctx: term() would wait for them forever
+    ctx.term()
 
 
 def _encode_reply(reply) -> list[bytes]:
@@ -130,18 +155,46 @@ def worker_parser(role: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=256, help="most requests open at once")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
     p.add_argument("--log-level", default="info", help="debug | info | warning")
+    p.add_argument("--curve-secret", default=None, metavar="FILE",
+                   help=f"this worker's CurveZMQ secret key file (needed for tcp:// off loopback; {KEYS_COMMAND} writes it)")
+    p.add_argument("--curve-allow", default=None, metavar="DIR",
+                   help="folder of client public keys (*.key) allowed to connect; goes with --curve-secret")
     return p
 
 
 def parse_config(config_cls, parser: argparse.ArgumentParser, argv=None):
     """Parse the command line straight into the role's config dataclass (validated there)."""
     args = vars(parser.parse_args(argv))
-    return config_cls(**{k.replace("-", "_"): v for k, v in args.items()})
+    try:
+        return config_cls(**{k.replace("-", "_"): v for k, v in args.items()})
+    except ValueError as e:
+        parser.error(str(e))  # usage and the reason, exit code 2: a bad flag needs no traceback
 
 
-def check_bind(bind: str) -> None:
+def check_bind(bind: str, keys: ServerKeys | None = None) -> None:
+    """Refuse addresses we cannot serve on, and tcp:// off loopback without CURVE keys."""
     if not bind.startswith(("ipc://", "tcp://", "inproc://")):
         raise ValueError(f"--bind must be an ipc:// or tcp:// address, got {bind!r}")
+    if bind.startswith("tcp://") and keys is None and not is_loopback(bind):
+        raise ValueError(
+            f"--bind {bind} is reachable from other machines, and without keys anyone there could "
+            f"drive this worker. Create keys with `{KEYS_COMMAND}` and pass --curve-secret "
+            f"DIR/worker/server.key_secret --curve-allow DIR/worker/allow (or bind to 127.0.0.1)")
+
+
+def is_loopback(tcp_address: str) -> bool:
+    """True for tcp://127.x.x.x:PORT, tcp://[::1]:PORT and tcp://localhost:PORT only.
+
+    Wildcards (*, 0.0.0.0), interface names and every other host count as reachable.
+    """
+    host = tcp_address[len("tcp://"):].rsplit(":", 1)[0]
+    host = host.removeprefix("[").removesuffix("]")
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def setup_logging(level: str, role: str) -> None:

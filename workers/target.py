@@ -20,6 +20,7 @@ from dovetail.protocol import (
 from dovetail.verify import accept_greedy, accept_sampled, target_probs
 from dovetail.workers.backend import HFBackend, TargetBackend
 from dovetail.workers.hf import choose_dtype
+from dovetail.security import ServerKeys, server_keys
 from dovetail.workers.serve import (
     RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
 )
@@ -41,9 +42,13 @@ class TargetConfig:
     max_requests: int = 256
     parent_pid: int = 0
     log_level: str = "info"
+    curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
+    curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
+    keys: ServerKeys | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        check_bind(self.bind)
+        self.keys = server_keys(self.curve_secret, self.curve_allow)
+        check_bind(self.bind, self.keys)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "llama.cpp" and not str(self.model).endswith(".gguf"):
@@ -187,7 +192,7 @@ def main(argv=None) -> None:
     log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
              backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
     try:
-        serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid)
+        serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid, keys=cfg.keys)
     finally:
         backend.close()
 
