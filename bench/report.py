@@ -2,18 +2,11 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
+from dovetail.cpus import cpu_model
+
 BASELINE = "target-only"
-
-
-def cpu_model() -> str:
-    """The CPU's model name, for reports (the architecture where the kernel does not say)."""
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def machine(cpus: list[int] | None) -> str:

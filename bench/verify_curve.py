@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.report import cpu_model
+from dovetail.cpus import cpu_model
 from bench.systems import llama_skip_reason
 
 DEFAULT_KS = "1,2,3,4,6,8,12,16,24,32,48,64"

@@ -17,6 +17,8 @@ class CoordinatorConfig:
     top_k: int | None = None       # children per tree node; 1 drafts a chain
     max_nodes: int | None = None   # most tree tokens sent for one verification
     overlap: bool | None = None    # draft round n+1 while round n verifies (None: only on a GPU draft)
+    auto_tree: bool | None = None  # size each draft from the verify-cost curve and acceptance
+                                   # (None: on unless depth or max_nodes is given); depth caps it
     draft_layers: int | None = None  # run only the first N layers of the draft model
     draft_cpus: list[int] | None = None  # CPUs for a CPU draft (default: the target's)
     feature_codec: str = "fp16"

@@ -39,6 +39,7 @@ class Coordinator:
         self._probes = itertools.count(1)
         self.stop_token_ids = set(config.stop_token_ids if config.stop_token_ids is not None
                                   else default_stop_ids(tokenizer))
+        self.sizer = make_sizer(config, hs_target, overlap) if draft is not None else None
 
     # ---- public API -------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -134,7 +135,8 @@ class Coordinator:
                 res = self.target.recv(
                     lambda m: isinstance(m, VerifyResult) and m.req_id == req and m.step == stats.rounds,
                     cfg.verify_timeout_s, "verify_timeout_s", req)
-                stats.wire_s += max(0.0, time.perf_counter() - t0 - res.seconds)
+                wire = max(0.0, time.perf_counter() - t0 - res.seconds)
+                stats.wire_s += wire
                 stats.verify_s += res.seconds
                 stats.rounds += 1
                 stats.drafted += len(tokens)
@@ -143,6 +145,8 @@ class Coordinator:
                 stats.accept_lengths.append(len(res.tokens))
                 if drafter:
                     drafter.settle(committed, res, tokens, parents)
+                    if self.sizer is not None:
+                        self.sizer.observe(parents, len(res.accepted), drafter.last_draft_s, wire)
                 new = res.tokens[:budget]
                 stop = next((i for i, t in enumerate(new) if t in self.stop_token_ids), None)
                 if stop is not None:
@@ -207,6 +211,14 @@ class Coordinator:
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
             raise TypeError(f"{what} needs a tokenizer and this target has none: pass token ids")
+
+
+def make_sizer(config: CoordinatorConfig, hs_target: Handshake, overlap: bool):
+    """A TreeSizer when auto sizing is on and the target measured its verify-cost curve."""
+    from dovetail.autotree import TreeSizer
+    if not config.auto_tree or not hs_target.verify_us:
+        return None
+    return TreeSizer(hs_target.verify_us, config.depth, config.top_k, config.max_nodes, overlap)
 
 
 def default_stop_ids(tokenizer) -> list[int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 
@@ -80,3 +81,11 @@ def pin_process(cpus: list[int] | None) -> list[int]:
     pinned = sorted(proc.cpu_affinity())
     torch.set_num_threads(len(pinned))
     return pinned
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for reports (the architecture where the kernel does not say)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()

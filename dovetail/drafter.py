@@ -26,19 +26,25 @@ class Drafter:
         self.alive = True
         self.step = 0
         self.synced = len(prompt)
+        self.sizer = coord.sizer                    # None: fixed tree shape from the config
+        self.last_draft_s: float | None = None      # the draft's own seconds for this round
         self.ready: DraftProposal | None = None     # a proposal for the next root, if any
         self.bet: tuple[int, list[int]] | None = None  # (step, main-path tokens) of the overlapped draft
         self._guard(lambda: self.client.call(OpenRequest(req, prompt), Opened, self.cfg.draft_timeout_s,
                                              "draft_timeout_s"))
 
     def propose(self, committed: list[int], max_depth: int) -> tuple[list[int], list[int]]:
+        self.last_draft_s = None
         if not self.alive or max_depth < 1:
             return [], []
         prop, self.ready = self.ready, None
         if prop is None:
+            depth, max_nodes = self.shape()
+            if depth == 0:  # drafting does not pay at the moment: verify the root alone
+                return [], []
             self.step += 1
             msg = DraftRequest(self.req, self.step, self.synced, committed[self.synced:],
-                               self.cfg.depth, self.cfg.top_k, self.cfg.max_nodes)
+                               depth, self.cfg.top_k, max_nodes)
             t0 = time.perf_counter()
             prop = self._guard(lambda: self._call(msg))
             if prop is None:
@@ -46,16 +52,27 @@ class Drafter:
             self.stats.wire_s += max(0.0, time.perf_counter() - t0 - prop.seconds)
             self.synced = len(committed)
         self.stats.draft_s += prop.seconds
+        self.last_draft_s = prop.seconds
         return trim_depth(prop.tokens, prop.parents, max_depth)
+
+    def shape(self) -> tuple[int, int]:
+        """(depth, max_nodes) of the next draft: the sizer's choice, or the configured shape."""
+        if self.sizer is None:
+            return self.cfg.depth, self.cfg.max_nodes
+        depth = self.sizer.choose()
+        return depth, max(1, self.sizer.nodes(depth))
 
     def speculate(self, committed: list[int], tokens: list[int], parents: list[int]) -> None:
         """Start drafting the next round, betting the main path is accepted in full."""
         if not self.alive or not tokens:
             return
         path = [tokens[i] for i in main_path(parents)]
+        depth, max_nodes = self.shape()
+        if depth == 0:
+            return
         self.step += 1
-        msg = DraftRequest(self.req, self.step, len(committed), path, self.cfg.depth, self.cfg.top_k,
-                           self.cfg.max_nodes, guess_root=True)
+        msg = DraftRequest(self.req, self.step, len(committed), path, depth, self.cfg.top_k,
+                           max_nodes, guess_root=True)
         self._guard(lambda: self.client.send(msg))
         self.bet = (self.step, path)
 

@@ -57,6 +57,8 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     device = _draft_device(draft_device)
     if draft is not None and draft_device is None and device == "cpu":
         log.warning("no GPU found: the draft runs on the CPU, sharing the target's cores")
+    if config.auto_tree is None:  # a shape the user fixed is kept as given
+        config = replace(config, auto_tree=config.depth is None and config.max_nodes is None)
     draft_backend = pick_draft_backend(draft_backend, backend, draft_path, device, config)
     if draft_backend == "llama.cpp":
         check_backend(draft_backend, draft_path)

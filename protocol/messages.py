@@ -22,7 +22,7 @@ indices on the accepted path from the root down, so it is strictly increasing.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 __all__ = [
@@ -87,6 +87,9 @@ class Handshake:
     device: str = ""
     pid: int = 0
     features: bool = False  # a draft that reads the target's hidden states says so
+    # Target only: measured time to verify k = 1, 2, ... tokens at once, in microseconds
+    # (the curve that sizes draft trees; empty when not measured).
+    verify_us: list[int] = field(default_factory=list)
 
 
 

@@ -34,7 +34,8 @@ def _kind(hint) -> str:
 def _schema(cls) -> tuple[tuple[str, str, bool], ...]:
     """(name, kind, required) per field, derived once from the dataclass."""
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, _kind(hints[f.name]), f.default is MISSING) for f in fields(cls))
+    return tuple((f.name, _kind(hints[f.name]), f.default is MISSING and f.default_factory is MISSING)
+                 for f in fields(cls))
 
 
 _SCHEMAS = {cls: _schema(cls) for cls in (*MESSAGE_TYPES.values(), Feature)}
@@ -155,6 +156,9 @@ def validate(msg, *, vocab_size: int | None = None) -> None:
             raise InvalidField(where, "feature_codec",
                                f"must be one of {FEATURE_CODECS}, got {msg.feature_codec!r}")
         _at_least(msg, where, 0, "vocab_size", "hidden_size", "pid")
+        if len(msg.verify_us) > MAX_TREE_NODES + 1 or any(t < 0 for t in msg.verify_us):
+            raise InvalidField(where, "verify_us", f"must hold at most {MAX_TREE_NODES + 1} "
+                               "non-negative microsecond figures")
         return
     if isinstance(msg, Error):
         _at_least(msg, where, -1, "req_id")  # -1: not about one request

@@ -39,6 +39,7 @@ class TargetConfig:
     feature_codec: str = "fp16"
     backend: str = "transformers"
     ctx: int = 8192
+    calibrate: bool = True  # measure (or read the cached) verify-cost curve at start-up
     max_requests: int = 256
     parent_pid: int = 0
     log_level: str = "info"
@@ -80,6 +81,7 @@ class TargetHandler:
     config: TargetConfig
     role: str = "target"
     sequences: dict[int, Sequence] = field(default_factory=dict)
+    verify_us: list[int] = field(default_factory=list)  # cost of verifying k = 1, 2, ... tokens
 
     @property
     def vocab_size(self) -> int:
@@ -90,7 +92,7 @@ class TargetHandler:
         return Handshake(role="target", vocab_size=ident.vocab_size, tokenizer_hash=ident.tokenizer_hash,
                          hidden_size=ident.hidden_size, dtype=ident.dtype,
                          feature_codec=self.config.feature_codec, model=ident.model,
-                         device=ident.device, pid=os.getpid())
+                         device=ident.device, pid=os.getpid(), verify_us=list(self.verify_us))
 
     def handle(self, msg):
         if isinstance(msg, OpenRequest):
@@ -165,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-codec", default="fp16", choices=FEATURE_CODECS, help="how hidden states travel")
     p.add_argument("--backend", default="transformers", choices=BACKENDS,
                    help="transformers (HF folder or de-quantized GGUF) or llama.cpp (GGUF, native kernels)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="skip measuring the verify-cost curve at start-up (drafts then keep a fixed size)")
     p.add_argument("--ctx", type=int, default=8192,
                    help="llama.cpp only: KV cells shared by all open requests (prompt + output tokens)")
     return p
@@ -191,8 +195,12 @@ def main(argv=None) -> None:
     backend = load_backend(cfg, pinned, where)
     log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
              backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
+    handler = TargetHandler(backend, cfg)
+    if cfg.calibrate:
+        from dovetail.workers.calibrate import load_or_measure
+        handler.verify_us = load_or_measure(backend, cfg.model, cfg.backend, backend.identity.dtype, len(pinned))
     try:
-        serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid, keys=cfg.keys)
+        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys)
     finally:
         backend.close()
 

@@ -1,0 +1,95 @@
+"""Size each draft from what it costs and what it earns: the verify-cost curve the target
+measured at start-up, the draft's time per level, and the acceptance observed so far.
+
+A round that drafts d levels commits E[tau(d)] = 1 + sum_j prod_{i<=j} alpha_i tokens,
+where alpha_i is the chance that level i is accepted once levels 1..i-1 were. It costs a
+verification of n(d)+1 tokens plus the draft's d levels (hidden behind verification when
+the draft overlaps on its own device) plus the wire. The sizer picks the d in 0..max_depth
+with the most tokens per second; d = 0 is plain target-only decoding, so a draft that does
+not pay stops being asked, except for an occasional probe that keeps alpha up to date.
+"""
+from __future__ import annotations
+
+from dovetail.tree import depths
+
+PRIOR_ALPHA = 0.6     # acceptance assumed per level before any round is seen
+PRIOR_WEIGHT = 2.0    # ... worth this many observed rounds
+EMA = 0.1             # weight of the newest round in the draft/wire time estimates
+PROBE_EVERY = 8       # while d = 0 wins, draft anyway once per this many rounds
+
+
+class TreeSizer:
+    def __init__(self, verify_us: list[int], max_depth: int, top_k: int, max_nodes: int, overlap: bool):
+        if not verify_us:
+            raise ValueError("the tree sizer needs the target's verify-cost curve")
+        self.verify_ms_k = [t / 1000 for t in verify_us]  # [k-1] -> ms to verify k tokens
+        self.max_depth, self.top_k, self.max_nodes, self.overlap = max_depth, top_k, max_nodes, overlap
+        self.tries = [0] * (max_depth + 1)  # rounds that reached level i (1-based)
+        self.hits = [0] * (max_depth + 1)   # ... and had it accepted
+        self.draft_ms_per_level: float | None = None
+        self.wire_ms: float | None = None
+        self.rounds_since_draft = 0
+        self.last_choice = max_depth
+
+    # ---- the model ----------------------------------------------------------------------
+    def verify_ms(self, k: int) -> float:
+        """Measured cost of verifying k tokens; linear beyond the measured range."""
+        c = self.verify_ms_k
+        if k <= len(c):
+            return c[k - 1]
+        slope = (c[-1] - c[-2]) if len(c) > 1 else c[-1]
+        return c[-1] + max(slope, 0.0) * (k - len(c))
+
+    def alpha(self, level: int) -> float:
+        return (self.hits[level] + PRIOR_ALPHA * PRIOR_WEIGHT) / (self.tries[level] + PRIOR_WEIGHT)
+
+    def nodes(self, depth: int) -> int:
+        return min(self.max_nodes, depth * self.top_k)
+
+    def expected_tokens(self, depth: int) -> float:
+        total, reach = 1.0, 1.0
+        for level in range(1, depth + 1):
+            reach *= self.alpha(level)
+            total += reach
+        return total
+
+    def round_ms(self, depth: int) -> float:
+        verify = self.verify_ms(self.nodes(depth) + 1)
+        draft = depth * (self.draft_ms_per_level or 0.0)
+        return (max(verify, draft) if self.overlap else verify + draft) + (self.wire_ms or 0.0)
+
+    def tokens_per_ms(self, depth: int) -> float:
+        return self.expected_tokens(depth) / self.round_ms(depth)
+
+    # ---- decisions and feedback -----------------------------------------------------------
+    def choose(self) -> int:
+        """Levels to draft this round (0: verify the root alone)."""
+        if self.draft_ms_per_level is None:  # the draft's speed is unknown: find out first
+            return self.max_depth
+        best = max(range(self.max_depth + 1), key=self.tokens_per_ms)
+        if best == 0 and self.rounds_since_draft + 1 >= PROBE_EVERY:
+            best = max(range(1, self.max_depth + 1), key=self.tokens_per_ms)
+        self.last_choice = best
+        return best
+
+    def observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float) -> None:
+        """One verified round: the tree drafted (parents), how many draft tokens were accepted."""
+        depth = max(depths(parents), default=0)
+        self.rounds_since_draft = 0 if depth else self.rounds_since_draft + 1
+        for level in range(1, depth + 1):
+            if level > accepted + 1:
+                break
+            self.tries[level] += 1
+            self.hits[level] += level <= accepted
+        self.wire_ms = _ema(self.wire_ms, 1000 * wire_s)
+        if depth and draft_s is not None:
+            self.draft_ms_per_level = _ema(self.draft_ms_per_level, 1000 * draft_s / depth)
+
+    def summary(self) -> dict:
+        return {"alpha": [round(self.alpha(i), 3) for i in range(1, self.max_depth + 1)],
+                "draft_ms_per_level": self.draft_ms_per_level, "wire_ms": self.wire_ms,
+                "depth": self.last_choice}
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new

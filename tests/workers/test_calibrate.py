@@ -1,0 +1,66 @@
+"""The target's verify-cost curve: measured on the backend, cached per model and machine."""
+import json
+
+import pytest
+import torch
+
+from dovetail.testing import make_tiny_model
+from dovetail.workers import calibrate
+from dovetail.workers.backend import HFBackend
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class CountingBackend(HFBackend):
+    """A real tiny backend that counts sequences and the verify sizes it was asked for."""
+
+    def __init__(self, path):
+        super().__init__(str(path), dtype=torch.float32)
+        self.open, self.sizes = 0, []
+
+    def new_sequence(self):
+        self.open += 1
+        return super().new_sequence()
+
+    def release(self, seq):
+        self.open -= 1
+
+    def verify(self, seq, root, tokens, parents, hidden=True):
+        self.sizes.append(len(tokens) + 1)
+        assert self.length(seq) == calibrate.CALIBRATE_CONTEXT  # rolled back after each forward
+        return super().verify(seq, root, tokens, parents, hidden)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("cal") / "tiny", dtype=torch.float32)
+
+
+def test_measures_every_k_on_a_clean_sequence(tiny):
+    b = CountingBackend(tiny)
+    curve = calibrate.measure_verify_us(b, b.identity.vocab_size, ks=6, repeats=2)
+    assert len(curve) == 6 and all(t > 0 for t in curve)
+    assert b.sizes == [1] + [k for k in range(1, 7) for _ in range(2)]  # warm-up, then k x repeats
+    assert b.open == 0
+
+
+def test_small_models_are_measured_not_cached(tiny):
+    assert calibrate.cache_key(str(tiny), "transformers", "float32", 2) is None
+
+
+def test_the_curve_is_cached_per_model_backend_and_threads(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(calibrate, "CALIBRATE_KS", 3)
+    b = CountingBackend(tiny)
+    first = calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2)
+    files = list((tmp_path / "verify_cost").glob("*.json"))
+    assert len(first) == 3 and len(files) == 1
+    assert json.loads(files[0].read_text())["verify_us"] == first
+    measured = len(b.sizes)
+    assert calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2) == first
+    assert len(b.sizes) == measured  # read back, not measured again
+    calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 4)  # other threads: new entry
+    assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 2
+    files[0].write_text("not json")
+    assert len(calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2)) == 3  # re-measured
