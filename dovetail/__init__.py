@@ -10,7 +10,8 @@ from dovetail.coordinator import Coordinator
 from dovetail.results import Chunk, GenerationResult, Stats
 from dovetail.client import WorkerDied, WorkerError, WorkerTimeout
 from dovetail.launch import launch
+from dovetail.requests import CoordinatorBusy, Request
 
 __all__ = ["launch", "Coordinator", "CoordinatorConfig", "GenerationResult", "Stats", "Chunk",
-           "WorkerError", "WorkerDied", "WorkerTimeout"]
+           "WorkerError", "WorkerDied", "WorkerTimeout", "CoordinatorBusy", "Request"]
 __version__ = "0.1.0"

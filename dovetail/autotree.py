@@ -10,6 +10,8 @@ not pay stops being asked, except for an occasional probe that keeps alpha up to
 """
 from __future__ import annotations
 
+import threading
+
 from dovetail.tree import depths
 
 PRIOR_ALPHA = 0.6     # acceptance assumed per level before any round is seen
@@ -30,6 +32,7 @@ class TreeSizer:
         self.wire_ms: float | None = None
         self.rounds_since_draft = 0
         self.last_choice = max_depth
+        self._lock = threading.Lock()  # concurrent requests share one sizer
 
     # ---- the model ----------------------------------------------------------------------
     def verify_ms(self, k: int) -> float:
@@ -64,6 +67,10 @@ class TreeSizer:
     # ---- decisions and feedback -----------------------------------------------------------
     def choose(self) -> int:
         """Levels to draft this round (0: verify the root alone)."""
+        with self._lock:
+            return self._choose()
+
+    def _choose(self) -> int:
         if self.draft_ms_per_level is None:  # the draft's speed is unknown: find out first
             return self.max_depth
         best = max(range(self.max_depth + 1), key=self.tokens_per_ms)
@@ -74,6 +81,10 @@ class TreeSizer:
 
     def observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float) -> None:
         """One verified round: the tree drafted (parents), how many draft tokens were accepted."""
+        with self._lock:
+            self._observe(parents, accepted, draft_s, wire_s)
+
+    def _observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float) -> None:
         depth = max(depths(parents), default=0)
         self.rounds_since_draft = 0 if depth else self.rounds_since_draft + 1
         for level in range(1, depth + 1):

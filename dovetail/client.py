@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 import time
+from collections import deque
 from typing import Callable
 
 import zmq
@@ -18,6 +20,7 @@ from dovetail.security import ClientKeys, curve_client
 log = logging.getLogger("dovetail")
 
 POLL_SLICE_S = 0.05       # how often a wait checks that the worker process still lives
+SHARED_SLICE_S = 0.002    # how long one of several waiting threads holds the socket
 SHUTDOWN_GRACE_S = 5.0    # how long a worker may take to exit after Shutdown before SIGTERM
 
 
@@ -51,31 +54,112 @@ class WorkerClient:
         self.max_bytes = max_bytes
         self.vocab_size: int | None = None
         self.pid = proc.pid if proc else None
+        self._io = threading.Lock()          # the socket, one thread at a time
+        self._cv = threading.Condition()     # the mailboxes below
+        self._mail: dict[int, deque] = {-1: deque()}  # replies by request id (-1: not about one)
+        self._waiting = 0                    # threads inside recv()
 
     def send(self, msg) -> None:
-        self.sock.send_multipart(encode(msg))
+        frames = encode(msg)
+        req_id = getattr(msg, "req_id", -1)
+        with self._cv:  # the reply must find a mailbox, however soon another thread reads it
+            self._mail.setdefault(req_id, deque())
+        with self._io:
+            self.sock.send_multipart(frames)
+
+    def close_mailbox(self, req_id: int) -> None:
+        """The request is over: later replies for it are stale and dropped on arrival."""
+        with self._cv:
+            if req_id != -1:
+                self._mail.pop(req_id, None)
+
+    @property
+    def open_mailboxes(self) -> list[int]:
+        with self._cv:
+            return sorted(r for r in self._mail if r != -1)
 
     def recv(self, match: Callable[[object], bool], timeout_s: float, knob: str, req_id: int = -1):
-        """Wait for the first message ``match`` accepts; stale replies are dropped."""
+        """Wait for the first message for ``req_id`` that ``match`` accepts; stale ones are dropped.
+
+        Many request threads share this socket. Whoever finds the socket free reads it and
+        sorts what arrives into per-request mailboxes (zmq sockets are not thread-safe, so one
+        thread at a time, under ``_io``); the others wait on their mailbox.
+        """
         deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerTimeout(self.role, "timeout", f"no reply within {timeout_s:g} s (raise {knob} if the model is just slow)")
-            if self.sock.poll(int(1000 * min(left, POLL_SLICE_S))):
-                msg = self._read()
-                if isinstance(msg, Error) and msg.req_id in (-1, req_id):
-                    raise WorkerError(self.role, msg.code, msg.message)
-                if match(msg):
-                    return msg
-                log.debug("%s: dropped stale %s", self.role, type(msg).__name__)
-            self.check_alive()
+        with self._cv:
+            self._waiting += 1
+        try:
+            while True:
+                with self._cv:
+                    msg = self._take(req_id, match)
+                    if msg is not None:
+                        return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerTimeout(self.role, "timeout", f"no reply within {timeout_s:g} s (raise {knob} if the model is just slow)")
+                if self._io.acquire(blocking=False):
+                    try:
+                        # Alone, wait long in poll; with company, hand the socket over often
+                        # so that other threads' sends are not held up.
+                        slice_s = POLL_SLICE_S if self._waiting <= 1 else SHARED_SLICE_S
+                        if self.sock.poll(int(1000 * min(left, slice_s))):
+                            self._sort_incoming()
+                    finally:
+                        self._io.release()
+                else:
+                    with self._cv:
+                        if not self._ready(req_id):
+                            self._cv.wait(min(left, SHARED_SLICE_S))
+                self.check_alive()
+        finally:
+            with self._cv:
+                self._waiting -= 1
 
     def call(self, msg, reply_type: type, timeout_s: float, knob: str):
         req_id = getattr(msg, "req_id", -1)
         self.send(msg)
         return self.recv(lambda m: isinstance(m, reply_type) and getattr(m, "req_id", -1) == req_id,
                          timeout_s, knob, req_id)
+
+    def _sort_incoming(self) -> None:
+        """Read whatever has arrived into the mailboxes (caller holds ``_io``)."""
+        got = []
+        while self.sock.poll(0):
+            try:
+                got.append(self._read())
+            except WorkerError as e:
+                got.append(e)  # a bad frame: raised to whoever waits (it has no request id)
+        with self._cv:
+            for msg in got:
+                box = self._mail.get(-1 if isinstance(msg, WorkerError) else getattr(msg, "req_id", -1))
+                if box is None:
+                    log.debug("%s: dropped a late %s", self.role, type(msg).__name__)
+                else:
+                    box.append(msg)
+            self._cv.notify_all()
+
+    def _ready(self, req_id: int) -> bool:
+        return bool(self._mail.get(req_id)) or any(isinstance(m, (Error, WorkerError)) for m in self._mail[-1])
+
+    def _take(self, req_id: int, match):
+        """Pop this request's messages until one matches (caller holds ``_cv``)."""
+        shared = self._mail[-1]
+        for m in list(shared):
+            if isinstance(m, WorkerError):
+                shared.remove(m)
+                raise m
+            if isinstance(m, Error) and req_id != -1:
+                shared.remove(m)
+                raise WorkerError(self.role, m.code, m.message)
+        box = self._mail.get(req_id)
+        while box:
+            msg = box.popleft()
+            if isinstance(msg, Error):
+                raise WorkerError(self.role, msg.code, msg.message)
+            if match(msg):
+                return msg
+            log.debug("%s: dropped stale %s", self.role, type(msg).__name__)
+        return None
 
     def _read(self):
         frames = self.sock.recv_multipart()
@@ -96,7 +180,8 @@ class WorkerClient:
     def request_shutdown(self) -> None:
         try:
             if self.proc is None or self.proc.poll() is None:
-                self.send(Shutdown())
+                with self._io:
+                    self.sock.send_multipart(encode(Shutdown()))
         except zmq.ZMQError:
             pass
         self.sock.close(linger=200)

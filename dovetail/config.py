@@ -28,6 +28,10 @@ class CoordinatorConfig:
     verify_timeout_s: float = 120.0
     draft_timeout_s: float = 30.0   # past this the draft is suspect: target-only until it answers
     draft_probe_timeout_s: float = 0.2  # how long a request waits for a suspect draft's heartbeat
+    max_active: int = 4             # requests decoding at once (their rounds interleave on the workers)
+    max_pending: int = 256          # requests admitted (active + queued); past it: CoordinatorBusy
+    queue_timeout_s: float = 600.0  # how long an admitted request may wait for an active slot
+    worker_max_requests: int = 256  # requests each worker holds open at once (its --max-requests)
     log_level: str = "warning"
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the workers
     # draft="replay:FILE.json" (workers/replay.py, a draft of known acceptance, for benchmarks):
@@ -42,8 +46,10 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.max_nodes is not None and not 1 <= self.max_nodes <= 1024:
             raise ValueError(f"max_nodes must be in 1..1024, got {self.max_nodes}")
+        if not 1 <= self.max_active <= self.max_pending:
+            raise ValueError(f"need 1 <= max_active <= max_pending, got {self.max_active}, {self.max_pending}")
         for name in ("startup_timeout_s", "prefill_timeout_s", "verify_timeout_s", "draft_timeout_s",
-                     "draft_probe_timeout_s"):
+                     "draft_probe_timeout_s", "queue_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if not 0.0 <= self.replay_corrupt <= 1.0:

@@ -18,6 +18,7 @@ from dovetail.client import WorkerClient, WorkerDied, WorkerError
 from dovetail.config import CoordinatorConfig
 from dovetail.drafter import Drafter
 from dovetail.protocol import Close, Handshake, Heartbeat, OpenRequest, Opened, VerifyRequest, VerifyResult
+from dovetail.requests import Admission, Request
 from dovetail.results import Chunk, GenerationResult, Stats
 
 log = logging.getLogger("dovetail")
@@ -32,7 +33,7 @@ class Coordinator:
         self.tokenizer, self.config, self.overlap = tokenizer, config, overlap
         self._ctx, self._run_dir = context, run_dir
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # one request at a time through the workers
+        self._admission = Admission(config.max_active, config.max_pending, config.queue_timeout_s)
         self._closed = False
         # "ok", "suspect" (timed out: probed before each request until it answers) or "dead".
         self.draft_health = "ok" if draft is not None else "dead"
@@ -53,17 +54,60 @@ class Coordinator:
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, *, stats: Stats | None = None) -> Iterator[Chunk]:
         """Yield committed tokens round by round, as the target verifies them."""
+        prompt_ids, seed = self._check_request(prompt, max_new_tokens, temperature, top_p, seed)
+        stats = stats if stats is not None else Stats()
+        self._admission.admit()
+        try:
+            with self._admission.slot():
+                yield from self._decode_stream(self._rounds(prompt_ids, max_new_tokens, temperature, top_p,
+                                                            seed, stats))
+        finally:
+            self._admission.leave()
+
+    def submit(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, on_event=None) -> Request:
+        """Start a request in the background and return its handle at once.
+
+        Raises CoordinatorBusy right away when max_pending requests are in flight. See
+        :class:`dovetail.requests.Request` for streaming, results, events and cancelling.
+        """
+        prompt_ids, seed = self._check_request(prompt, max_new_tokens, temperature, top_p, seed)
+        handle = Request(on_event)
+        self._admission.admit()
+        args = (handle, prompt_ids, max_new_tokens, temperature, top_p, seed)
+        threading.Thread(target=self._serve, args=args, name="dovetail-request", daemon=True).start()
+        return handle
+
+    def _serve(self, handle: Request, prompt_ids, max_new, temperature, top_p, seed) -> None:
+        try:
+            with self._admission.slot():
+                if not handle.cancelled:
+                    rounds = self._rounds(prompt_ids, max_new, temperature, top_p, seed, handle.stats,
+                                          cancel=handle._cancel)
+                    for chunk in self._decode_stream(rounds):
+                        handle.emit_chunk(chunk)
+            result = GenerationResult(list(handle.token_ids), self._decode(handle.token_ids), handle.stats)
+            handle.finish("cancelled" if handle.cancelled and handle.stats.finish_reason in ("", "cancelled")
+                          else "done", result)
+        except BaseException as e:  # the request's one terminal event
+            handle.finish("error", e)
+        finally:
+            self._admission.leave()
+
+    def _check_request(self, prompt, max_new_tokens, temperature, top_p, seed) -> tuple[list[int], int]:
         if self._closed:
             raise RuntimeError("the coordinator is closed")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-        prompt_ids = self.encode_prompt(prompt)
-        stats = stats if stats is not None else Stats()
         seed = int(time.time_ns() % (1 << 31)) if seed is None else seed
-        with self._lock:
-            yield from self._decode_stream(self._rounds(prompt_ids, max_new_tokens, temperature, top_p, seed, stats))
+        return self.encode_prompt(prompt), seed
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not finished."""
+        return self._admission.in_flight
 
     def encode_prompt(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -112,7 +156,7 @@ class Coordinator:
 
     # ---- decoding rounds --------------------------------------------------------------
     def _rounds(self, prompt: list[int], max_new: int, temperature: float, top_p: float, seed: int,
-                stats: Stats) -> Iterator[list[int]]:
+                stats: Stats, cancel: threading.Event | None = None) -> Iterator[list[int]]:
         cfg = self.config
         req = next(self._ids)
         t_start = time.perf_counter()
@@ -126,6 +170,9 @@ class Coordinator:
         committed = list(prompt)
         try:
             while True:
+                if cancel is not None and cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    return
                 budget = max_new - stats.new_tokens
                 tokens, parents = drafter.propose(committed, budget - 1) if drafter else ([], [])
                 t0 = time.perf_counter()
@@ -184,11 +231,14 @@ class Coordinator:
 
     def _close_request(self, req: int, drafter) -> None:
         if drafter and drafter.alive:
-            self.draft.send(Close(req))  # its reply is dropped as stale later: no need to wait
+            self.draft.send(Close(req))  # its reply is dropped on arrival: no need to wait
         try:
             self.target.send(Close(req))
         except Exception:  # the target may be gone; its error was raised already
             pass
+        for client in (self.target, self.draft):
+            if client is not None:
+                client.close_mailbox(req)
 
     def _decode_stream(self, rounds: Iterator[list[int]]) -> Iterator[Chunk]:
         ids: list[int] = []

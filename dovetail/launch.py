@@ -156,7 +156,8 @@ def _draft_device(spec) -> str:
 def _spawn(ctx, role: str, run_dir: Path, args: list[str], config: CoordinatorConfig) -> WorkerClient:
     address = f"ipc://{run_dir}/{role}.sock"
     cmd = [sys.executable, "-m", f"dovetail.workers.{role}", "--bind", address,
-           "--parent-pid", str(os.getpid()), "--log-level", config.log_level, *args]
+           "--parent-pid", str(os.getpid()), "--log-level", config.log_level,
+           "--max-requests", str(config.worker_max_requests), *args]
     # torch's OpenMP threads busy-wait after each parallel region by default. Two workers
     # taking turns on the same cores (a CPU draft) then steal each other's time, which
     # makes every round many times slower; passive waiting costs a lone worker little.
