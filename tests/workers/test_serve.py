@@ -261,6 +261,38 @@ def test_mutated_messages_each_get_one_reply(worker, sock):
     assert_serving(worker, sock)
 
 
+def malformed_frames(n: int, seed: int = 11):
+    """n bad frames: every BAD_FRAMES kind in turn, with random bytes and mutations between."""
+    rng, kinds = random.Random(seed), list(BAD_FRAMES.values())
+    valid = [encode(OpenRequest(req_id=95, prompt=[1, 2, 3])),
+             encode(VerifyRequest(req_id=94, step=0, root=1, tokens=[2, 3], parents=[-1, 0]))]
+    for i in range(n):
+        if i % 3 == 0:
+            yield kinds[(i // 3) % len(kinds)][0]
+        elif i % 3 == 1:
+            yield [header(rng.choice([1, 2, 4, 6, 8])), _random_bytes(rng.randrange(0, 200))]
+        else:  # a valid message cut short, or with junk appended: never decodes cleanly
+            head, body = rng.choice(valid)
+            yield [head, body[:rng.randrange(len(body))] if rng.random() < 0.5 else body + b"\xc1"]
+
+
+def test_a_thousand_malformed_frames_each_rejected_in_bounded_memory(worker, sock):
+    import psutil
+    proc = psutil.Process(worker.proc.pid)
+    for frames in malformed_frames(50):  # warm up allocator pools before the baseline
+        exchange(worker, sock, frames)
+    rss0 = proc.memory_info().rss
+    codes = {}
+    for frames in malformed_frames(1000, seed=12):
+        reply = exchange(worker, sock, frames)
+        assert isinstance(reply, Error), reply
+        codes[reply.code] = codes.get(reply.code, 0) + 1
+    grown = proc.memory_info().rss - rss0
+    assert grown < 32 << 20, f"worker RSS grew by {grown >> 20} MiB over 1000 bad frames"
+    assert {"malformed", "bad_header", "wrong_version", "bad_field"} <= set(codes), codes
+    assert_serving(worker, sock)
+
+
 # ---- well-formed requests the worker refuses -----------------------------------------------
 def test_requests_the_worker_refuses_name_the_request(worker, sock):
     req = next(_req)

@@ -1,0 +1,89 @@
+"""Faults during concurrent requests: a killed or hung draft costs nothing but speed; a dead
+target ends every in-flight request with one clear error, fast, and leaves no process.
+
+Each test starts its own coordinator (tiny float64 models), because each breaks a worker.
+"""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import dovetail
+
+N = 8
+MAX_NEW = 40
+
+
+def prompts():
+    return [[2 + (7 * i + j) % 60 for j in range(3 + i)] for i in range(N)]
+
+
+def submit_all(coord, on_first_chunk, max_new=MAX_NEW):
+    """Submit N requests; call on_first_chunk() once, when the first chunk of any arrives."""
+    fired, lock, events = [False], threading.Lock(), [[] for _ in range(N)]
+
+    def recorder(i):
+        def on_event(kind, payload):
+            events[i].append((kind, time.monotonic()))
+            if kind == "chunk":
+                with lock:
+                    if not fired[0]:
+                        fired[0] = True
+                        on_first_chunk()
+        return on_event
+
+    handles = [coord.submit(p, max_new_tokens=max_new, on_event=recorder(i)) for i, p in enumerate(prompts())]
+    return handles, events
+
+
+def terminal_kinds(events):
+    return [[k for k, _ in ev if k != "chunk"] for ev in events]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_draft_fault_mid_run_every_request_completes_identically(launch_tracked, tiny_target, tiny_draft_near,
+                                                                   pids, fault):
+    coord = launch_tracked(tiny_target, tiny_draft_near, depth=3, top_k=2, max_nodes=6, max_active=N,
+                           draft_timeout_s=1.0)
+    draft = coord.worker_pids["draft"]
+    try:
+        reference = [coord.generate(p, max_new_tokens=MAX_NEW).token_ids for p in prompts()]
+        handles, events = submit_all(coord, lambda: os.kill(draft, getattr(signal, fault)))
+        results = [h.result(timeout=120) for h in handles]
+        assert [r.token_ids for r in results] == reference
+        assert terminal_kinds(events) == [["done"]] * N
+        assert any(r.stats.draft_fallback for r in results)
+        assert pids.alive(coord.worker_pids["target"])
+    finally:
+        if fault == "SIGSTOP":
+            os.kill(draft, signal.SIGCONT)
+        coord.close()
+    assert not pids.wait_gone(list(coord.worker_pids.values()), 5.0)
+
+
+@pytest.mark.timeout(180)
+def test_target_killed_mid_run_every_request_ends_with_one_error_fast(launch_tracked, tiny_target,
+                                                                      tiny_draft_near, pids):
+    coord = launch_tracked(tiny_target, tiny_draft_near, depth=3, top_k=2, max_nodes=6, max_active=4)
+    target = coord.worker_pids["target"]
+    killed = []
+    try:
+        handles, events = submit_all(coord, lambda: (os.kill(target, signal.SIGKILL),
+                                                     killed.append(time.monotonic())), max_new=400)
+        for h in handles:
+            with pytest.raises(dovetail.WorkerDied, match="target"):
+                h.result(timeout=30)
+        assert terminal_kinds(events) == [["error"]] * N
+        ended = max(t for ev in events for k, t in ev if k == "error")
+        assert ended - killed[0] < 5.0, f"last request ended {ended - killed[0]:.1f} s after the kill"
+        t0 = time.monotonic()
+        with pytest.raises(dovetail.WorkerDied):
+            coord.generate([1, 2, 3], max_new_tokens=4)  # new requests fail fast
+        assert time.monotonic() - t0 < 1.0
+        assert coord.in_flight == 0
+    finally:
+        coord.close()
+    assert not pids.wait_gone(list(coord.worker_pids.values()), 5.0)  # no orphan draft
