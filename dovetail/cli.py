@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="force one dtype on both workers (auto: bf16 where the CPU has it)")
     m.add_argument("--draft-layers", type=int, default=None, help="use only the first N layers of the draft model")
     d = p.add_argument_group("drafting")
-    d.add_argument("--depth", type=int, default=None, help="draft tokens along a path (default: 3 on a CPU draft, 6 on a GPU)")
+    d.add_argument("--depth", type=int, default=None, help="draft tokens along a path; fixes the tree shape (default: sized automatically, at most 3 on a CPU draft, 6 on a GPU)")
     d.add_argument("--top-k", type=int, default=None, help="children per tree node; 1 drafts a chain (default: 2 CPU, 4 GPU)")
-    d.add_argument("--max-nodes", type=int, default=None, help="most tree tokens per verification (default: 6 CPU, 16 GPU)")
+    d.add_argument("--max-nodes", type=int, default=None, help="most tree tokens per verification; fixes the tree shape (default: at most 6 CPU, 16 GPU)")
     d.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="draft the next round while the target verifies (default: on for a GPU draft)")
     g = p.add_argument_group("generation")
