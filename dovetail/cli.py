@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target-cpus", default=None, help="CPUs for the target, e.g. '0-31' or '0,2,4' (default: all)")
     m.add_argument("--draft-gpu", default=None,
                    help="GPU index for the draft, or 'cpu' (default: GPU 0 when there is one, else the CPU)")
-    m.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
+    m.add_argument("--backend", default="transformers", choices=("auto", "transformers", "llama.cpp"),
                    help="target backend: transformers, or llama.cpp for a GGUF on its native kernels "
                         "(pip install -e \".[llama]\")")
     m.add_argument("--draft-backend", default=None, choices=("transformers", "llama.cpp"),

@@ -33,8 +33,8 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     replays a recorded target output instead (workers/replay.py; see the replay_* options).
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
-    workers. ``backend``: how the target runs, "transformers" or "llama.cpp" (a GGUF on
-    llama.cpp's own kernels; needs the ``llama`` extra). ``draft_backend``: the same for a
+    workers. ``backend``: how the target runs, "transformers", "llama.cpp" (a GGUF on
+    llama.cpp's own kernels; needs the ``llama`` extra) or "auto" (llama.cpp when it can). ``draft_backend``: the same for a
     draft model; None picks llama.cpp for a GGUF draft on the CPU when the target uses it
     (a CPU draft step must be cheap), transformers otherwise. Other keyword options are
     fields of :class:`CoordinatorConfig`.
@@ -46,6 +46,7 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     config = CoordinatorConfig(**options)
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target))
+    backend = pick_backend(backend, target_path)
     check_backend(backend, target_path)
     # "replay:FILE.json" starts workers/replay.py: the target's recorded output, corrupted at
     # config.replay_corrupt, so that the acceptance rate is known (benchmarks, tests).
@@ -107,6 +108,16 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
              hs_dft.device if hs_dft else "-", overlap)
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
                        context=ctx, run_dir=run_dir)
+
+
+def pick_backend(chosen: str, target_path) -> str:
+    """"auto": llama.cpp for a GGUF target when llama-cpp-python is installed, else transformers."""
+    if chosen != "auto":
+        return chosen
+    import importlib.util
+    fast = str(target_path).endswith(".gguf") and importlib.util.find_spec("llama_cpp") is not None
+    log.info("target backend: %s", "llama.cpp" if fast else "transformers")
+    return "llama.cpp" if fast else "transformers"
 
 
 def pick_draft_backend(chosen, target_backend: str, draft_path, device: str, config) -> str:

@@ -76,3 +76,14 @@ def test_backend_errors_are_clear(tmp_path):
         check_backend("onnx", "x.gguf")
     with pytest.raises(ValueError, match=".gguf"):
         check_backend("llama.cpp", tmp_path)
+
+
+def test_auto_backend_picks_llama_cpp_for_a_gguf_only_when_installed(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dovetail.launch import pick_backend
+    assert pick_backend("transformers", "m.gguf") == "transformers"
+    assert pick_backend("auto", tmp_path) == "transformers"  # a HF folder
+    assert pick_backend("auto", "m.gguf") == "llama.cpp"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert pick_backend("auto", "m.gguf") == "transformers"
