@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 
 from dovetail.client import WorkerClient, WorkerError
-from dovetail.config import CoordinatorConfig
+from dovetail.config import QUANTIZE_CHOICES, CoordinatorConfig
 from dovetail.coordinator import Coordinator
 from dovetail.cpus import format_cpus, parse_cpus
 from dovetail.protocol import Handshake, check_compatible
@@ -23,7 +23,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 
 
 def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: str = "auto",
-           **options) -> Coordinator:
+           target_quantize: str = "none", **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -32,12 +32,17 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     replays a recorded target output instead (workers/replay.py; see the replay_* options).
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
-    workers. Other keyword options are fields of :class:`CoordinatorConfig`.
+    workers. ``target_quantize="int8"`` (or "int4") gives the target weight-only quantized
+    decoder layers (workers/quant.py): faster on the CPU, a slightly different model, and output stays
+    identical to that quantized target decoding alone. Other keyword options are fields of
+    :class:`CoordinatorConfig`.
     """
     from dovetail.fetch import resolve_model
 
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    if target_quantize not in QUANTIZE_CHOICES:  # here, before any process starts
+        raise ValueError(f"target_quantize must be one of {QUANTIZE_CHOICES}, got {target_quantize!r}")
     config = CoordinatorConfig(**options)
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target))
@@ -60,6 +65,7 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     try:
         tgt = _spawn(ctx, "target", run_dir, [
             "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
+            "--quantize", target_quantize,
             *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
         dft = None

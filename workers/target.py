@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dovetail.config import QUANTIZE_CHOICES
 from dovetail.cpus import format_cpus, numa_nodes, parse_cpus, pin_process
 from dovetail.protocol import (
     FEATURE_CODECS, Close, Closed, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
@@ -20,6 +21,7 @@ from dovetail.protocol import (
 from dovetail.verify import accept_greedy, accept_sampled, target_probs
 from dovetail.workers.backend import HFBackend, TargetBackend
 from dovetail.workers.hf import choose_dtype
+from dovetail.workers.quant import check_quantize
 from dovetail.workers.serve import (
     RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
 )
@@ -34,6 +36,7 @@ class TargetConfig:
     cpus: list[int] | None = None
     dtype: str = "auto"
     feature_codec: str = "fp16"
+    quantize: str = "none"
     max_requests: int = 256
     parent_pid: int = 0
     log_level: str = "info"
@@ -42,6 +45,7 @@ class TargetConfig:
         check_bind(self.bind)
         if self.feature_codec not in FEATURE_CODECS:
             raise ValueError(f"feature codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
+        check_quantize(self.quantize)
         if self.max_requests < 1:
             raise ValueError("max_requests must be at least 1")
         self.cpus = parse_cpus(self.cpus)
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = worker_parser("target", __doc__)
     p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
     p.add_argument("--feature-codec", default="fp16", choices=FEATURE_CODECS, help="how hidden states travel")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                   help="int8 / int4: weight-only int8 or 4-bit (groups of 32) decoder layers, a faster, "
+                        "slightly different target; embeddings and LM head stay in --dtype (default: none)")
     return p
 
 
@@ -152,7 +159,7 @@ def main(argv=None) -> None:
     log.info("pinned to %s", where)
     dtype = choose_dtype(cfg.dtype, "cpu")
     t0 = time.perf_counter()
-    backend = HFBackend(cfg.model, dtype=dtype, device_label=where)
+    backend = HFBackend(cfg.model, dtype=dtype, device_label=where, quantize=cfg.quantize)
     log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
              backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
     serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid)
