@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of systems to run (default: all)")
     p.add_argument("--backends", default="transformers",
                    help="comma list of target backends for target-only and Dovetail: transformers, llama.cpp")
+    p.add_argument("--depth", type=int, default=None, help="fix Dovetail's draft depth (default: sized automatically)")
+    p.add_argument("--top-k", type=int, default=None, help="fix the children per tree node (1: chains)")
+    p.add_argument("--max-nodes", type=int, default=None, help="fix the most tree tokens per verification")
     p.add_argument("--target-cpus", default=None, help="CPUs for every system's target, e.g. '0-31' (default: all)")
     p.add_argument("--draft-device", default=None, help="Dovetail's draft device: 'cpu' or 'cuda:N' (default: GPU if any)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 for the torch systems")
@@ -73,7 +76,8 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
     runs = []
     for backend in args.backends.split(","):
         ours = dict(target=args.target, target_cpus=args.target_cpus, dtype=args.dtype, stop_token_ids=[],
-                    backend=backend)
+                    backend=backend, **{k: getattr(args, k) for k in ("depth", "top_k", "max_nodes")
+                                        if getattr(args, k) is not None})
         tag = report.backend_tag(backend)
         if "target-only" in wanted:
             runs.append((f"target-only{tag}", systems.run_dovetail, dict(ours, draft=None)))

@@ -5,9 +5,10 @@
 Speculative decoding pays off only while verifying k tokens costs much less than k single
 steps. For each k, after a fixed prefix of --ctx random tokens, one warm-up forward and
 then --repeats timed forwards of k new tokens (a root plus a chain of k-1), each rolled
-back so the context stays the same. Measured for our target backend and, when
-llama-cpp-python is installed and the target is a GGUF file, for llama.cpp on the same
-file. Prints a table, writes every raw timing as JSON and a PNG plot next to it.
+back so the context stays the same. Measured for our target backend (once per --quantize
+variant, back to back: "ours" is unquantized, "ours+int8" / "ours+int4" quantized) and,
+when llama-cpp-python is installed and the target is a GGUF file, for llama.cpp on the
+same file. Prints a table, writes every raw timing as JSON and a PNG plot next to it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,18 @@ from bench.systems import llama_skip_reason
 
 DEFAULT_KS = "1,2,3,4,6,8,12,16,24,32,48,64"
 OURS, LLAMA = "ours", "llama.cpp"
-LABELS = {OURS: "ours ({})", LLAMA: "llama.cpp (the GGUF's own quantization)"}  # plot legend
+LLAMA_LABEL = "llama.cpp (the GGUF's own quantization)"  # plot legend
+
+
+def system_name(quantize: str) -> str:
+    """"ours" for the unquantized backend (the name earlier results use), "ours+int8" etc."""
+    return OURS if quantize == "none" else f"{OURS}+{quantize}"
+
+
+def plot_label(name: str, dtype: str) -> str:
+    if name == LLAMA:
+        return LLAMA_LABEL
+    return f"{OURS} ({dtype}{name[len(OURS):]})"  # "ours (bfloat16+int8)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per k, after one warm-up (default: 5)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="our backend's dtype; auto = bfloat16 where the CPU has native bf16 (default: auto)")
+    p.add_argument("--quantize", default="none",
+                   help="comma list of our backend's variants to measure back to back: none, int8, int4 "
+                        "(weight-only quantized decoder layers) (default: none)")
     p.add_argument("--target-cpus", default=None, help="CPUs to pin to, e.g. '0-3' (default: all); threads = cores")
     p.add_argument("--seed", type=int, default=0, help="seed of the random context and tokens (default: 0)")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp even when it is installed")
@@ -53,6 +68,15 @@ def parse_ks(text: str) -> list[int]:
     if not ks or ks[0] < 1:
         raise ValueError(f"--k needs positive integers, got {text!r}")
     return ks
+
+
+def parse_quantize(text: str) -> list[str]:
+    from dovetail.config import QUANTIZE_CHOICES
+    modes = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    bad = [m for m in modes if m not in QUANTIZE_CHOICES]
+    if not modes or bad:
+        raise ValueError(f"--quantize must be a comma list of {', '.join(QUANTIZE_CHOICES)}, got {text!r}")
+    return modes
 
 
 def random_tokens(vocab_size: int, n: int, seed: int) -> list[int]:
@@ -162,22 +186,22 @@ def summarize(curve: dict[int, list[float]]) -> dict:
 
 
 def print_table(ks, systems: dict) -> None:
-    ours, llama = systems[OURS], systems.get(LLAMA)
-    head = f"| k | ours median ms | ours min ms | ms/token | ratio to k={ours['base_k']} |"
-    head += " llama.cpp median ms | llama.cpp ms/token | llama.cpp ratio |" if llama else ""
+    """One row per k; per system its median and min ms (min: the least disturbed by other
+    load on a shared machine), median ms per token and ratio to its own smallest k."""
+    base = next(iter(systems.values()))["base_k"]
+    head = "| k |" + "".join(f" {name} median ms | {name} min ms | {name} ms/token | {name} ratio to k={base} |"
+                             for name in systems)
     print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
     for k in map(str, ks):
-        row = (f"| {k} | {ours['median_ms'][k]:.1f} | {ours['min_ms'][k]:.1f} | "
-               f"{ours['ms_per_token'][k]:.2f} | {ours['ratio_to_base'][k]:.2f} |")
-        if llama:
-            row += f" {llama['median_ms'][k]:.1f} | {llama['ms_per_token'][k]:.2f} | {llama['ratio_to_base'][k]:.2f} |"
-        print(row)
+        print(f"| {k} |" + "".join(f" {s['median_ms'][k]:.1f} | {s['min_ms'][k]:.1f} | {s['ms_per_token'][k]:.2f} | "
+                                   f"{s['ratio_to_base'][k]:.2f} |" for s in systems.values()))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ks = parse_ks(args.k)
+        quantizes = parse_quantize(args.quantize)
         if args.ctx < 1 or args.repeats < 1:
             raise ValueError("--ctx and --repeats must be >= 1")
     except ValueError as e:
@@ -196,12 +220,15 @@ def main(argv=None) -> int:
         print(f"llama.cpp skipped: {skip}")
     started, load_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), os.getloadavg()
     curves = {}
-    with tqdm(total=(1 if skip else 2) * len(ks), desc="verify curve", unit="k") as bar:
-        bar.set_postfix_str(f"{OURS}: loading")
-        backend = HFBackend(str(target), dtype=dtype)
-        bar.set_postfix_str(OURS)
-        curves[OURS] = measure_curve(backend, ks, args.ctx, args.repeats, args.seed, progress=lambda: bar.update(1))
-        del backend
+    with tqdm(total=(len(quantizes) + (0 if skip else 1)) * len(ks), desc="verify curve", unit="k") as bar:
+        for quantize in quantizes:  # one backend in memory at a time
+            name = system_name(quantize)
+            bar.set_postfix_str(f"{name}: loading")
+            backend = HFBackend(str(target), dtype=dtype, quantize=quantize)
+            bar.set_postfix_str(name)
+            curves[name] = measure_curve(backend, ks, args.ctx, args.repeats, args.seed,
+                                         progress=lambda: bar.update(1))
+            del backend
         if not skip:
             bar.set_postfix_str(LLAMA)
             try:
@@ -213,13 +240,13 @@ def main(argv=None) -> int:
     systems = {name: summarize(curve) for name, curve in curves.items()}
     desc = {**machine(cpus), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     report = {"date": started, "machine": desc, "args": vars(args), "target": str(target),
-              "dtype": str(dtype).removeprefix("torch."), "ctx": args.ctx, "ks": ks, "repeats": args.repeats,
+              "dtype": str(dtype).removeprefix("torch."), "quantize": quantizes, "ctx": args.ctx, "ks": ks, "repeats": args.repeats,
               "llama_cpp_skipped": skip, "systems": systems}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from bench.plots import save_line_plot
     plot = save_line_plot(out.with_suffix(".png"),
-                          {LABELS.get(name, name).format(report["dtype"]): (ks, [s["median_ms"][str(k)] for k in ks])
+                          {plot_label(name, report["dtype"]): (ks, [s["median_ms"][str(k)] for k in ks])
                            for name, s in systems.items()},
                           title=f"{Path(target).name}\nverify forward after {args.ctx} tokens, "
                                 f"{report['dtype']}, {len(cpus)} CPUs",

@@ -16,6 +16,8 @@ import argparse
 import logging
 import sys
 
+from dovetail.config import QUANTIZE_CHOICES
+
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 KEYS_SUBCOMMAND = "keys"
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "uses it, else transformers); llama.cpp drafts chains")
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float64"),
                    help="force one dtype on both workers (auto: bf16 where the CPU has it)")
+    m.add_argument("--target-quantize", default="none", choices=QUANTIZE_CHOICES,
+                   help="int8 / int4: weight-only int8 or 4-bit target decoder layers, faster on the CPU; "
+                        "the output is that quantized target's own, not the float target's (default: none)")
     m.add_argument("--draft-layers", type=int, default=None, help="use only the first N layers of the draft model")
     d = p.add_argument_group("drafting")
     d.add_argument("--depth", type=int, default=None, help="draft tokens along a path; fixes the tree shape (default: sized automatically, at most 3 on a CPU draft, 6 on a GPU)")
@@ -77,6 +82,7 @@ def main(argv=None) -> int:
         coord = dovetail.launch(args.target, None if args.no_draft else args.draft,
                                 target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
                                 backend=args.backend, draft_backend=args.draft_backend,
+                                target_quantize=args.target_quantize,
                                 depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                                 overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level)
     except (FetchError, RuntimeError, ValueError, FileNotFoundError) as e:

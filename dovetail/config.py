@@ -10,6 +10,10 @@ from dataclasses import dataclass, field, replace
 # cost of verifying more tokens bites (design notes: 7B verify cost is flat to k ~ 16).
 TREE_DEFAULTS = {"cpu": (3, 2, 6), "cuda": (6, 4, 16)}
 
+# Weight-only quantizations of the CPU target (workers/quant.py). Here, not there, so the
+# CLI and launch() can list them without importing torch.
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+
 
 @dataclass
 class CoordinatorConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 import zmq
 
 from dovetail.client import WorkerClient, WorkerError
-from dovetail.config import CoordinatorConfig
+from dovetail.config import QUANTIZE_CHOICES, CoordinatorConfig
 from dovetail.coordinator import Coordinator
 from dovetail.cpus import format_cpus, parse_cpus
 from dovetail.protocol import Handshake, check_compatible
@@ -24,7 +24,8 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 
 
 def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: str = "auto",
-           backend: str = "transformers", draft_backend: str | None = None, **options) -> Coordinator:
+           backend: str = "transformers", draft_backend: str | None = None, target_quantize: str = "none",
+           **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -34,15 +35,20 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
     workers. ``backend``: how the target runs, "transformers", "llama.cpp" (a GGUF on
-    llama.cpp's own kernels; needs the ``llama`` extra) or "auto" (llama.cpp when it can). ``draft_backend``: the same for a
-    draft model; None picks llama.cpp for a GGUF draft on the CPU when the target uses it
-    (a CPU draft step must be cheap), transformers otherwise. Other keyword options are
-    fields of :class:`CoordinatorConfig`.
+    llama.cpp's own kernels; needs the ``llama`` extra) or "auto" (llama.cpp when it can).
+    ``draft_backend``: the same for a draft model; None picks llama.cpp for a GGUF draft on
+    the CPU when the target uses it (a CPU draft step must be cheap), transformers otherwise.
+    ``target_quantize="int8"`` (or "int4", transformers backend only) gives the target
+    weight-only quantized decoder layers (workers/quant.py): faster on the CPU, a slightly
+    different model, and output stays identical to that quantized target decoding alone.
+    Other keyword options are fields of :class:`CoordinatorConfig`.
     """
     from dovetail.fetch import resolve_model
 
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    if target_quantize not in QUANTIZE_CHOICES:  # here, before any process starts
+        raise ValueError(f"target_quantize must be one of {QUANTIZE_CHOICES}, got {target_quantize!r}")
     config = CoordinatorConfig(**options)
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target))
@@ -74,6 +80,7 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
         tgt = _spawn(ctx, "target", run_dir, [
             "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
             "--backend", backend,
+            "--quantize", target_quantize,
             *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
         dft = None

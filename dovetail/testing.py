@@ -61,3 +61,50 @@ def make_tiny_tokenizer(path: str | Path, vocab_size: int = 64, chars: str = TIN
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
     fast.save_pretrained(str(path))
     return Path(path)
+
+
+def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """A HF model's greedy continuation computed the plain way: the whole sequence each step.
+
+    No KV cache, no speculation: the reference that decoding through the workers must
+    reproduce exactly. The argmax is of float32 logits, as the target handler sees them.
+    """
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].float().argmax()))
+    return ids[len(prompt):]
+
+
+class HandlerSession:
+    """One request driven through a target handler in-process, tracking what the coordinator would."""
+
+    def __init__(self, handler, req: int, prompt: list[int], **open_kw):
+        from dovetail.protocol import OpenRequest
+        self.h, self.req, self.step = handler, req, 0
+        self.opened = handler.handle(OpenRequest(req, list(prompt), **open_kw))
+        self.committed = list(prompt)
+        self.prompt_len = len(prompt)
+
+    def verify(self, tokens: list[int], parents: list[int] | None = None):
+        """One verification of a draft (a chain unless ``parents`` is given); commits its tokens."""
+        from dovetail.protocol import VerifyRequest
+        from dovetail.tree import chain_parents
+        parents = chain_parents(len(tokens)) if parents is None else parents
+        res = self.h.handle(VerifyRequest(self.req, self.step, self.committed[-1], tokens, parents))
+        assert res.step == self.step and len(res.tokens) == len(res.accepted) + 1
+        self.step += 1
+        self.committed += res.tokens
+        return res
+
+    def decode(self, n: int) -> list[int]:
+        """n target-only rounds (empty drafts): one token each."""
+        for _ in range(n):
+            self.verify([])
+        return self.generated()
+
+    def generated(self) -> list[int]:
+        return self.committed[self.prompt_len:]
+
+    def cache_len(self) -> int:
+        return self.h.backend.length(self.h.sequences[self.req].cache)

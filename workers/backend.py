@@ -12,6 +12,7 @@ import torch
 
 from dovetail.tree import is_chain, with_root
 from dovetail.workers.hf import CausalLM, Forward, load_tokenizer, tokenizer_hash
+from dovetail.workers.quant import check_quantize, quantize_model
 
 
 @dataclass(frozen=True)
@@ -62,16 +63,28 @@ class TargetBackend(ABC):
 
 
 class HFBackend(TargetBackend):
-    """Transformers on the CPU (or any torch device), from a HF folder or a GGUF file."""
+    """Transformers on the CPU (or any torch device), from a HF folder or a GGUF file.
 
-    def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu", device_label: str | None = None):
+    ``quantize="int8"`` / ``"int4"`` quantizes the decoder layers' weights (workers/quant.py): CPU only,
+    where reading the weights is what a small verification waits on.
+    """
+
+    def __init__(self, path: str, dtype: torch.dtype, device: str = "cpu", device_label: str | None = None,
+                 quantize: str = "none"):
+        if check_quantize(quantize) != "none" and device != "cpu":
+            raise ValueError(f"quantize={quantize!r} is for a target on the CPU, not on {device!r}")
         self.lm = CausalLM.load(path, device=device, dtype=dtype)
+        quantize_model(self.lm.model, quantize)
+        self.quantize = quantize
         tok = load_tokenizer(path)
+        dtype_name = str(self.lm.dtype).removeprefix("torch.")
         self.identity = Identity(
             model=self.lm.name, arch=str(getattr(self.lm.config, "model_type", "?")),
             vocab_size=self.lm.vocab_size, hidden_size=self.lm.hidden_size,
             tokenizer_hash=tokenizer_hash(tok, self.lm.vocab_size),
-            dtype=str(self.lm.dtype).removeprefix("torch."), device=device_label or device)
+            # "bfloat16+int8": the handshake and the logs show which model really verifies.
+            dtype=dtype_name if quantize == "none" else f"{dtype_name}+{quantize}",
+            device=device_label or device)
 
     def new_sequence(self):
         return self.lm.new_cache()

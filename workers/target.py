@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dovetail.config import QUANTIZE_CHOICES
 from dovetail.cpus import format_cpus, numa_nodes, parse_cpus, pin_process
 from dovetail.protocol import (
     FEATURE_CODECS, Close, Closed, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
@@ -19,8 +20,9 @@ from dovetail.protocol import (
 )
 from dovetail.verify import accept_greedy, accept_sampled, target_probs
 from dovetail.workers.backend import HFBackend, TargetBackend
-from dovetail.workers.hf import choose_dtype
 from dovetail.security import ServerKeys, server_keys
+from dovetail.workers.hf import choose_dtype
+from dovetail.workers.quant import check_quantize
 from dovetail.workers.serve import (
     RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
 )
@@ -40,6 +42,7 @@ class TargetConfig:
     backend: str = "transformers"
     ctx: int = 8192
     calibrate: bool = True  # measure (or read the cached) verify-cost curve at start-up
+    quantize: str = "none"
     max_requests: int = 256
     parent_pid: int = 0
     log_level: str = "info"
@@ -56,8 +59,11 @@ class TargetConfig:
             raise ValueError(f"the llama.cpp backend needs a .gguf model, got {self.model}")
         if self.ctx < 16:
             raise ValueError("ctx must be at least 16 positions")
+        if self.backend == "llama.cpp" and self.quantize != "none":
+            raise ValueError("--quantize is for the transformers backend; a GGUF keeps its own quantization")
         if self.feature_codec not in FEATURE_CODECS:
             raise ValueError(f"feature codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
+        check_quantize(self.quantize)
         if self.max_requests < 1:
             raise ValueError("max_requests must be at least 1")
         self.cpus = parse_cpus(self.cpus)
@@ -171,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip measuring the verify-cost curve at start-up (drafts then keep a fixed size)")
     p.add_argument("--ctx", type=int, default=8192,
                    help="llama.cpp only: KV cells shared by all open requests (prompt + output tokens)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                   help="int8 / int4: weight-only int8 or 4-bit (groups of 32) decoder layers, a faster, "
+                        "slightly different target; embeddings and LM head stay in --dtype (default: none)")
     return p
 
 
@@ -179,7 +188,7 @@ def load_backend(cfg: TargetConfig, pinned: list[int], where: str) -> TargetBack
         from dovetail.workers.llama import LlamaBackend
         return LlamaBackend(cfg.model, threads=len(pinned), n_ctx=cfg.ctx,
                             n_seqs=cfg.max_requests + 16, device_label=where)
-    return HFBackend(cfg.model, dtype=choose_dtype(cfg.dtype, "cpu"), device_label=where)
+    return HFBackend(cfg.model, dtype=choose_dtype(cfg.dtype, "cpu"), device_label=where, quantize=cfg.quantize)
 
 
 def main(argv=None) -> None:

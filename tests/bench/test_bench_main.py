@@ -20,7 +20,8 @@ def run(tmp_path_factory):
     prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "for i in range(3):"}\n')
     out = root / "out"
     rc = main(["--target", str(target), "--draft", str(draft), "--prompts-file", str(prompts), "--prompts", "2",
-               "--max-new-tokens", "10", "--dtype", "float64", "--draft-device", "cpu", "--out", str(out)])
+               "--max-new-tokens", "10", "--dtype", "float64", "--draft-device", "cpu", "--out", str(out),
+               "--depth", "3"])  # a fixed shape: tiny drafts cost as much as tiny targets, auto would not draft
     assert rc == 0
     return json.loads((out / "results.json").read_text()), out
 

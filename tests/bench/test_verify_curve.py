@@ -117,3 +117,21 @@ def test_plots_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert plots.save_line_plot(tmp_path / "l.png", {"a": ([1], [1])}, title="t", xlabel="x", ylabel="y") is None
     assert plots.save_bar_plot(tmp_path / "b.png", ["a"], [1], title="t", ylabel="y") is None
     assert "matplotlib is not installed" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_quantize_variants_are_measured_back_to_back(tiny, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    assert verify_curve.main(["--target", str(tiny), "--k", "1,4", "--ctx", "8", "--repeats", "1", "--dtype", "float32",
+                              "--quantize", "none,int8", "--no-llama", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["quantize"] == ["none", "int8"] and list(report["systems"]) == ["ours", "ours+int8"]
+    assert all(set(s["median_ms"]) == {"1", "4"} for s in report["systems"].values())
+    head = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| k |"))
+    assert "| ours median ms |" in head and "| ours+int8 median ms |" in head
+    assert verify_curve.plot_label("ours+int8", "float32") == "ours (float32+int8)"
+
+
+def test_unknown_quantize_variant_is_a_usage_error():
+    assert verify_curve.parse_quantize(" int8,none,int8") == ["int8", "none"]
+    with pytest.raises(SystemExit):
+        verify_curve.main(["--quantize", "none,fp8"])

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dovetail.protocol import Close, Closed, OpenRequest, VerifyRequest, decode_features
-from dovetail.testing import make_tiny_model
+from dovetail.protocol import Close, Closed, VerifyRequest, decode_features
+from dovetail.testing import HandlerSession, make_tiny_model, plain_greedy
 from dovetail.tree import chain_parents
 from dovetail.workers.backend import HFBackend
 from dovetail.workers.serve import RequestError
@@ -43,12 +43,7 @@ def backend(model_path):
 
 def plain_ar(backend, prompt, n):
     """The target's greedy continuation: the whole sequence through the model each step."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            # argmax of float32 logits, as the handler sees them (Forward.logits is float32)
-            ids.append(int(backend.lm.model(torch.tensor([ids])).logits[0, -1].float().argmax()))
-    return ids[len(prompt):]
+    return plain_greedy(backend.lm.model, prompt, n)
 
 
 @pytest.fixture(scope="session")
@@ -63,34 +58,11 @@ def handler(backend, model_path):
     return TargetHandler(backend, TargetConfig(bind="inproc://target", model=str(model_path)))
 
 
-class Session:
-    """One request driven through the handler, tracking what the coordinator would."""
+class Session(HandlerSession):
+    """One request driven through the handler (request 1 and PROMPT unless told otherwise)."""
 
     def __init__(self, handler, req=1, prompt=PROMPT, **open_kw):
-        self.h, self.req, self.step = handler, req, 0
-        self.opened = handler.handle(OpenRequest(req, list(prompt), **open_kw))
-        self.committed = list(prompt)
-        self.prompt_len = len(prompt)
-
-    def verify(self, tokens, parents=None):
-        parents = chain_parents(len(tokens)) if parents is None else parents
-        res = self.h.handle(VerifyRequest(self.req, self.step, self.committed[-1], tokens, parents))
-        assert res.step == self.step and len(res.tokens) == len(res.accepted) + 1
-        self.step += 1
-        self.committed += res.tokens
-        return res
-
-    def decode(self, n):
-        """n target-only rounds (empty drafts): one token each."""
-        for _ in range(n):
-            self.verify([])
-        return self.generated()
-
-    def generated(self):
-        return self.committed[self.prompt_len:]
-
-    def cache_len(self):
-        return self.h.backend.length(self.h.sequences[self.req].cache)
+        super().__init__(handler, req, prompt, **open_kw)
 
 
 def test_open_prefills_all_but_the_last_prompt_token(handler, backend):
