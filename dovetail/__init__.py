@@ -8,9 +8,9 @@
 from dovetail.config import CoordinatorConfig
 from dovetail.coordinator import Coordinator
 from dovetail.results import Chunk, GenerationResult, Stats
-from dovetail.client import WorkerDied, WorkerError, WorkerTimeout
+from dovetail.client import WorkerDied, WorkerError, WorkerTimeout, WorkerUnresponsive
 from dovetail.launch import launch
 
 __all__ = ["launch", "Coordinator", "CoordinatorConfig", "GenerationResult", "Stats", "Chunk",
-           "WorkerError", "WorkerDied", "WorkerTimeout"]
+           "WorkerError", "WorkerDied", "WorkerTimeout", "WorkerUnresponsive"]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ log = logging.getLogger("dovetail")
 
 POLL_SLICE_S = 0.05       # how often a wait checks that the worker process still lives
 SHUTDOWN_GRACE_S = 5.0    # how long a worker may take to exit after Shutdown before SIGTERM
+SEND_RETRY_S = 0.01       # how often a send with nowhere to go tries again
 
 
 class WorkerError(RuntimeError):
@@ -37,6 +38,14 @@ class WorkerTimeout(WorkerError):
     pass
 
 
+class WorkerUnresponsive(WorkerTimeout):
+    """Missed heartbeats: the worker died (remote), hung, or the network between us broke.
+
+    A WorkerTimeout, so a draft that stops answering becomes 'suspect' (target-only until it
+    answers again) exactly as a draft that timed out does.
+    """
+
+
 class WorkerClient:
     """``keys``: CurveZMQ keys for a worker started with --curve-secret (None: plain)."""
 
@@ -51,9 +60,22 @@ class WorkerClient:
         self.max_bytes = max_bytes
         self.vocab_size: int | None = None
         self.pid = proc.pid if proc else None
+        self.keys = keys  # the heartbeat monitor opens its own socket to the same worker
+        # Set by the heartbeat monitor (dovetail/liveness.py, another thread) while the worker
+        # misses heartbeats; cleared when it answers again. A str is set and read atomically.
+        self.unresponsive: str | None = None
 
     def send(self, msg) -> None:
-        self.sock.send_multipart(encode(msg))
+        """Queue ``msg``; while the socket has no peer to queue it for (a remote target whose
+        connection dropped), retry until check_alive says the worker is dead or silent."""
+        frames = encode(msg)
+        while True:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK)  # multipart: all frames or none
+                return
+            except zmq.Again:
+                self.check_alive()
+                time.sleep(SEND_RETRY_S)
 
     def recv(self, match: Callable[[object], bool], timeout_s: float, knob: str, req_id: int = -1):
         """Wait for the first message ``match`` accepts; stale replies are dropped."""
@@ -87,6 +109,9 @@ class WorkerClient:
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise WorkerDied(self.role, "died", f"process {self.proc.pid} exited with code {self.proc.returncode} (see its log above)")
+        reason = self.unresponsive
+        if reason is not None:
+            raise WorkerUnresponsive(self.role, "unresponsive", reason)
 
     def close(self) -> None:
         """Ask the worker to stop, then make sure it did; never leaves a process behind."""
@@ -96,7 +121,8 @@ class WorkerClient:
     def request_shutdown(self) -> None:
         try:
             if self.proc is None or self.proc.poll() is None:
-                self.send(Shutdown())
+                # once, never blocking: a worker gone or unreachable gets no goodbye
+                self.sock.send_multipart(encode(Shutdown()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         self.sock.close(linger=200)

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field, replace
 # cost of verifying more tokens bites (design notes: 7B verify cost is flat to k ~ 16).
 TREE_DEFAULTS = {"cpu": (3, 2, 6), "cuda": (6, 4, 16)}
 
+# Heartbeat interval bounds: below 10 ms the pings cost more than they tell; above a minute
+# a dead remote worker would hold a request for many minutes before anyone notices.
+MIN_HEARTBEAT_INTERVAL_S = 0.01
+MAX_HEARTBEAT_INTERVAL_S = 60.0
+
 
 @dataclass
 class CoordinatorConfig:
@@ -26,6 +31,11 @@ class CoordinatorConfig:
     verify_timeout_s: float = 120.0
     draft_timeout_s: float = 30.0   # past this the draft is suspect: target-only until it answers
     draft_probe_timeout_s: float = 0.2  # how long a request waits for a suspect draft's heartbeat
+    connect_timeout_s: float = 120.0  # a remote target's handshake: wrong keys or address look like silence
+    # Liveness (dovetail/liveness.py): a heartbeat to each worker every interval; a worker that
+    # misses `heartbeat_liveness` in a row is declared dead or hung (in-flight requests end).
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
     log_level: str = "warning"
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the workers
     # draft="replay:FILE.json" (workers/replay.py, a draft of known acceptance, for benchmarks):
@@ -41,13 +51,23 @@ class CoordinatorConfig:
         if self.max_nodes is not None and not 1 <= self.max_nodes <= 1024:
             raise ValueError(f"max_nodes must be in 1..1024, got {self.max_nodes}")
         for name in ("startup_timeout_s", "prefill_timeout_s", "verify_timeout_s", "draft_timeout_s",
-                     "draft_probe_timeout_s"):
+                     "draft_probe_timeout_s", "connect_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not MIN_HEARTBEAT_INTERVAL_S <= self.heartbeat_interval_s <= MAX_HEARTBEAT_INTERVAL_S:
+            raise ValueError(f"heartbeat_interval_s must be in [{MIN_HEARTBEAT_INTERVAL_S}, "
+                             f"{MAX_HEARTBEAT_INTERVAL_S}], got {self.heartbeat_interval_s}")
+        if not isinstance(self.heartbeat_liveness, int) or self.heartbeat_liveness < 1:
+            raise ValueError(f"heartbeat_liveness must be an int >= 1, got {self.heartbeat_liveness!r}")
         if not 0.0 <= self.replay_corrupt <= 1.0:
             raise ValueError(f"replay_corrupt must be in [0, 1], got {self.replay_corrupt}")
         if self.feature_codec not in ("fp16", "int8"):
             raise ValueError(f"feature_codec must be 'fp16' or 'int8', got {self.feature_codec!r}")
+
+    @property
+    def liveness_window_s(self) -> float:
+        """How long a worker may stay silent before it is declared dead or hung."""
+        return self.heartbeat_interval_s * self.heartbeat_liveness
 
     def with_tree_defaults(self, draft_device: str) -> "CoordinatorConfig":
         """Fill the unset tree-shape fields with the defaults for this draft device."""

@@ -20,6 +20,7 @@ from dovetail.protocol import (
 from dovetail.verify import accept_greedy, accept_sampled, target_probs
 from dovetail.workers.backend import HFBackend, TargetBackend
 from dovetail.workers.hf import choose_dtype
+from dovetail.workers.lifeline import check_heartbeat_timeout
 from dovetail.security import ServerKeys, server_keys
 from dovetail.workers.serve import (
     RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
@@ -41,6 +42,8 @@ class TargetConfig:
     ctx: int = 8192
     max_requests: int = 256
     parent_pid: int = 0
+    parent_death_signal: bool = False  # also prctl(PR_SET_PDEATHSIG) (workers/lifeline.py)
+    heartbeat_timeout: float = 0.0     # exit after this long without a coordinator's message (0: never)
     log_level: str = "info"
     curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
     curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
@@ -48,6 +51,7 @@ class TargetConfig:
 
     def __post_init__(self):
         self.keys = server_keys(self.curve_secret, self.curve_allow)
+        check_heartbeat_timeout(self.heartbeat_timeout)
         check_bind(self.bind, self.keys)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -192,7 +196,8 @@ def main(argv=None) -> None:
     log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
              backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
     try:
-        serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid, keys=cfg.keys)
+        serve(cfg.bind, TargetHandler(backend, cfg), parent_pid=cfg.parent_pid, keys=cfg.keys,
+          heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal)
     finally:
         backend.close()
 
