@@ -10,7 +10,6 @@ failing requests are answered with an Error and the loop goes on serving.
 """
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
@@ -25,12 +24,14 @@ from dovetail.protocol import (
     configure_socket, decode, encode,
 )
 from dovetail.security import KEYS_COMMAND, ServerKeys, curve_server, start_authenticator
+from dovetail.workers.args import parse_config, setup_logging, worker_parser  # noqa: F401 (the roles import them from here)
 from dovetail.workers.lifeline import SilenceClock, exit_on_sigterm, watch_parent
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 100             # how often the loop wakes to check for a stop request or silence
 COMPUTE_JOIN_S = 3.0      # on exit, how long the request in progress may take to finish
+MAX_BACKLOG = 1000        # messages queued for the compute thread before reading pauses (ZeroMQ's own HWM)
 LOOPBACK_NAMES = ("localhost",)  # besides 127.0.0.0/8 and ::1
 HEARTBEAT_ID_PREFIX = b"dvt-hb:"  # routing ids of the coordinator's heartbeat sockets
 
@@ -105,6 +106,9 @@ class Compute:
     def submit(self, peer: bytes, body: list[bytes]) -> None:
         self.inbox.put((peer, body))
 
+    def full(self) -> bool:
+        return self.inbox.qsize() >= MAX_BACKLOG
+
     def replies(self):
         """(peer, frames or _STOP) for every reply ready now."""
         try:
@@ -149,13 +153,16 @@ class Compute:
 
 
 def _io_loop(sock: zmq.Socket, compute: Compute, role: str, silence: SilenceClock) -> None:
-    poller = zmq.Poller()
+    poller, replies_only = zmq.Poller(), zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    poller.register(compute.wake_r, zmq.POLLIN)
+    for p in (poller, replies_only):
+        p.register(compute.wake_r, zmq.POLLIN)
     while True:
-        events = dict(poller.poll(POLL_MS))
+        # A full backlog leaves messages in ZeroMQ's queue, which is bounded (its HWM): a
+        # flood of requests must not grow this process's memory without limit.
+        events = dict((replies_only if compute.full() else poller).poll(POLL_MS))
         if sock in events:
-            for peer, body in _receive_all(sock):
+            for peer, body in _receive_all(sock, compute):
                 silence.heard()
                 pong = _liveness_reply(peer, body)
                 if pong is not None:
@@ -165,7 +172,8 @@ def _io_loop(sock: zmq.Socket, compute: Compute, role: str, silence: SilenceCloc
         if compute.wake_r in events:
             for peer, frames in compute.replies():
                 if frames is _STOP:
-                    log.info("%s worker: shutdown requested", role)
+                    if compute.error is None:
+                        log.info("%s worker: shutdown requested", role)
                     return
                 sock.send_multipart([peer, *frames])
         if silence.expired():
@@ -174,8 +182,8 @@ def _io_loop(sock: zmq.Socket, compute: Compute, role: str, silence: SilenceCloc
             return
 
 
-def _receive_all(sock: zmq.Socket):
-    while True:
+def _receive_all(sock: zmq.Socket, compute: Compute):
+    while not compute.full():
         try:
             frames = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
@@ -243,37 +251,6 @@ def _unlink(path: str) -> None:
         pass
 
 
-def worker_parser(role: str, description: str) -> argparse.ArgumentParser:
-    """The flags every worker takes; each role adds its own."""
-    p = argparse.ArgumentParser(prog=f"python -m dovetail.workers.{role}", description=description)
-    p.add_argument("--bind", required=True, help="address to serve on (ipc://PATH or tcp://HOST:PORT)")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 | float64 (auto: bf16 where the device has it)")
-    p.add_argument("--cpus", default=None, help="CPUs to pin to, e.g. '0-31' or '0,2,4' (default: all)")
-    p.add_argument("--max-requests", type=int, default=256, help="most requests open at once")
-    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
-    p.add_argument("--parent-death-signal", action="store_true",
-                   help="with --parent-pid: also have the kernel signal us when the spawning thread exits "
-                        "(Linux prctl; only for workers spawned from their coordinator's main thread)")
-    p.add_argument("--heartbeat-timeout", type=float, default=0.0, metavar="S",
-                   help="exit after S seconds without any message from a coordinator, counted from the first "
-                        "(remote workers; the coordinator heartbeats every heartbeat_interval_s); 0: never")
-    p.add_argument("--log-level", default="info", help="debug | info | warning")
-    p.add_argument("--curve-secret", default=None, metavar="FILE",
-                   help=f"this worker's CurveZMQ secret key file (needed for tcp:// off loopback; {KEYS_COMMAND} writes it)")
-    p.add_argument("--curve-allow", default=None, metavar="DIR",
-                   help="folder of client public keys (*.key) allowed to connect; goes with --curve-secret")
-    return p
-
-
-def parse_config(config_cls, parser: argparse.ArgumentParser, argv=None):
-    """Parse the command line straight into the role's config dataclass (validated there)."""
-    args = vars(parser.parse_args(argv))
-    try:
-        return config_cls(**{k.replace("-", "_"): v for k, v in args.items()})
-    except ValueError as e:
-        parser.error(str(e))  # usage and the reason, exit code 2: a bad flag needs no traceback
-
-
 def check_bind(bind: str, keys: ServerKeys | None = None) -> None:
     """Refuse addresses we cannot serve on, and tcp:// off loopback without CURVE keys."""
     if not bind.startswith(("ipc://", "tcp://", "inproc://")):
@@ -298,9 +275,3 @@ def is_loopback(tcp_address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def setup_logging(level: str, role: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
