@@ -8,10 +8,10 @@
 from dovetail.config import CoordinatorConfig
 from dovetail.coordinator import Coordinator
 from dovetail.results import Chunk, GenerationResult, Stats
-from dovetail.client import WorkerDied, WorkerError, WorkerTimeout
+from dovetail.client import WorkerDied, WorkerError, WorkerTimeout, WorkerUnresponsive
 from dovetail.launch import launch
 from dovetail.requests import CoordinatorBusy, Request
 
 __all__ = ["launch", "Coordinator", "CoordinatorConfig", "GenerationResult", "Stats", "Chunk",
-           "WorkerError", "WorkerDied", "WorkerTimeout", "CoordinatorBusy", "Request"]
+           "WorkerError", "WorkerDied", "WorkerTimeout", "WorkerUnresponsive", "CoordinatorBusy", "Request"]
 __version__ = "0.1.0"

@@ -9,6 +9,14 @@ interactive: one prompt per line, Ctrl-D to quit.
     dovetail-launch keys --out DIR [--name NAME ...]
 
 writes CurveZMQ key pairs for workers served over tcp:// (see `dovetail-launch keys --help`).
+
+Two machines (README, "Running on two machines"):
+
+    dovetail-launch --role target --listen tcp://ADDR:PORT --target-cpus 0-31 \
+        --curve-secret keys/worker/server.key_secret --curve-allow keys/worker/allow
+    dovetail-launch --role draft --connect tcp://ADDR:PORT --draft-gpu 0 \
+        --curve-client-secret keys/coordinator/coordinator.key_secret \
+        --curve-server-public keys/coordinator/server.key --prompt "..."
 """
 from __future__ import annotations
 
@@ -21,14 +29,17 @@ from dovetail.config import QUANTIZE_CHOICES
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 KEYS_SUBCOMMAND = "keys"
+ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT = "local", "target", "draft"
+ROLES = (ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dovetail-launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("models and devices")
-    m.add_argument("--target", default=DEFAULT_TARGET,
-                   help=f"target model: HF folder, .gguf file or registry name (default: {DEFAULT_TARGET})")
+    m.add_argument("--target", default=None,
+                   help=f"target model: HF folder, .gguf file or registry name (default: {DEFAULT_TARGET}); "
+                        "with --role draft only read for its tokenizer (default there: the draft's)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
                    help=f"draft model with the target's tokenizer (default: {DEFAULT_DRAFT})")
     m.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
@@ -60,8 +71,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    add_role_flags(p)
     p.add_argument("--log-level", default="warning", help="debug | info | warning (default: warning)")
     return p
+
+
+def add_role_flags(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("two machines (default: everything on this host over ipc://)")
+    r.add_argument("--role", default=ROLE_LOCAL, choices=ROLES,
+                   help="local: both workers and the coordinator here (default); target: serve the target "
+                        "worker on --listen in the foreground; draft: the draft worker and the coordinator "
+                        "here, the target at --connect")
+    r.add_argument("--listen", default=None, metavar="tcp://ADDR:PORT",
+                   help="--role target: address to serve on (off loopback it needs --curve-secret/--curve-allow)")
+    r.add_argument("--connect", default=None, metavar="tcp://ADDR:PORT",
+                   help="--role draft: address of the target worker (started with --role target)")
+    r.add_argument("--curve-secret", default=None, metavar="FILE",
+                   help="--role target: the worker's CurveZMQ secret key (DIR/worker/server.key_secret "
+                        "from `dovetail-launch keys`)")
+    r.add_argument("--curve-allow", default=None, metavar="DIR",
+                   help="--role target: folder of allowed client public keys (DIR/worker/allow)")
+    r.add_argument("--curve-client-secret", default=None, metavar="FILE",
+                   help="--role draft: this client's CurveZMQ secret key (DIR/NAME/NAME.key_secret)")
+    r.add_argument("--curve-server-public", default=None, metavar="FILE",
+                   help="--role draft: the target worker's public key (DIR/NAME/server.key)")
+    r.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between the coordinator's heartbeats to each worker (default: 1.0)")
+    r.add_argument("--liveness", type=int, default=3, metavar="N",
+                   help="heartbeats a worker may miss in a row before it counts as dead or hung (default: 3); "
+                        "--role target exits after --heartbeat-interval x --liveness s without its coordinator")
 
 
 def main(argv=None) -> int:
@@ -70,21 +108,21 @@ def main(argv=None) -> int:
     if argv[:1] == [KEYS_SUBCOMMAND]:
         return keys_main(argv[1:])
     args = build_parser().parse_args(argv)
+    try:
+        check_role_flags(args)
+    except ValueError as e:
+        print(f"dovetail-launch: {e}", file=sys.stderr)
+        return 2
+    if args.role == ROLE_TARGET:
+        return serve_target(args)  # before basicConfig: the worker sets up its own log format
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s coordinator %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    import dovetail
     from dovetail.client import WorkerError
     from dovetail.fetch import FetchError
 
-    draft_device = None if args.draft_gpu is None else ("cpu" if args.draft_gpu == "cpu" else f"cuda:{args.draft_gpu}")
     print("dovetail: starting workers (the first run fetches and converts the models)...", file=sys.stderr)
     try:
-        coord = dovetail.launch(args.target, None if args.no_draft else args.draft,
-                                target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
-                                backend=args.backend, draft_backend=args.draft_backend,
-                                target_quantize=args.target_quantize,
-                                depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
-                                overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level)
+        coord = start_coordinator(args)
     except (FetchError, RuntimeError, ValueError, FileNotFoundError) as e:
         print(f"dovetail-launch: {e}", file=sys.stderr)
         return 1
@@ -103,6 +141,76 @@ def main(argv=None) -> int:
                 print(f"\ndovetail-launch: {e}", file=sys.stderr)
                 return 1
             print(f"\n[{stats.summary()}]", file=sys.stderr)
+    return 0
+
+
+def check_role_flags(args) -> None:
+    """Each role's own flags, and only those: a flag for the other host is a mistake."""
+    if (args.role == ROLE_TARGET) != (args.listen is not None):
+        raise ValueError("--listen goes with --role target (and --role target needs it)")
+    if (args.role == ROLE_DRAFT) != (args.connect is not None):
+        raise ValueError("--connect goes with --role draft (and --role draft needs it)")
+    if args.role != ROLE_TARGET and (args.curve_secret or args.curve_allow):
+        raise ValueError("--curve-secret/--curve-allow are the target worker's: use them with --role target")
+    if args.role != ROLE_DRAFT and (args.curve_client_secret or args.curve_server_public):
+        raise ValueError("--curve-client-secret/--curve-server-public go with --role draft")
+    if bool(args.curve_client_secret) != bool(args.curve_server_public):
+        raise ValueError("--curve-client-secret and --curve-server-public go together")
+    if args.role == ROLE_DRAFT and args.target_cpus is not None:
+        raise ValueError("--target-cpus is set on the target's host (--role target)")
+
+
+def start_coordinator(args):
+    """--role local: both workers here; --role draft: the draft here, the target at --connect."""
+    import dovetail
+    from dovetail.security import ClientKeys
+
+    draft_device = None if args.draft_gpu is None else ("cpu" if args.draft_gpu == "cpu" else f"cuda:{args.draft_gpu}")
+    remote = {}
+    target = args.target or DEFAULT_TARGET
+    if args.role == ROLE_DRAFT:
+        keys = ClientKeys(args.curve_client_secret, args.curve_server_public) if args.curve_client_secret else None
+        remote = {"target_address": args.connect, "client_keys": keys}
+        target = args.target  # only for its tokenizer; the draft's serves otherwise
+    return dovetail.launch(target, None if args.no_draft else args.draft, **remote,
+                           target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
+                           backend=args.backend, draft_backend=args.draft_backend,
+                           target_quantize=args.target_quantize, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
+                           overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,
+                           heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness)
+
+
+def serve_target(args) -> int:
+    """--role target: the target worker in the foreground, until its coordinator is gone."""
+    from dovetail.config import CoordinatorConfig
+    from dovetail.fetch import FetchError, resolve_model
+    from dovetail.security import server_keys
+    from dovetail.workers.serve import check_bind
+
+    try:
+        # the same knobs as the coordinator's, so both hosts agree on the window
+        window = CoordinatorConfig(heartbeat_interval_s=args.heartbeat_interval,
+                                   heartbeat_liveness=args.liveness).liveness_window_s
+        check_bind(args.listen, server_keys(args.curve_secret, args.curve_allow))
+        model = resolve_model(args.target or DEFAULT_TARGET)
+        from dovetail.launch import check_backend, pick_backend
+        backend = pick_backend(args.backend, model)
+        check_backend(backend, model)
+    except (FetchError, ValueError, RuntimeError) as e:
+        print(f"dovetail-launch: {e}", file=sys.stderr)
+        return 1
+    from dovetail.workers import target as target_worker
+    argv = ["--bind", args.listen, "--model", str(model), "--dtype", args.dtype, "--backend", backend,
+            "--quantize", args.target_quantize,
+            "--heartbeat-timeout", str(window), "--log-level", "info" if args.log_level == "warning" else args.log_level,
+            *(["--cpus", args.target_cpus] if args.target_cpus else []),
+            *(["--curve-secret", args.curve_secret, "--curve-allow", args.curve_allow] if args.curve_secret else [])]
+    print(f"dovetail: target worker loading {model}, then serving on {args.listen}; it exits when its "
+          f"coordinator closes or stays silent for {window:g} s", file=sys.stderr)
+    try:
+        target_worker.main(argv)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

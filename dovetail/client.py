@@ -22,6 +22,7 @@ log = logging.getLogger("dovetail")
 POLL_SLICE_S = 0.05       # how often a wait checks that the worker process still lives
 SHARED_SLICE_S = 0.002    # how long one of several waiting threads holds the socket
 SHUTDOWN_GRACE_S = 5.0    # how long a worker may take to exit after Shutdown before SIGTERM
+SEND_RETRY_S = 0.01       # how often a send with nowhere to go tries again
 
 
 class WorkerError(RuntimeError):
@@ -38,6 +39,14 @@ class WorkerDied(WorkerError):
 
 class WorkerTimeout(WorkerError):
     pass
+
+
+class WorkerUnresponsive(WorkerTimeout):
+    """Missed heartbeats: the worker died (remote), hung, or the network between us broke.
+
+    A WorkerTimeout, so a draft that stops answering becomes 'suspect' (target-only until it
+    answers again) exactly as a draft that timed out does.
+    """
 
 
 class WorkerClient:
@@ -58,14 +67,27 @@ class WorkerClient:
         self._cv = threading.Condition()     # the mailboxes below
         self._mail: dict[int, deque] = {-1: deque()}  # replies by request id (-1: not about one)
         self._waiting = 0                    # threads inside recv()
+        self.keys = keys  # the heartbeat monitor opens its own socket to the same worker
+        # Set by the heartbeat monitor (dovetail/liveness.py, another thread) while the worker
+        # misses heartbeats; cleared when it answers again. A str is set and read atomically.
+        self.unresponsive: str | None = None
 
     def send(self, msg) -> None:
+        """Queue ``msg``; while the socket has no peer to queue it for (a remote target whose
+        connection dropped), retry until check_alive says the worker is dead or silent."""
         frames = encode(msg)
         req_id = getattr(msg, "req_id", -1)
         with self._cv:  # the reply must find a mailbox, however soon another thread reads it
             self._mail.setdefault(req_id, deque())
-        with self._io:
-            self.sock.send_multipart(frames)
+        while True:
+            with self._io:
+                try:
+                    self.sock.send_multipart(frames, zmq.NOBLOCK)  # multipart: all frames or none
+                    return
+                except zmq.Again:
+                    pass
+            self.check_alive()
+            time.sleep(SEND_RETRY_S)
 
     def close_mailbox(self, req_id: int) -> None:
         """The request is over: later replies for it are stale and dropped on arrival."""
@@ -171,6 +193,9 @@ class WorkerClient:
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise WorkerDied(self.role, "died", f"process {self.proc.pid} exited with code {self.proc.returncode} (see its log above)")
+        reason = self.unresponsive
+        if reason is not None:
+            raise WorkerUnresponsive(self.role, "unresponsive", reason)
 
     def close(self) -> None:
         """Ask the worker to stop, then make sure it did; never leaves a process behind."""
@@ -180,8 +205,9 @@ class WorkerClient:
     def request_shutdown(self) -> None:
         try:
             if self.proc is None or self.proc.poll() is None:
+                # once, never blocking: a worker gone or unreachable gets no goodbye
                 with self._io:
-                    self.sock.send_multipart(encode(Shutdown()))
+                    self.sock.send_multipart(encode(Shutdown()), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         self.sock.close(linger=200)

@@ -13,6 +13,10 @@ TREE_DEFAULTS = {"cpu": (3, 2, 6), "cuda": (6, 4, 16)}
 # Weight-only quantizations of the CPU target (workers/quant.py). Here, not there, so the
 # CLI and launch() can list them without importing torch.
 QUANTIZE_CHOICES = ("none", "int8", "int4")
+# Heartbeat interval bounds: below 10 ms the pings cost more than they tell; above a minute
+# a dead remote worker would hold a request for many minutes before anyone notices.
+MIN_HEARTBEAT_INTERVAL_S = 0.01
+MAX_HEARTBEAT_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -36,6 +40,11 @@ class CoordinatorConfig:
     max_pending: int = 256          # requests admitted (active + queued); past it: CoordinatorBusy
     queue_timeout_s: float = 600.0  # how long an admitted request may wait for an active slot
     worker_max_requests: int = 256  # requests each worker holds open at once (its --max-requests)
+    connect_timeout_s: float = 120.0  # a remote target's handshake: wrong keys or address look like silence
+    # Liveness (dovetail/liveness.py): a heartbeat to each worker every interval; a worker that
+    # misses `heartbeat_liveness` in a row is declared dead or hung (in-flight requests end).
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
     log_level: str = "warning"
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the workers
     # draft="replay:FILE.json" (workers/replay.py, a draft of known acceptance, for benchmarks):
@@ -53,13 +62,23 @@ class CoordinatorConfig:
         if not 1 <= self.max_active <= self.max_pending:
             raise ValueError(f"need 1 <= max_active <= max_pending, got {self.max_active}, {self.max_pending}")
         for name in ("startup_timeout_s", "prefill_timeout_s", "verify_timeout_s", "draft_timeout_s",
-                     "draft_probe_timeout_s", "queue_timeout_s"):
+                     "draft_probe_timeout_s", "queue_timeout_s", "connect_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not MIN_HEARTBEAT_INTERVAL_S <= self.heartbeat_interval_s <= MAX_HEARTBEAT_INTERVAL_S:
+            raise ValueError(f"heartbeat_interval_s must be in [{MIN_HEARTBEAT_INTERVAL_S}, "
+                             f"{MAX_HEARTBEAT_INTERVAL_S}], got {self.heartbeat_interval_s}")
+        if not isinstance(self.heartbeat_liveness, int) or self.heartbeat_liveness < 1:
+            raise ValueError(f"heartbeat_liveness must be an int >= 1, got {self.heartbeat_liveness!r}")
         if not 0.0 <= self.replay_corrupt <= 1.0:
             raise ValueError(f"replay_corrupt must be in [0, 1], got {self.replay_corrupt}")
         if self.feature_codec not in ("fp16", "int8"):
             raise ValueError(f"feature_codec must be 'fp16' or 'int8', got {self.feature_codec!r}")
+
+    @property
+    def liveness_window_s(self) -> float:
+        """How long a worker may stay silent before it is declared dead or hung."""
+        return self.heartbeat_interval_s * self.heartbeat_liveness
 
     def with_tree_defaults(self, draft_device: str) -> "CoordinatorConfig":
         """Fill the unset tree-shape fields with the defaults for this draft device."""

@@ -27,11 +27,12 @@ log = logging.getLogger("dovetail")
 class Coordinator:
     def __init__(self, target: WorkerClient, draft: WorkerClient | None, hs_target: Handshake,
                  hs_draft: Handshake | None, tokenizer, config: CoordinatorConfig, *, overlap: bool,
-                 context=None, run_dir=None):
+                 context=None, run_dir=None, liveness=None):
         self.target, self.draft = target, draft
         self.target_info, self.draft_info = hs_target, hs_draft
         self.tokenizer, self.config, self.overlap = tokenizer, config, overlap
         self._ctx, self._run_dir = context, run_dir
+        self._liveness = liveness  # heartbeats to the workers (dovetail/liveness.py), stopped in close()
         self._ids = itertools.count(1)
         self._admission = Admission(config.max_active, config.max_pending, config.queue_timeout_s)
         self._closed = False
@@ -128,6 +129,8 @@ class Coordinator:
         if self._closed:
             return
         self._closed = True
+        if self._liveness is not None:
+            self._liveness.stop()  # first: workers leaving on Shutdown are not "unresponsive"
         clients = [c for c in (self.draft, self.target) if c is not None]
         for client in clients:  # both exit at once rather than one after the other
             client.request_shutdown()
@@ -260,7 +263,8 @@ class Coordinator:
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
-            raise TypeError(f"{what} needs a tokenizer and this target has none: pass token ids")
+            raise TypeError(f"{what} needs a tokenizer and none is loaded (this target has none, or it is "
+                            "remote and neither target= nor a draft gave one): pass token ids")
 
 
 def make_sizer(config: CoordinatorConfig, hs_target: Handshake, overlap: bool):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,16 +17,18 @@ from dovetail.client import WorkerClient, WorkerError
 from dovetail.config import QUANTIZE_CHOICES, CoordinatorConfig
 from dovetail.coordinator import Coordinator
 from dovetail.cpus import format_cpus, parse_cpus
-from dovetail.protocol import Handshake, check_compatible
+from dovetail.liveness import Liveness
+from dovetail.protocol import Handshake, HandshakeMismatch, check_compatible
+from dovetail.security import ClientKeys
 
 log = logging.getLogger("dovetail")
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 
 
-def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: str = "auto",
-           backend: str = "transformers", draft_backend: str | None = None, target_quantize: str = "none",
-           **options) -> Coordinator:
+def launch(target=None, draft=None, *, target_address: str | None = None, client_keys: ClientKeys | None = None,
+           target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "transformers",
+           draft_backend: str | None = None, target_quantize: str = "none", **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -42,6 +45,14 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     weight-only quantized decoder layers (workers/quant.py): faster on the CPU, a slightly
     different model, and output stays identical to that quantized target decoding alone.
     Other keyword options are fields of :class:`CoordinatorConfig`.
+
+    ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
+    (``dovetail-launch --role target``) instead of starting one; ``client_keys`` are its
+    CurveZMQ keys (required off loopback). Only the draft starts here. ``target`` is then
+    optional and only read for its tokenizer (checked against the remote target's hash);
+    without it the draft model's tokenizer is used (the handshake proved it the same), and
+    with neither, prompts must be token ids. ``target_cpus``, ``backend``, quantization and
+    the target's dtype are set where the target runs.
     """
     from dovetail.fetch import resolve_model
 
@@ -49,11 +60,17 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
     if target_quantize not in QUANTIZE_CHOICES:  # here, before any process starts
         raise ValueError(f"target_quantize must be one of {QUANTIZE_CHOICES}, got {target_quantize!r}")
+    remote = target_address is not None
+    if remote:
+        check_remote(target_address, client_keys, target_cpus)
+    elif target is None:
+        raise ValueError("give a target model, or the target_address of a target worker serving elsewhere")
     config = CoordinatorConfig(**options)
     cpus = parse_cpus(target_cpus)
-    target_path = resolve_model(str(target))
-    backend = pick_backend(backend, target_path)
-    check_backend(backend, target_path)
+    target_path = resolve_model(str(target)) if target is not None else None
+    if not remote:
+        backend = pick_backend(backend, target_path)
+        check_backend(backend, target_path)
     # "replay:FILE.json" starts workers/replay.py: the target's recorded output, corrupted at
     # config.replay_corrupt, so that the acceptance rate is known (benchmarks, tests).
     replay = str(draft)[len("replay:"):] if str(draft).startswith("replay:") else None
@@ -76,12 +93,15 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
     run_dir = Path(tempfile.mkdtemp(prefix="dovetail-"))
     ctx = zmq.Context()
     clients: list[WorkerClient] = []
+    liveness = Liveness(ctx, config.heartbeat_interval_s, config.heartbeat_liveness).start()
     try:
-        tgt = _spawn(ctx, "target", run_dir, [
-            "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
-            "--backend", backend,
-            "--quantize", target_quantize,
-            *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
+        if remote:
+            tgt = WorkerClient(ctx, "target", target_address, None, keys=client_keys)
+        else:
+            tgt = _spawn(ctx, "target", run_dir, [
+                "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
+                "--backend", backend, "--quantize", target_quantize,
+                *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
         dft = None
         if draft_path is not None:
@@ -94,27 +114,30 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
         elif replay is not None and config.replay_model:  # identity from its own model
             dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device), config)
             clients.append(dft)
-        hs_tgt = _handshake(tgt, config)
+        hs_tgt = _connect(tgt, config) if remote else _handshake(tgt, config)
+        liveness.watch(tgt)  # only now: a worker binds its socket after loading its model
         if replay is not None and dft is None:  # no model: it takes the target's identity
             dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device) + [
                 "--vocab-size", str(hs_tgt.vocab_size), "--tokenizer-hash", hs_tgt.tokenizer_hash], config)
             clients.append(dft)
         hs_dft = _handshake(dft, config) if dft else None
+        if dft is not None:
+            liveness.watch(dft)
         if hs_dft is not None:
             check_compatible(hs_tgt, hs_dft)
-        from dovetail.workers.hf import load_tokenizer
-        tokenizer = load_tokenizer(target_path)
+        tokenizer = _tokenizer(target_path, draft_path, hs_tgt) if remote else _local_tokenizer(target_path)
     except BaseException:
+        liveness.stop()
         for c in clients:
             c.close()
         ctx.term()
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    log.info("target %s on CPUs %s; draft %s on %s; overlap %s", hs_tgt.model,
-             format_cpus(cpus) if cpus else "all", hs_dft.model if hs_dft else "none",
-             hs_dft.device if hs_dft else "-", overlap)
+    log.info("target %s on %s; draft %s on %s; overlap %s", hs_tgt.model,
+             target_address or f"CPUs {format_cpus(cpus) if cpus else 'all'}",
+             hs_dft.model if hs_dft else "none", hs_dft.device if hs_dft else "-", overlap)
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
-                       context=ctx, run_dir=run_dir)
+                       context=ctx, run_dir=run_dir, liveness=liveness)
 
 
 def pick_backend(chosen: str, target_path) -> str:
@@ -176,6 +199,10 @@ def _spawn(ctx, role: str, run_dir: Path, args: list[str], config: CoordinatorCo
     cmd = [sys.executable, "-m", f"dovetail.workers.{role}", "--bind", address,
            "--parent-pid", str(os.getpid()), "--log-level", config.log_level,
            "--max-requests", str(config.worker_max_requests), *args]
+    # The kernel's parent-death signal follows the spawning *thread* (workers/lifeline.py):
+    # safe only from the main thread, which lives as long as this process does.
+    if threading.current_thread() is threading.main_thread():
+        cmd.append("--parent-death-signal")
     # torch's OpenMP threads busy-wait after each parallel region by default. Two workers
     # taking turns on the same cores (a CPU draft) then steal each other's time, which
     # makes every round many times slower; passive waiting costs a lone worker little.
@@ -194,3 +221,49 @@ def _handshake(client: WorkerClient, config: CoordinatorConfig) -> Handshake:
         raise WorkerError(client.role, e.code, f"did not start: {e}") from e
     client.vocab_size = hs.vocab_size
     return hs
+
+
+def check_remote(address: str, keys: ClientKeys | None, target_cpus) -> None:
+    """Refuse a remote target setup that could never work, before anything starts."""
+    from dovetail.workers.serve import is_loopback
+    if not address.startswith("tcp://"):
+        raise ValueError(f"target_address must be tcp://HOST:PORT, got {address!r}")
+    if keys is None and not is_loopback(address):
+        raise ValueError(f"{address} is off loopback, where a target worker serves only with CurveZMQ: "
+                         "pass client_keys=ClientKeys(SECRET_FILE, SERVER_PUBLIC_FILE) "
+                         "(dovetail-launch keys writes both)")
+    if target_cpus is not None:
+        raise ValueError("target_cpus is set where the target runs (dovetail-launch --role target --target-cpus)")
+
+
+def _connect(client: WorkerClient, config: CoordinatorConfig) -> Handshake:
+    """Handshake with a remote target; silence there means a wrong address, key or firewall."""
+    hello = Handshake(role="coordinator", vocab_size=0, tokenizer_hash="", hidden_size=0, dtype="",
+                      feature_codec=config.feature_codec, pid=os.getpid())
+    try:
+        hs = client.call(hello, Handshake, config.connect_timeout_s, "connect_timeout_s")
+    except WorkerError as e:
+        raise WorkerError(client.role, e.code, f"no handshake from {client.address}: {e}. Check that "
+                          "`dovetail-launch --role target` serves there, that the firewall lets this host "
+                          "reach its port, and that its --curve-allow folder holds this client's public "
+                          "key and client_keys the worker's public key (CurveZMQ failures are silent)") from e
+    client.vocab_size = hs.vocab_size
+    return hs
+
+
+def _local_tokenizer(target_path):
+    from dovetail.workers.hf import load_tokenizer
+    return load_tokenizer(target_path)
+
+
+def _tokenizer(target_path, draft_path, hs_target: Handshake):
+    """The remote target's tokenizer from a local copy: the target's own files, else the draft's
+    (its handshake hash equals the target's), else None (token ids only)."""
+    from dovetail.workers.hf import load_tokenizer, tokenizer_hash
+    if target_path is None:
+        return load_tokenizer(draft_path) if draft_path is not None else None
+    tok = load_tokenizer(target_path)
+    if tokenizer_hash(tok, hs_target.vocab_size) != hs_target.tokenizer_hash:
+        raise HandshakeMismatch(f"the tokenizer of {target_path} is not the remote target's "
+                                f"({hs_target.model}, tokenizer hash {hs_target.tokenizer_hash})")
+    return tok

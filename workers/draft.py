@@ -20,6 +20,7 @@ from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
 from dovetail.workers.hf import CausalLM, choose_dtype, load_tokenizer, tokenizer_hash
+from dovetail.workers.lifeline import check_heartbeat_timeout
 from dovetail.security import ServerKeys, server_keys
 from dovetail.workers.serve import (
     RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
@@ -39,6 +40,8 @@ class DraftConfig:
     backend: str = "transformers"
     max_requests: int = 256
     parent_pid: int = 0
+    parent_death_signal: bool = False  # also prctl(PR_SET_PDEATHSIG) (workers/lifeline.py)
+    heartbeat_timeout: float = 0.0     # exit after this long without a coordinator's message (0: never)
     log_level: str = "info"
     curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
     curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
@@ -46,6 +49,7 @@ class DraftConfig:
 
     def __post_init__(self):
         self.keys = server_keys(self.curve_secret, self.curve_allow)
+        check_heartbeat_timeout(self.heartbeat_timeout)
         check_bind(self.bind, self.keys)
         check_placement(self.device, self.layers)
         self.cpus = parse_cpus(self.cpus)
@@ -258,7 +262,8 @@ def main(argv=None) -> None:
     else:
         lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus)
         tok_hash = tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
-    serve(cfg.bind, DraftHandler(lm, cfg, tok_hash), parent_pid=cfg.parent_pid, keys=cfg.keys)
+    serve(cfg.bind, DraftHandler(lm, cfg, tok_hash), parent_pid=cfg.parent_pid, keys=cfg.keys,
+          heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal)
 
 if __name__ == "__main__":
     main()

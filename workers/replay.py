@@ -29,6 +29,7 @@ import numpy as np
 
 from dovetail.protocol import Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened
 from dovetail.cpus import parse_cpus
+from dovetail.workers.lifeline import check_heartbeat_timeout
 from dovetail.security import ServerKeys, server_keys
 from dovetail.workers.draft import apply_request, check_placement, load_draft_model
 from dovetail.workers.serve import RequestError, check_bind, parse_config, serve, setup_logging, worker_parser
@@ -98,6 +99,8 @@ class ReplayConfig:
     cpus: list[int] | None = None
     max_requests: int = 256
     parent_pid: int = 0
+    parent_death_signal: bool = False  # also prctl(PR_SET_PDEATHSIG) (workers/lifeline.py)
+    heartbeat_timeout: float = 0.0     # exit after this long without a coordinator's message (0: never)
     log_level: str = "info"
     curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
     curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
@@ -105,6 +108,7 @@ class ReplayConfig:
 
     def __post_init__(self):
         self.keys = server_keys(self.curve_secret, self.curve_allow)
+        check_heartbeat_timeout(self.heartbeat_timeout)
         check_bind(self.bind, self.keys)
         check_placement(self.device, self.layers)
         self.cpus = parse_cpus(self.cpus)
@@ -267,7 +271,8 @@ def main(argv=None) -> None:
         lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus, role="replay draft")
         vocab = vocab or lm.vocab_size
         tok_hash = tok_hash or tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
-    serve(cfg.bind, ReplayHandler(cfg, vocab, tok_hash, lm), parent_pid=cfg.parent_pid, keys=cfg.keys)
+    serve(cfg.bind, ReplayHandler(cfg, vocab, tok_hash, lm), parent_pid=cfg.parent_pid, keys=cfg.keys,
+          heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal)
 
 
 if __name__ == "__main__":

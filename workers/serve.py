@@ -1,14 +1,19 @@
-"""The worker loop shared by both roles: one ROUTER socket, decode, dispatch, reply.
+"""The worker loop shared by every role: one ROUTER socket, decode, dispatch, reply.
 
-Compute happens on this thread; ZeroMQ's own I/O thread keeps receiving meanwhile. Bad
-frames and failing requests are answered with an Error and the loop goes on serving.
+The main thread does the socket I/O; the handler (the model) runs on a compute thread,
+one message at a time in arrival order, and hands its replies back through a queue and
+a wake-up pipe. So a worker deep in a long prefill still answers the coordinator's
+liveness heartbeats (sent from sockets whose routing id starts with HEARTBEAT_ID_PREFIX)
+at once: busy is not hung. A SIGSTOPped or dead worker answers nothing. Every other
+message, a Heartbeat on a request socket included, is handled in order. Bad frames and
+failing requests are answered with an Error and the loop goes on serving.
 """
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
+import queue
 import threading
 import time
 
@@ -19,12 +24,16 @@ from dovetail.protocol import (
     configure_socket, decode, encode,
 )
 from dovetail.security import KEYS_COMMAND, ServerKeys, curve_server, start_authenticator
+from dovetail.workers.args import parse_config, setup_logging, worker_parser  # noqa: F401 (the roles import them from here)
+from dovetail.workers.lifeline import SilenceClock, exit_on_sigterm, watch_parent
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 100             # how often the loop wakes to check for a stop request
-PARENT_POLL_S = 0.5       # how often a worker checks that its coordinator still lives
+POLL_MS = 100             # how often the loop wakes to check for a stop request or silence
+COMPUTE_JOIN_S = 3.0      # on exit, how long the request in progress may take to finish
+MAX_BACKLOG = 1000        # messages queued for the compute thread before reading pauses (ZeroMQ's own HWM)
 LOOPBACK_NAMES = ("localhost",)  # besides 127.0.0.0/8 and ::1
+HEARTBEAT_ID_PREFIX = b"dvt-hb:"  # routing ids of the coordinator's heartbeat sockets
 
 
 class RequestError(Exception):
@@ -35,28 +44,14 @@ class RequestError(Exception):
         self.req_id, self.code = req_id, code
 
 
-def watch_parent(parent_pid: int, on_orphaned) -> None:
-    """Exit when the coordinator that started us is gone (we get re-parented)."""
-    if parent_pid <= 0:
-        return
-
-    def loop():
-        while True:
-            if os.getppid() != parent_pid:
-                log.warning("coordinator (pid %d) is gone; exiting", parent_pid)
-                on_orphaned()
-                os._exit(0)
-            time.sleep(PARENT_POLL_S)
-
-    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
-
-
 def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME_BYTES,
-          keys: ServerKeys | None = None) -> None:
-    """Serve ``handler`` on ``bind`` until a Shutdown arrives.
+          keys: ServerKeys | None = None, heartbeat_timeout: float = 0.0,
+          parent_death_signal: bool = False) -> None:
+    """Serve ``handler`` on ``bind`` until a Shutdown arrives (or the coordinator is gone).
 
     With ``keys`` the socket is a CURVE server and a ZAP authenticator on this context
-    lets in only the allowlisted client keys.
+    lets in only the allowlisted client keys. ``heartbeat_timeout`` > 0: return after that
+    many seconds without a message from any coordinator (workers/lifeline.py).
     """
     check_bind(bind, keys)
     ctx = zmq.Context()
@@ -73,28 +68,138 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
         _close(ctx, sock, auth)
         raise
     ipc_path = bind[len("ipc://"):] if bind.startswith("ipc://") else None
-    watch_parent(parent_pid, on_orphaned=lambda: ipc_path and _unlink(ipc_path))
+    exit_on_sigterm()
+    watch_parent(parent_pid, on_orphaned=lambda: ipc_path and _unlink(ipc_path),
+                 death_signal=parent_death_signal)
     curve = f" with CurveZMQ, {len(keys.allowed)} allowed client key(s)" if keys else ""
     log.info("%s worker serving on %s%s (pid %d)", handler.role, bind, curve, os.getpid())
+    compute = Compute(handler, max_bytes)
     try:
-        while True:
-            if not sock.poll(POLL_MS):
-                continue
-            frames = sock.recv_multipart(copy=True)
-            peer, body = frames[0], frames[1:]
-            reply = _dispatch(handler, body, max_bytes)
-            if reply is _STOP:
-                log.info("%s worker: shutdown requested", handler.role)
-                return
-            if reply is not None:
-                sock.send_multipart([peer, *_encode_reply(reply)])
+        _io_loop(sock, compute, handler.role, SilenceClock(heartbeat_timeout))
+        if compute.error is not None:
+            raise compute.error
     finally:
+        compute.stop()
         _close(ctx, sock, auth)
         if ipc_path:
             _unlink(ipc_path)
 
 
 _STOP = object()
+
+
+class Compute:
+    """The handler on its own thread: messages in arrival order, encoded replies out."""
+
+    def __init__(self, handler, max_bytes: int):
+        self.handler, self.max_bytes = handler, max_bytes
+        self.error: BaseException | None = None
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        # A pipe, not a zmq socket, wakes the I/O thread: a socket would belong to this
+        # thread and block the context's term() if a request outlives COMPUTE_JOIN_S.
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        self.thread = threading.Thread(target=self._run, name=f"{handler.role}-compute", daemon=True)
+        self.thread.start()
+
+    def submit(self, peer: bytes, body: list[bytes]) -> None:
+        self.inbox.put((peer, body))
+
+    def full(self) -> bool:
+        return self.inbox.qsize() >= MAX_BACKLOG
+
+    def replies(self):
+        """(peer, frames or _STOP) for every reply ready now."""
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                yield self.outbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(COMPUTE_JOIN_S)
+        if self.thread.is_alive():
+            log.warning("the request in progress did not finish within %g s; leaving it", COMPUTE_JOIN_S)
+            return  # the process is about to exit: the pipe goes with it
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug outside _dispatch's net: the worker must not hang on
+            log.exception("%s worker: the compute thread failed", self.handler.role)
+            self.error = e
+            self.outbox.put((b"", _STOP))
+            os.write(self.wake_w, b"!")
+
+    def _loop(self) -> None:
+        while (item := self.inbox.get()) is not None:
+            peer, body = item
+            reply = _dispatch(self.handler, body, self.max_bytes)
+            out = reply if reply is _STOP or reply is None else _encode_reply(reply)
+            if out is not None:
+                self.outbox.put((peer, out))
+                os.write(self.wake_w, b"!")
+            if reply is _STOP:
+                return
+
+
+def _io_loop(sock: zmq.Socket, compute: Compute, role: str, silence: SilenceClock) -> None:
+    poller, replies_only = zmq.Poller(), zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    for p in (poller, replies_only):
+        p.register(compute.wake_r, zmq.POLLIN)
+    while True:
+        # A full backlog leaves messages in ZeroMQ's queue, which is bounded (its HWM): a
+        # flood of requests must not grow this process's memory without limit.
+        events = dict((replies_only if compute.full() else poller).poll(POLL_MS))
+        if sock in events:
+            for peer, body in _receive_all(sock, compute):
+                silence.heard()
+                pong = _liveness_reply(peer, body)
+                if pong is not None:
+                    sock.send_multipart([peer, *pong])
+                else:
+                    compute.submit(peer, body)
+        if compute.wake_r in events:
+            for peer, frames in compute.replies():
+                if frames is _STOP:
+                    if compute.error is None:
+                        log.info("%s worker: shutdown requested", role)
+                    return
+                sock.send_multipart([peer, *frames])
+        if silence.expired():
+            log.warning("%s worker: no coordinator has sent anything for %g s (--heartbeat-timeout); exiting",
+                        role, silence.timeout_s)
+            return
+
+
+def _receive_all(sock: zmq.Socket, compute: Compute):
+    while not compute.full():
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        yield frames[0], frames[1:]
+
+
+def _liveness_reply(peer: bytes, body: list[bytes]) -> list[bytes] | None:
+    """The encoded answer to a heartbeat socket's Heartbeat; None for anything else."""
+    if not peer.startswith(HEARTBEAT_ID_PREFIX):
+        return None
+    try:
+        msg = decode(body)
+    except ProtocolError:
+        return None  # the compute thread answers it with the usual Error, in turn
+    return encode(Heartbeat(seq=msg.seq, time=time.time())) if isinstance(msg, Heartbeat) else None
 
 
 def _close(ctx: zmq.Context, sock: zmq.Socket, auth) -> None:
@@ -146,31 +251,6 @@ def _unlink(path: str) -> None:
         pass
 
 
-def worker_parser(role: str, description: str) -> argparse.ArgumentParser:
-    """The flags every worker takes; each role adds its own."""
-    p = argparse.ArgumentParser(prog=f"python -m dovetail.workers.{role}", description=description)
-    p.add_argument("--bind", required=True, help="address to serve on (ipc://PATH or tcp://HOST:PORT)")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 | float64 (auto: bf16 where the device has it)")
-    p.add_argument("--cpus", default=None, help="CPUs to pin to, e.g. '0-31' or '0,2,4' (default: all)")
-    p.add_argument("--max-requests", type=int, default=256, help="most requests open at once")
-    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone (0: never)")
-    p.add_argument("--log-level", default="info", help="debug | info | warning")
-    p.add_argument("--curve-secret", default=None, metavar="FILE",
-                   help=f"this worker's CurveZMQ secret key file (needed for tcp:// off loopback; {KEYS_COMMAND} writes it)")
-    p.add_argument("--curve-allow", default=None, metavar="DIR",
-                   help="folder of client public keys (*.key) allowed to connect; goes with --curve-secret")
-    return p
-
-
-def parse_config(config_cls, parser: argparse.ArgumentParser, argv=None):
-    """Parse the command line straight into the role's config dataclass (validated there)."""
-    args = vars(parser.parse_args(argv))
-    try:
-        return config_cls(**{k.replace("-", "_"): v for k, v in args.items()})
-    except ValueError as e:
-        parser.error(str(e))  # usage and the reason, exit code 2: a bad flag needs no traceback
-
-
 def check_bind(bind: str, keys: ServerKeys | None = None) -> None:
     """Refuse addresses we cannot serve on, and tcp:// off loopback without CURVE keys."""
     if not bind.startswith(("ipc://", "tcp://", "inproc://")):
@@ -195,9 +275,3 @@ def is_loopback(tcp_address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def setup_logging(level: str, role: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")

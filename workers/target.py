@@ -19,9 +19,10 @@ from dovetail.protocol import (
     encode_features,
 )
 from dovetail.verify import accept_greedy, accept_sampled, target_probs
-from dovetail.workers.backend import HFBackend, TargetBackend
 from dovetail.security import ServerKeys, server_keys
+from dovetail.workers.backend import HFBackend, TargetBackend
 from dovetail.workers.hf import choose_dtype
+from dovetail.workers.lifeline import check_heartbeat_timeout
 from dovetail.workers.quant import check_quantize
 from dovetail.workers.serve import (
     RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
@@ -45,6 +46,8 @@ class TargetConfig:
     quantize: str = "none"
     max_requests: int = 256
     parent_pid: int = 0
+    parent_death_signal: bool = False  # also prctl(PR_SET_PDEATHSIG) (workers/lifeline.py)
+    heartbeat_timeout: float = 0.0     # exit after this long without a coordinator's message (0: never)
     log_level: str = "info"
     curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
     curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
@@ -52,6 +55,7 @@ class TargetConfig:
 
     def __post_init__(self):
         self.keys = server_keys(self.curve_secret, self.curve_allow)
+        check_heartbeat_timeout(self.heartbeat_timeout)
         check_bind(self.bind, self.keys)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -209,7 +213,8 @@ def main(argv=None) -> None:
         from dovetail.workers.calibrate import load_or_measure
         handler.verify_us = load_or_measure(backend, cfg.model, cfg.backend, backend.identity.dtype, len(pinned))
     try:
-        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys)
+        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys,
+              heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal)
     finally:
         backend.close()
 

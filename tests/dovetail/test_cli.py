@@ -75,3 +75,37 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--target", tmp_path / "nope", "--no-draft", "--prompt", PROMPT)
     assert rc == 1
     assert "nope" in err
+
+
+def test_target_and_draft_roles_on_two_ports_give_the_same_text(models, reference, capsys, tmp_path):
+    """--role target in a process of its own on tcp:// with CurveZMQ, --role draft here: the
+    text (tokenizer from the draft, no --target) is the one-host run's, and the target exits
+    when this coordinator closes."""
+    import os
+    import socket
+    import subprocess
+
+    from dovetail.security import write_keys
+    target, draft, _ = models
+    keys = write_keys(tmp_path / "keys")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dovetail.cli", "--role", "target", "--listen", address, "--target", str(target),
+         "--dtype", "float64", "--curve-secret", str(keys["worker"]["secret"]),
+         "--curve-allow", str(keys["worker"]["allow"])],
+        stdin=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    try:
+        me = keys["coordinator"]
+        rc, out, err = run_cli(capsys, "--role", "draft", "--connect", address, "--draft", draft,
+                               "--curve-client-secret", me["secret"], "--curve-server-public", me["server_public"],
+                               "--prompt", PROMPT)
+        assert rc == 0, err
+        assert out.strip("\n") == reference
+        assert "tok/s" in err
+        assert worker.wait(15) == 0  # Shutdown from the closing coordinator
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)

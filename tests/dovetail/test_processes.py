@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 import dovetail
+from dovetail.client import WorkerUnresponsive
 from dovetail.protocol import HandshakeMismatch
 
 pytestmark = pytest.mark.timeout(90)
@@ -112,6 +113,8 @@ def test_sigkilled_coordinator_takes_its_workers_down(tiny_target, tiny_draft_ne
         assert set(workers) == {"target", "draft"} and all(pids.alive(p) for p in workers.values())
         assert all(psutil.Process(p).ppid() == script.pid for p in workers.values())
         assert affinity(workers["target"]) == [CPUS[0]] and affinity(workers["draft"]) == [CPUS[0]]
+        # Spawned from the main thread: the kernel's parent-death signal backs the pid watch.
+        assert all("--parent-death-signal" in psutil.Process(p).cmdline() for p in workers.values())
 
         script.kill()  # SIGKILL: no close(), no atexit, nothing
         script.wait(10)
@@ -204,6 +207,38 @@ def test_stalled_target_times_out_and_the_coordinator_recovers(pinned, pids):
     assert pids.alive(target)
     r = pinned.generate(PROMPT, max_new_tokens=24)
     assert r.token_ids == expected and not r.stats.draft_fallback
+
+
+@pytest.mark.timeout(60)
+def test_hung_target_is_caught_by_missed_heartbeats(pinned, pids):
+    """SIGSTOP with the default verify_timeout_s (120 s): the heartbeats, not the timeout,
+    end the request, within heartbeat_interval_s x heartbeat_liveness plus one interval and
+    slack, with one error that names both settings. Resumed, the target serves again."""
+    cfg = pinned.config
+    target = pinned.worker_pids["target"]
+    expected = pinned.generate(PROMPT, max_new_tokens=24).token_ids
+    assert cfg.verify_timeout_s >= 60
+    bound = cfg.liveness_window_s + cfg.heartbeat_interval_s + 2.0
+    stream = pinned.stream(PROMPT, max_new_tokens=24)
+    got = list(next(stream).token_ids)
+    os.kill(target, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(dovetail.WorkerError) as caught:
+            for chunk in stream:
+                got.extend(chunk.token_ids)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(target, signal.SIGCONT)
+    assert elapsed < bound, f"noticed after {elapsed:.1f} s, bound {bound:.1f} s"
+    assert type(caught.value) is WorkerUnresponsive and caught.value.role == "target"
+    assert "heartbeat_interval_s" in str(caught.value) and "heartbeat_liveness" in str(caught.value)
+    assert got == expected[:len(got)]
+    deadline = time.monotonic() + 10  # cleared by its next answered heartbeat
+    while pinned.target.unresponsive is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pinned.generate(PROMPT, max_new_tokens=24).token_ids == expected
+    assert pids.alive(target)
 
 
 # The last two tests share ``pinned`` in this order: kill its target, then close it.
