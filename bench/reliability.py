@@ -96,6 +96,34 @@ def coordinator_killed(target, draft) -> dict:
             "recovery_s": time.monotonic() - t0, "workers_left": sum(_alive(p) for p in pids)}
 
 
+def malformed_flood(target, draft, n: int = 1000) -> dict:
+    """n malformed frames straight at the target worker's socket, then a normal request."""
+    import random
+
+    import psutil
+    import zmq
+
+    from dovetail.protocol import HEADER, PROTOCOL_TAG, PROTOCOL_VERSION, Error, decode
+    rng = random.Random(0)
+    with dovetail.launch(target, draft, **OPTIONS) as coord:
+        before = coord.generate([3, 4, 5], max_new_tokens=16).token_ids
+        proc = psutil.Process(coord.worker_pids["target"])
+        rss0 = proc.memory_info().rss
+        sock = coord._ctx.socket(zmq.DEALER)
+        sock.connect(coord.target.address)
+        t0, rejected = time.monotonic(), 0
+        for i in range(n):
+            head = HEADER.pack(PROTOCOL_TAG, PROTOCOL_VERSION if i % 4 else 99, rng.randrange(1, 12))
+            sock.send_multipart([head, bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 300)))])
+            if sock.poll(5000) and isinstance(decode(sock.recv_multipart()), Error):
+                rejected += 1
+        sock.close(linger=0)
+        after = coord.generate([3, 4, 5], max_new_tokens=16).token_ids
+        grown = (proc.memory_info().rss - rss0) >> 20
+    return {"requests": 1, "completed_identical": int(after == before), "errors": 0, "tokens_lost": 0,
+            "recovery_s": 0.0, "rejected": rejected, "rss_growth_mib": grown, "seconds": time.monotonic() - t0}
+
+
 def _alive(pid: int) -> bool:
     import psutil
     try:
@@ -108,7 +136,7 @@ SCENARIOS = {
     "draft SIGKILL": ("draft", signal.SIGKILL, {}),
     "draft SIGSTOP (hung)": ("draft", signal.SIGSTOP, {}),
     "target SIGKILL": ("target", signal.SIGKILL, {}),
-    "target SIGSTOP (hung)": ("target", signal.SIGSTOP, {"verify_timeout_s": 2.0}),
+    "target SIGSTOP (hung)": ("target", signal.SIGSTOP, {}),  # caught by missed heartbeats
 }
 
 
@@ -132,6 +160,8 @@ def main(argv=None) -> int:
         rows = {name: run_with_fault(target, draft, role, sig, opts)
                 for name, (role, sig, opts) in SCENARIOS.items()}
         rows["coordinator SIGKILL"] = coordinator_killed(target, draft)
+        flood = malformed_flood(target, draft)
+        rows[f"1000 malformed frames ({flood['rejected']} rejected, RSS +{flood['rss_growth_mib']} MiB)"] = flood
     table = markdown(rows)
     print(table)
     if args.out:
