@@ -87,3 +87,50 @@ def test_target_killed_mid_run_every_request_ends_with_one_error_fast(launch_tra
     finally:
         coord.close()
     assert not pids.wait_gone(list(coord.worker_pids.values()), 5.0)  # no orphan draft
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_remote_target_fault_ends_every_request_and_frees_the_port(launch_tracked, tiny_target,
+                                                                   tiny_draft_near, pids, fault):
+    """A target worker on tcp:// (as on another host): killed or hung mid-run, every request
+    ends with one error within 5 s, nothing is left running, and its port binds again."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    worker = subprocess.Popen([sys.executable, "-m", "dovetail.workers.target", "--bind", address,
+                               "--model", str(tiny_target), "--dtype", "float64", "--no-calibrate",
+                               "--log-level", "warning"],
+                              stdin=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    pids.track(worker.pid)
+    faulted = []
+    try:
+        coord = launch_tracked(None, tiny_draft_near, target_address=address, depth=3, top_k=2, max_nodes=6,
+                               max_active=4)
+        try:
+            handles, events = submit_all(coord, lambda: (os.kill(worker.pid, getattr(signal, fault)),
+                                                         faulted.append(time.monotonic())), max_new=400)
+            for h in handles:
+                with pytest.raises(dovetail.WorkerError, match="target"):
+                    h.result(timeout=30)
+            assert terminal_kinds(events) == [["error"]] * N
+            ended = max(t for ev in events for k, t in ev if k == "error")
+            assert ended - faulted[0] < 5.0, f"last request ended {ended - faulted[0]:.1f} s after the fault"
+        finally:
+            coord.close()
+        assert not pids.wait_gone([coord.worker_pids["draft"]], 5.0)
+    finally:
+        worker.kill()
+        worker.wait(10)
+    import zmq  # a new target worker can serve on the same port (as zmq binds: SO_REUSEADDR)
+    ctx = zmq.Context()
+    try:
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(address)
+        router.close(linger=0)
+    finally:
+        ctx.term()
