@@ -103,7 +103,10 @@ class FeatureDraftHandler:
 
 def add_features(st: FeatureState, msg: DraftRequest, n: int, hidden_size: int) -> None:
     """Store the request's feature rows (positions [n-1-rows, n-1)); require f_0 .. f_{n-2}."""
-    del st.feats[n - 1:]  # positions past the committed ones were never the target's (defensive)
+    # f_p depends on tokens 0..p: rows from base_len on belong to tokens just rolled back,
+    # and a pair (f_t, x_{t+1}) stays valid only while both are (t <= base_len - 2).
+    del st.feats[min(n - 1, msg.base_len):]
+    st.cached = min(st.cached, max(0, msg.base_len - 1))
     if msg.features is not None:
         rows = decode_features(msg.features)
         if rows.ndim != 2 or rows.shape[1] != hidden_size:
