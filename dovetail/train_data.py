@@ -100,7 +100,7 @@ def features_dir(identity, cache_dir=None) -> Path:
     return root / "features" / target_id(identity)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the result may feed autograd as a training target
 def target_hidden(lm, tokens: list[int]) -> torch.Tensor:
     """Final-norm hidden states of one sequence (no KV cache kept)."""
     ids = torch.tensor([tokens], device=lm.device)
@@ -131,20 +131,18 @@ def read_shards(folder: Path) -> list[Sequence]:
 
 def extract_features(lm, token_lists: list[list[int]], folder: Path, shard_size: int = 64,
                      progress: bool = True) -> dict:
-    """Compute and cache hidden states for ``token_lists`` in shards; resumes at the first missing shard.
+    """Compute and cache hidden states for ``token_lists`` in shards; only missing shards are (re)computed.
 
     Returns {"tokens": processed tokens, "seconds": ..., "tokens_per_s": ...} for this run.
     """
     from tqdm import tqdm
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = (len(token_lists) + shard_size - 1) // shard_size
-    done = sum(1 for k in range(n_shards) if (folder / f"shard-{k:05d}.safetensors").exists())
-    todo = token_lists[done * shard_size:]
+    missing = [k for k in range(n_shards) if not (folder / f"shard-{k:05d}.safetensors").exists()]
     total, t0 = 0, time.perf_counter()
-    bar = tqdm(total=sum(map(len, todo)), unit="tok", desc="target hidden states", disable=not progress)
-    for k in range(done, n_shards):
-        if (folder / f"shard-{k:05d}.safetensors").exists():
-            continue
+    todo = sum(len(t) for k in missing for t in token_lists[k * shard_size:(k + 1) * shard_size])
+    bar = tqdm(total=todo, unit="tok", desc="target hidden states", disable=not progress)
+    for k in missing:
         seqs = []
         for toks in token_lists[k * shard_size:(k + 1) * shard_size]:
             seqs.append(Sequence(torch.tensor(toks), target_hidden(lm, toks).float().cpu()))
