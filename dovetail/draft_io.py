@@ -72,6 +72,8 @@ def load_target_pieces(path: str | Path) -> TargetPieces:
     if folder is not None:
         cfg = json.loads((folder / CONFIG).read_text())
         tensors = _read_tensors(folder, ["model.embed_tokens.weight", "lm_head.weight"])
+    if "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors and cfg.get("tie_word_embeddings"):
+        tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]  # tied: saved under one name
     if "model.embed_tokens.weight" in tensors:
         embed = tensors["model.embed_tokens.weight"]
         head = tensors.get("lm_head.weight", embed)  # tied embeddings: one tensor

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
     for _ in range(16):
         toks = torch.randint(0, 64, (int(torch.randint(8, 40, (), generator=gen)),), generator=gen)
         data.append(Sequence(toks, target_hidden(lm, toks.tolist()).float()))
-    return load_target_pieces(path), data
+    return load_target_pieces(path), data, path, lm
 
 
 CFG = dict(lr=3e-3, batch_size=4, seq_len=16, progress=False)
@@ -34,7 +34,7 @@ CFG = dict(lr=3e-3, batch_size=4, seq_len=16, progress=False)
 
 @pytest.mark.parametrize("kind", ["dgf", "eagle"])
 def test_loss_goes_down(tiny, tmp_path, kind):
-    pieces, data = tiny
+    pieces, data, *_ = tiny
     model = new_feature_draft(pieces, kind, 1)
     losses = train(model, data, TrainConfig(steps=60, save_every=1000, **CFG), tmp_path)
     assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
@@ -43,7 +43,7 @@ def test_loss_goes_down(tiny, tmp_path, kind):
 
 
 def test_loss_parts(tiny):
-    pieces, data = tiny
+    pieces, data, *_ = tiny
     model = new_feature_draft(pieces)
     toks, hid = data[0].tokens[None, :9], data[0].hidden[None, :9]
     loss, parts = draft_loss(model, toks, hid)
@@ -55,7 +55,7 @@ def test_loss_parts(tiny):
 
 
 def test_resume_continues_from_the_saved_step(tiny, tmp_path):
-    pieces, data = tiny
+    pieces, data, *_ = tiny
     straight = new_feature_draft(pieces, seed=5)
     train(straight, data, TrainConfig(steps=12, save_every=100, **CFG), tmp_path / "straight")
 
@@ -89,3 +89,19 @@ def test_every_cli_flag_has_help():
                 assert action.help, f"{name} {action.option_strings}"
     args = parser.parse_args(["train", "--target", "t", "--out", "o", "--kind", "eagle", "--layers", "1"])
     assert (args.kind, args.layers, args.resume) == ("eagle", 1, True)
+
+
+def test_train_command_reads_the_feature_cache_and_resumes(tiny, tmp_path, capsys):
+    import json
+    from dovetail.train_cli import main
+    from dovetail.train_data import extract_features, features_dir
+    pieces, data, path, lm = tiny
+    extract_features(lm, [s.tokens.tolist() for s in data], features_dir(pieces.identity, tmp_path), progress=False)
+    args = ["train", "--target", str(path), "--cache-dir", str(tmp_path), "--out", str(tmp_path / "d"),
+            "--seq-len", "8", "--batch-size", "2", "--lr", "1e-3", "--save-every", "2", "--layers", "2"]
+    main(args + ["--steps", "4"])
+    assert json.loads(capsys.readouterr().out)["steps_run"] == 4
+    main(args + ["--steps", "6", "--layers", "1"])  # resumes: the saved run's shape wins
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps_run"] == 2 and out["last_loss"] > 0
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["num_layers"] == 2
