@@ -128,14 +128,17 @@ def run_eval(args) -> dict:
     _, held = training_records(target, args.max_len, args.prompts, held=True)
     shape = {k: v for k, v in (("depth", args.depth), ("top_k", args.top_k), ("max_nodes", args.max_nodes))
              if v is not None}
-    rounds = accepted = 0
+    rounds = accepted = drafted = fallbacks = 0
     with dovetail.launch(target, f"feature:{args.draft}", draft_device=args.draft_device, **shape) as coord:
         for record, _ in held:
             first_user = next(m for m in to_messages(record) if m["role"] == "user")
             r = coord.generate([first_user], max_new_tokens=args.max_new_tokens)
             rounds += r.stats.rounds
             accepted += r.stats.accepted
-    return {"prompts": len(held), "rounds": rounds, "mean_accepted": accepted / rounds if rounds else 0.0}
+            drafted += r.stats.drafted
+            fallbacks += r.stats.draft_fallback  # a failing draft would make the mean meaningless
+    return {"prompts": len(held), "rounds": rounds, "drafted": drafted, "draft_fallbacks": fallbacks,
+            "mean_accepted": accepted / rounds if rounds else 0.0}
 
 
 def main(argv=None) -> None:
