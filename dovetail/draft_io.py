@@ -101,10 +101,10 @@ def check_target(draft: TargetIdentity, target: TargetIdentity, where: str = "")
 
 def new_feature_draft(target: TargetPieces, kind: str = "dgf", num_layers: int = 1,
                       intermediate_size: int | None = None, seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> FeatureDraft:
+                      dtype: torch.dtype = torch.float32, draft_vocab: list[int] | None = None) -> FeatureDraft:
     """A randomly initialised draft for ``target`` (the start of training)."""
     cfg = DraftModelConfig(target=target.identity, target_config=target.config, kind=kind,
-                           num_layers=num_layers, intermediate_size=intermediate_size)
+                           num_layers=num_layers, intermediate_size=intermediate_size, draft_vocab=draft_vocab)
     torch.manual_seed(seed)
     model = FeatureDraft(cfg, target.embed.float(), target.head.float())
     init_weights(model, float(target.config.get("initializer_range", 0.02)))

@@ -53,7 +53,9 @@ class DraftModelConfig:
     kind: str = "dgf"
     num_layers: int = 1
     intermediate_size: int | None = None  # None: the target's FFN width
-    draft_vocab: list[int] | None = field(default=None, repr=False)  # reserved: reduced LM head
+    # A reduced LM head: only these target token ids (the most frequent ones) get logits;
+    # the head costs vocab x hidden per position, the biggest part of a small draft's step.
+    draft_vocab: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if isinstance(self.target, dict):
@@ -66,6 +68,10 @@ class DraftModelConfig:
             raise ValueError("the EAGLE baseline has exactly one decoder layer")
         if self.intermediate_size is not None and self.intermediate_size < 1:
             raise ValueError("intermediate_size must be positive")
+        if self.draft_vocab is not None:
+            ids = self.draft_vocab
+            if not ids or len(set(ids)) != len(ids) or not all(0 <= i < self.target.vocab_size for i in ids):
+                raise ValueError(f"draft_vocab must be distinct token ids in [0, {self.target.vocab_size})")
         if self.target_config.get("hidden_size") != self.target.hidden_size:
             raise ValueError("target_config and target identity disagree on hidden_size")
 
@@ -151,7 +157,10 @@ class FeatureDraft(nn.Module):
         self.norm = nn.RMSNorm(h, eps=eps)
         # Frozen and not persistent: they come from the target, never from a checkpoint.
         self.register_buffer("embed_weight", embed.detach().clone(), persistent=False)
-        self.register_buffer("head_weight", head.detach().clone(), persistent=False)
+        ids = torch.tensor(config.draft_vocab if config.draft_vocab else range(ident.vocab_size))
+        # logit column i is target token vocab_ids[i] (the identity without a reduced head)
+        self.register_buffer("vocab_ids", ids, persistent=False)
+        self.register_buffer("head_weight", head.detach()[ids].clone(), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -168,6 +177,9 @@ class FeatureDraft(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache=None, allowed: torch.Tensor | None = None, logits: bool = True):
         """Draft positions for rows (f_t, token_{t+1}); rows are one sequence (or [B, n] batches).
+
+        Logit column i stands for target token ``vocab_ids[i]`` (all of them unless the
+        config has a reduced ``draft_vocab``).
 
         ``features`` [..., n, H]; ``tokens`` [..., n] (the *next* tokens); ``positions`` [n]
         (default: after what ``cache`` holds); ``allowed`` [n, past+n] boolean visibility

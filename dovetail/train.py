@@ -53,6 +53,8 @@ def draft_loss(model: FeatureDraft, tokens: torch.Tensor, hidden: torch.Tensor) 
     hidden = hidden.to(model.device, model.dtype)
     pred, logits = model(hidden[:, :-1], tokens[:, 1:])
     goal = hidden[:, 1:]
+    # With a reduced draft vocabulary head_weight has only its rows: the target's
+    # distribution is then the one restricted (renormalised) to the draft's tokens.
     feat = F.smooth_l1_loss(pred.float(), goal.float())
     with torch.no_grad():
         target_p = torch.softmax((goal @ model.head_weight.T).float(), dim=-1)
@@ -132,6 +134,13 @@ def train(model: FeatureDraft, data: list[Sequence], cfg: TrainConfig, out: str 
     bar.close()
     model.eval()
     return losses
+
+
+def frequent_tokens(data: list[Sequence], n: int) -> list[int]:
+    """The n most frequent token ids of the training data (a reduced draft vocabulary)."""
+    counts = torch.bincount(torch.cat([s.tokens for s in data]))
+    n = min(n, int((counts > 0).sum()))
+    return sorted(counts.topk(n).indices.tolist())
 
 
 def check_kind(kind: str, layers: int) -> None:

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=8, help="windows per step")
     tr.add_argument("--seq-len", type=int, default=256, help="positions per window")
     tr.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+    tr.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="reduced LM head: only the N most frequent tokens of the training data (default: all)")
     tr.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
     tr.add_argument("--seed", type=int, default=0, help="initialisation and batch-sampling seed")
     tr.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if --out holds a run")
@@ -97,7 +99,7 @@ def run_extract(args) -> dict:
 def run_train(args) -> dict:
     from dovetail.draft_io import CONFIG, load_feature_draft, load_target_pieces, new_feature_draft
     from dovetail.fetch import resolve_model
-    from dovetail.train import TrainConfig, check_kind, train
+    from dovetail.train import TrainConfig, check_kind, frequent_tokens, train
     from dovetail.train_data import features_dir, read_shards
     check_kind(args.kind, args.layers)
     target = resolve_model(args.target)
@@ -109,7 +111,9 @@ def run_train(args) -> dict:
     if args.resume and (out / CONFIG).exists():  # the saved run decides the shape
         model = load_feature_draft(out, pieces, device=args.device)
     else:
-        model = new_feature_draft(pieces, args.kind, args.layers, args.intermediate_size, args.seed).to(args.device)
+        vocab = frequent_tokens(data, args.draft_vocab) if args.draft_vocab else None
+        model = new_feature_draft(pieces, args.kind, args.layers, args.intermediate_size, args.seed,
+                                  draft_vocab=vocab).to(args.device)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                       save_every=args.save_every, seed=args.seed)
     t0 = time.perf_counter()

@@ -140,7 +140,8 @@ def grow_feature_tree(model, cache, root_hidden: torch.Tensor, root_logits: torc
     for level in range(depth):
         logp = torch.log_softmax(f_logits.float(), dim=-1)
         k = min(top_k, logp.shape[-1])
-        top_lp, top_ids = logp.topk(k, dim=-1)
+        top_lp, top_cols = logp.topk(k, dim=-1)
+        top_ids = model.vocab_ids[top_cols]  # logit columns -> target token ids
         parent_scores = torch.tensor([0.0 if f < 0 else score[f] for f in frontier])[:, None]
         cand = (parent_scores + top_lp.cpu()).flatten()
         best = cand.topk(min(top_k, cand.numel())).indices.tolist()

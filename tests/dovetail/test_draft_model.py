@@ -134,3 +134,18 @@ def test_draft_refuses_a_mismatched_target(pieces, models, tmp_path, other, why)
 def test_missing_checkpoint_is_a_clear_error(tmp_path, models):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_feature_draft(tmp_path, models["target"])
+
+
+def test_reduced_draft_vocabulary(pieces, models, tmp_path):
+    ids = [0, 1, 2, 5, 8, 13, 21, 34, 55, 63]
+    model = new_feature_draft(pieces, draft_vocab=ids)
+    hidden, logits = model(torch.randn(6, H), torch.randint(0, V, (6,)))
+    assert logits.shape == (6, len(ids))
+    assert torch.allclose(logits, hidden @ pieces.head.float()[ids].T, atol=1e-5)
+    assert model.vocab_ids.tolist() == ids
+    save_checkpoint(model, tmp_path)
+    loaded = load_feature_draft(tmp_path, models["target"])
+    assert loaded.config.draft_vocab == ids and loaded.vocab_ids.tolist() == ids
+    for bad in ([], [1, 1], [3, V]):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            new_feature_draft(pieces, draft_vocab=bad)

@@ -8,7 +8,7 @@ import torch
 
 from dovetail.draft_io import load_target_pieces, new_feature_draft
 from dovetail.testing import make_tiny_model
-from dovetail.train import STATE, TrainConfig, draft_loss, train
+from dovetail.train import STATE, TrainConfig, draft_loss, frequent_tokens, train
 from dovetail.train_cli import build_parser
 from dovetail.train_data import Sequence, target_hidden
 from dovetail.workers.hf import CausalLM
@@ -32,10 +32,11 @@ def tiny(tmp_path_factory):
 CFG = dict(lr=3e-3, batch_size=4, seq_len=16, progress=False)
 
 
-@pytest.mark.parametrize("kind", ["dgf", "eagle"])
-def test_loss_goes_down(tiny, tmp_path, kind):
+@pytest.mark.parametrize("kind,vocab", [("dgf", None), ("eagle", None), ("dgf", 24)])
+def test_loss_goes_down(tiny, tmp_path, kind, vocab):
     pieces, data, *_ = tiny
-    model = new_feature_draft(pieces, kind, 1)
+    ids = frequent_tokens(data, vocab) if vocab else None
+    model = new_feature_draft(pieces, kind, 1, draft_vocab=ids)
     losses = train(model, data, TrainConfig(steps=60, save_every=1000, **CFG), tmp_path)
     assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
@@ -71,6 +72,12 @@ def test_resume_continues_from_the_saved_step(tiny, tmp_path):
 
     # Nothing left to do: a finished run runs no step.
     assert train(resumed, data, TrainConfig(steps=12, save_every=4, **CFG), tmp_path / "split") == []
+
+
+def test_frequent_tokens():
+    data = [Sequence(torch.tensor([5, 5, 5, 2, 2, 9]), torch.zeros(6, 4)), Sequence(torch.tensor([2, 7]), torch.zeros(2, 4))]
+    assert frequent_tokens(data, 2) == [2, 5]
+    assert frequent_tokens(data, 10) == [2, 5, 7, 9]  # never more than the tokens seen
 
 
 def test_train_config_is_validated():

@@ -96,6 +96,17 @@ def test_tree_invariants(lm, random_draft, depth, top_k, max_nodes):
     assert h.states[1].cache.get_seq_length() == len(seq) - 1  # tree nodes were not kept
 
 
+def test_reduced_vocabulary_trees_use_target_token_ids(lm, pieces):
+    ids = list(range(1, V, 3))
+    draft = new_feature_draft(pieces, "dgf", 1, seed=2, draft_vocab=ids).double().eval()
+    seq = greedy(lm, PROMPT, 5)
+    p = ask(opened(FeatureDraftHandler(draft, "x")), lm, seq, 0, 1, 3, 3, 8, rows_from=0)
+    assert p.tokens and set(p.tokens) <= set(ids)
+    with torch.no_grad():
+        _, logits = draft(target_hidden(lm, seq)[:-1], torch.tensor(seq[1:]))
+    assert p.tokens[0] == ids[int(logits[-1].argmax())]
+
+
 def test_incremental_and_rolled_back_drafts_equal_a_fresh_draft(lm, random_draft):
     seq = greedy(lm, PROMPT, 12)
     h = opened(FeatureDraftHandler(random_draft, "x"))
