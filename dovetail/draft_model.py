@@ -196,11 +196,12 @@ class FeatureDraft(nn.Module):
             allowed = torch.ones(n, past + n, dtype=torch.bool).tril(past)
         mask = torch.zeros(allowed.shape, dtype=self.dtype)
         mask.masked_fill_(~allowed.cpu(), torch.finfo(self.dtype).min)
+        mask = mask[None, None].to(self.device)
         pos = positions.reshape(1, -1).to(self.device)
         x = self.fusion(f, nn.functional.embedding(ids, self.embed_weight))
         rope = self.rotary(x, pos)
         for layer in self.layers:
-            x = layer(x, attention_mask=mask[None, None].to(self.device), position_ids=pos, cache=cache,
+            x = layer(x, attention_mask=mask, position_ids=pos, cache=cache,
                       use_cache=cache is not None, position_embeddings=rope)
         hidden = self.norm(x)
         out = hidden @ self.head_weight.T if logits else None

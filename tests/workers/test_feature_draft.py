@@ -252,3 +252,14 @@ def test_feature_drafts_are_lossless_and_a_trained_one_is_accepted(coords):
     assert coords["trained"].draft_info.features and not coords["trained"].overlap
     assert accepted["trained"] / rounds["trained"] > 1.5, (accepted, rounds)
     assert accepted["trained"] / rounds["trained"] > accepted["random"] / rounds["random"]
+
+
+def test_draft_worker_flags_for_a_feature_draft(tmp_path):
+    from dovetail.workers.draft import DraftConfig
+    DraftConfig(bind="inproc://d", feature_draft=str(tmp_path), target_model="t")
+    with pytest.raises(ValueError, match="--target-model"):
+        DraftConfig(bind="inproc://d", feature_draft=str(tmp_path))
+    with pytest.raises(ValueError, match="either --model"):
+        DraftConfig(bind="inproc://d", model="m", feature_draft=str(tmp_path), target_model="t")
+    with pytest.raises(ValueError, match="either --model"):
+        DraftConfig(bind="inproc://d")
