@@ -85,19 +85,17 @@ def launch(target, draft=None, *, target_cpus=None, draft_device=None, dtype: st
             *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
         dft = None
+        draft_cpus = parse_cpus(config.draft_cpus) or cpus
+        cpu_flags = ["--cpus", format_cpus(draft_cpus)] if draft_cpus and device == "cpu" else []
         if feature is not None:
             dft = _spawn(ctx, "draft", run_dir, [
                 "--feature-draft", feature, "--target-model", str(target_path), "--dtype", dtype,
-                "--device", device, "--feature-codec", config.feature_codec,
-                *(["--cpus", format_cpus(draft_cpus)] if (draft_cpus := parse_cpus(config.draft_cpus) or cpus)
-                  and device == "cpu" else [])], config)
+                "--device", device, "--feature-codec", config.feature_codec, *cpu_flags], config)
             clients.append(dft)
         elif draft_path is not None:
-            draft_cpus = parse_cpus(config.draft_cpus) or cpus
             dft = _spawn(ctx, "draft", run_dir, [
                 "--model", str(draft_path), "--dtype", dtype, "--device", device, "--backend", draft_backend,
-                *(["--layers", str(config.draft_layers)] if config.draft_layers else []),
-                *(["--cpus", format_cpus(draft_cpus)] if draft_cpus and device == "cpu" else [])], config)
+                *(["--layers", str(config.draft_layers)] if config.draft_layers else []), *cpu_flags], config)
             clients.append(dft)
         elif replay is not None and config.replay_model:  # identity from its own model
             dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device), config)
