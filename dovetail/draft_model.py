@@ -170,6 +170,10 @@ class FeatureDraft(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The frozen target head (its draft_vocab rows) on draft hidden states."""
+        return hidden @ self.head_weight.T
+
     def new_cache(self):
         from transformers import DynamicCache
         return DynamicCache(config=self.lconfig)
@@ -204,5 +208,5 @@ class FeatureDraft(nn.Module):
             x = layer(x, attention_mask=mask, position_ids=pos, cache=cache,
                       use_cache=cache is not None, position_embeddings=rope)
         hidden = self.norm(x)
-        out = hidden @ self.head_weight.T if logits else None
+        out = self.logits(hidden) if logits else None
         return (hidden, out) if batched else (hidden[0], out[0] if out is not None else None)

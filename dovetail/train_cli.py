@@ -133,6 +133,7 @@ def run_eval(args) -> dict:
     shape = {k: v for k, v in (("depth", args.depth), ("top_k", args.top_k), ("max_nodes", args.max_nodes))
              if v is not None}
     rounds = accepted = drafted = fallbacks = 0
+    draft_s = seconds = 0.0
     with dovetail.launch(target, f"feature:{args.draft}", draft_device=args.draft_device, **shape) as coord:
         for record, _ in held:
             first_user = next(m for m in to_messages(record) if m["role"] == "user")
@@ -141,8 +142,12 @@ def run_eval(args) -> dict:
             accepted += r.stats.accepted
             drafted += r.stats.drafted
             fallbacks += r.stats.draft_fallback  # a failing draft would make the mean meaningless
+            draft_s += r.stats.draft_s
+            seconds += r.stats.seconds
     return {"prompts": len(held), "rounds": rounds, "drafted": drafted, "draft_fallbacks": fallbacks,
-            "mean_accepted": accepted / rounds if rounds else 0.0}
+            "mean_accepted": accepted / rounds if rounds else 0.0,
+            "draft_ms_per_round": 1000 * draft_s / rounds if rounds else 0.0,
+            "tokens_per_s": accepted / seconds if seconds else 0.0}
 
 
 def main(argv=None) -> None:

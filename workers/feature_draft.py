@@ -92,9 +92,10 @@ class FeatureDraftHandler:
         CausalLM.crop(st.cache, st.cached)
         f = torch.from_numpy(np.stack(st.feats[st.cached:n - 1]))
         ids = torch.tensor(st.known[st.cached + 1:n])
-        hidden, logits = self.model(f, ids, cache=st.cache)
+        # Logits of the last pair only: the head costs vocab x hidden per row.
+        hidden, _ = self.model(f, ids, cache=st.cache, logits=False)
         st.cached = n - 1
-        tokens, parents = grow_feature_tree(self.model, st.cache, hidden[-1], logits[-1],
+        tokens, parents = grow_feature_tree(self.model, st.cache, hidden[-1], self.model.logits(hidden[-1]),
                                             msg.depth, msg.top_k, msg.max_nodes)
         CausalLM.crop(st.cache, st.cached)  # tree nodes are guesses: never keep them
         return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=tokens, parents=parents,
