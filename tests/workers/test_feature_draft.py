@@ -189,7 +189,8 @@ def coords(launch_all, close_all, target_path, trained, random_draft, tmp_path_f
     shape = dict(depth=4, top_k=2, max_nodes=8)
     cs = launch_all({"base": (target_path, None, {}),
                      "random": (target_path, f"feature:{rand_dir}", shape),
-                     "trained": (target_path, f"feature:{trained[0]}", shape)})
+                     "trained": (target_path, f"feature:{trained[0]}", shape),
+                     "int8": (target_path, f"feature:{trained[0]}", dict(shape, feature_codec="int8"))})
     try:
         yield cs
     finally:
@@ -249,6 +250,12 @@ def test_feature_drafts_are_lossless_and_a_trained_one_is_accepted(coords):
             accepted[draft] += r.stats.accepted
             rounds[draft] += r.stats.rounds
     assert coords["trained"].draft_info.features and not coords["trained"].overlap
+    # int8 features (about half the bytes) reach the draft too, and the output stays exact.
+    for name, prompt in E2E_PROMPTS.items():
+        r = coords["int8"].generate(prompt, max_new_tokens=MAX_NEW)
+        assert r.token_ids == coords["base"].generate(prompt, max_new_tokens=MAX_NEW).token_ids
+        assert not r.stats.draft_fallback and r.stats.mean_accepted > 1.2, (name, r.stats.accept_lengths)
+    assert coords["int8"].draft_info.feature_codec == "int8"
     assert accepted["trained"] / rounds["trained"] > 1.5, (accepted, rounds)
     assert accepted["trained"] / rounds["trained"] > accepted["random"] / rounds["random"]
 
@@ -262,3 +269,12 @@ def test_draft_worker_flags_for_a_feature_draft(tmp_path):
         DraftConfig(bind="inproc://d", model="m", feature_draft=str(tmp_path), target_model="t")
     with pytest.raises(ValueError, match="either --model"):
         DraftConfig(bind="inproc://d")
+
+
+@pytest.mark.timeout(120)
+def test_sampling_with_a_feature_draft_is_deterministic_per_seed(coords):
+    for prompt in E2E_PROMPTS.values():
+        a = coords["trained"].generate(prompt, max_new_tokens=16, temperature=1.0, seed=11)
+        b = coords["trained"].generate(prompt, max_new_tokens=16, temperature=1.0, seed=11)
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 16
+        assert not a.stats.draft_fallback
