@@ -39,6 +39,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     save_every: int = 200         # steps between checkpoints (and at the end)
     seed: int = 0
+    amp: bool = False             # bf16 autocast (weights and optimizer stay fp32): for GPUs
     progress: bool = True
 
     def __post_init__(self):
@@ -118,7 +119,8 @@ def train(model: FeatureDraft, data: list[Sequence], cfg: TrainConfig, out: str 
     t0, tokens = time.perf_counter(), 0
     while step < cfg.steps:
         toks, hid = sample_batch(data, cfg, rng)
-        loss, parts = draft_loss(model, toks, hid)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            loss, parts = draft_loss(model, toks, hid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # early steps on raw features can spike

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reduced LM head: only the N most frequent tokens of the training data (default: all)")
     tr.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
     tr.add_argument("--seed", type=int, default=0, help="initialisation and batch-sampling seed")
+    tr.add_argument("--amp", action="store_true", help="bf16 autocast for the forward/backward (GPU training)")
     tr.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if --out holds a run")
     ev = sub.add_parser("eval", help="mean accepted length on held-out ShareGPT prompts, through the real pipeline")
     add_common(ev)
@@ -115,7 +116,7 @@ def run_train(args) -> dict:
         model = new_feature_draft(pieces, args.kind, args.layers, args.intermediate_size, args.seed,
                                   draft_vocab=vocab).to(args.device)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                      save_every=args.save_every, seed=args.seed)
+                      save_every=args.save_every, seed=args.seed, amp=args.amp)
     t0 = time.perf_counter()
     losses = train(model, data, cfg, out, resume=args.resume)
     secs = time.perf_counter() - t0

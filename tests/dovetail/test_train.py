@@ -32,12 +32,13 @@ def tiny(tmp_path_factory):
 CFG = dict(lr=3e-3, batch_size=4, seq_len=16, progress=False)
 
 
-@pytest.mark.parametrize("kind,vocab", [("dgf", None), ("eagle", None), ("dgf", 24)])
-def test_loss_goes_down(tiny, tmp_path, kind, vocab):
+@pytest.mark.parametrize("kind,vocab,amp", [("dgf", None, False), ("eagle", None, False), ("dgf", 24, False),
+                                            ("dgf", None, True)])
+def test_loss_goes_down(tiny, tmp_path, kind, vocab, amp):
     pieces, data, *_ = tiny
     ids = frequent_tokens(data, vocab) if vocab else None
     model = new_feature_draft(pieces, kind, 1, draft_vocab=ids)
-    losses = train(model, data, TrainConfig(steps=60, save_every=1000, **CFG), tmp_path)
+    losses = train(model, data, TrainConfig(steps=60, save_every=1000, amp=amp, **CFG), tmp_path)
     assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / STATE).exists()  # saved at the end
