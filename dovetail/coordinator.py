@@ -169,7 +169,7 @@ class Coordinator:
         opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed, features), Opened,
                                   cfg.prefill_timeout_s, "prefill_timeout_s")
         stats.prefill_s = opened.seconds
-        drafter = Drafter(self, req, prompt, stats) if self._draft_usable(stats) else None
+        drafter = Drafter(self, req, prompt, stats, opened.features) if self._draft_usable(stats) else None
         committed = list(prompt)
         try:
             while True:

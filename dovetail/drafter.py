@@ -5,7 +5,9 @@ import logging
 import time
 
 from dovetail.client import WorkerDied, WorkerError, WorkerTimeout
-from dovetail.protocol import DraftProposal, DraftRequest, OpenRequest, Opened, VerifyResult
+from dovetail.protocol import (
+    DraftProposal, DraftRequest, Feature, OpenRequest, Opened, VerifyResult, decode_features, encode_features,
+)
 from dovetail.results import Stats
 from dovetail.tree import depths, main_path
 
@@ -17,9 +19,16 @@ class Drafter:
 
     ``synced`` counts the leading committed tokens the draft is known to hold; each request
     to the draft says so (``base_len``), and the draft rolls back whatever lies beyond.
+
+    A feature draft (its handshake says ``features``) also gets the target's hidden states:
+    the prompt's (Opened.features) and each verification's (VerifyResult.features: the
+    root and the accepted nodes). They pile up here until the next DraftRequest carries
+    them, so its rows always cover committed positions up to, not including, the last
+    committed token (the alignment rule in workers/feature_draft.py). Such a draft does
+    not draft ahead (no ``speculate``): it would need features of unverified tokens.
     """
 
-    def __init__(self, coord, req: int, prompt: list[int], stats: Stats):
+    def __init__(self, coord, req: int, prompt: list[int], stats: Stats, features: Feature | None = None):
         self.coord, self.req, self.stats = coord, req, stats
         self.client = coord.draft
         self.cfg = coord.config
@@ -30,6 +39,8 @@ class Drafter:
         self.last_draft_s: float | None = None      # the draft's own seconds for this round
         self.ready: DraftProposal | None = None     # a proposal for the next root, if any
         self.bet: tuple[int, list[int]] | None = None  # (step, main-path tokens) of the overlapped draft
+        self.wants_features = bool(coord.draft_info is not None and coord.draft_info.features)
+        self.features: list[Feature] = [features] if features is not None and self.wants_features else []
         self._guard(lambda: self.client.call(OpenRequest(req, prompt), Opened, self.cfg.draft_timeout_s,
                                              "draft_timeout_s"))
 
@@ -44,7 +55,8 @@ class Drafter:
                 return [], []
             self.step += 1
             msg = DraftRequest(self.req, self.step, self.synced, committed[self.synced:],
-                               depth, self.cfg.top_k, max_nodes)
+                               depth, self.cfg.top_k, max_nodes, features=merge_features(self.features))
+            self.features = []  # sent; if the call fails the draft is dropped for this request
             t0 = time.perf_counter()
             prop = self._guard(lambda: self._call(msg))
             if prop is None:
@@ -64,7 +76,7 @@ class Drafter:
 
     def speculate(self, committed: list[int], tokens: list[int], parents: list[int]) -> None:
         """Start drafting the next round, betting the main path is accepted in full."""
-        if not self.alive or not tokens:
+        if not self.alive or not tokens or self.wants_features:
             return
         path = [tokens[i] for i in main_path(parents)]
         depth, max_nodes = self.shape()
@@ -78,6 +90,8 @@ class Drafter:
 
     def settle(self, committed: list[int], res: VerifyResult, tokens, parents) -> None:
         """After a verification: keep the overlapped draft if the bet won, else resync."""
+        if self.wants_features and res.features is not None:
+            self.features.append(res.features)
         if self.bet is None or not self.alive:
             return
         step, path = self.bet
@@ -133,3 +147,11 @@ def trim_depth(tokens: list[int], parents: list[int], max_depth: int) -> tuple[l
     keep = [i for i in range(len(tokens)) if d[i] <= max_depth]
     index = {old: new for new, old in enumerate(keep)}
     return [tokens[i] for i in keep], [-1 if parents[i] < 0 else index[parents[i]] for i in keep]
+
+
+def merge_features(parts: list[Feature]) -> Feature | None:
+    """One Feature holding the rows of ``parts`` in order (re-encoded only when there are several)."""
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    import numpy as np
+    return encode_features(np.concatenate([decode_features(p) for p in parts]), parts[0].codec)

@@ -35,6 +35,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     ("qwen2.5-coder-1.5b-instruct", fetched once into the cache). ``draft=None`` decodes
     with the target alone, through the same worker: the baseline. ``draft="replay:FILE.json"``
     replays a recorded target output instead (workers/replay.py; see the replay_* options).
+    ``draft="feature:CKPT_DIR"`` runs a feature draft (DGF or EAGLE, trained by dovetail-train
+    for this target; refused for any other) that reads the target's hidden states.
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
     workers. ``backend``: how the target runs, "transformers", "llama.cpp" (a GGUF on
@@ -77,7 +79,13 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     if replay is not None and not Path(replay).is_file():
         raise FileNotFoundError(f"replay script not found: {replay}")
     replay = str(Path(replay).resolve()) if replay is not None else None  # workers may chdir
-    draft_path = resolve_model(str(draft)) if draft is not None and replay is None else None
+    feature = str(draft)[len("feature:"):] if str(draft).startswith("feature:") else None
+    if feature is not None:
+        if not Path(feature).is_dir():
+            raise FileNotFoundError(f"feature-draft checkpoint folder not found: {feature}")
+        feature = str(Path(feature).resolve())
+    draft_path = (resolve_model(str(draft)) if draft is not None and replay is None and feature is None
+                  else None)
     device = _draft_device(draft_device)
     if draft is not None and draft_device is None and device == "cpu":
         log.warning("no GPU found: the draft runs on the CPU, sharing the target's cores")
@@ -89,6 +97,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         config = replace(config, top_k=1)  # llama.cpp drafts grow chains
     config = config.with_tree_defaults(device)
     overlap = config.overlap if config.overlap is not None else device.startswith("cuda")
+    overlap = overlap and feature is None  # a feature draft cannot draft ahead of the target's features
 
     run_dir = Path(tempfile.mkdtemp(prefix="dovetail-"))
     ctx = zmq.Context()
@@ -104,12 +113,17 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
                 *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
         dft = None
-        if draft_path is not None:
-            draft_cpus = parse_cpus(config.draft_cpus) or cpus
+        draft_cpus = parse_cpus(config.draft_cpus) or cpus
+        cpu_flags = ["--cpus", format_cpus(draft_cpus)] if draft_cpus and device == "cpu" else []
+        if feature is not None:
+            dft = _spawn(ctx, "draft", run_dir, [
+                "--feature-draft", feature, "--target-model", str(target_path), "--dtype", dtype,
+                "--device", device, "--feature-codec", config.feature_codec, *cpu_flags], config)
+            clients.append(dft)
+        elif draft_path is not None:
             dft = _spawn(ctx, "draft", run_dir, [
                 "--model", str(draft_path), "--dtype", dtype, "--device", device, "--backend", draft_backend,
-                *(["--layers", str(config.draft_layers)] if config.draft_layers else []),
-                *(["--cpus", format_cpus(draft_cpus)] if draft_cpus and device == "cpu" else [])], config)
+                *(["--layers", str(config.draft_layers)] if config.draft_layers else []), *cpu_flags], config)
             clients.append(dft)
         elif replay is not None and config.replay_model:  # identity from its own model
             dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device), config)

@@ -146,3 +146,7 @@ def check_compatible(target: Handshake, draft: Handshake) -> None:
             f"target {target.model or '(unnamed)'!r} uses feature codec "
             f"{target.feature_codec!r} but draft {draft.model or '(unnamed)'!r} uses "
             f"{draft.feature_codec!r}; both workers must use the same feature codec")
+    if draft.features and draft.hidden_size != target.hidden_size:
+        raise HandshakeMismatch(
+            f"draft {draft.model or '(unnamed)'!r} reads hidden states of size {draft.hidden_size} but "
+            f"target {target.model or '(unnamed)'!r} has hidden size {target.hidden_size}")

@@ -32,7 +32,7 @@ log = logging.getLogger("dovetail.draft")
 @dataclass
 class DraftConfig:
     bind: str
-    model: str
+    model: str | None = None
     device: str = "cpu"
     dtype: str = "auto"
     layers: int | None = None
@@ -45,6 +45,9 @@ class DraftConfig:
     log_level: str = "info"
     curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
     curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
+    feature_draft: str | None = None  # a feature-draft checkpoint folder (instead of --model)
+    target_model: str | None = None   # the target it drafts for: embedding, LM head, identity
+    feature_codec: str = "fp16"       # must match the target's (checked at the handshake)
     keys: ServerKeys | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -52,6 +55,11 @@ class DraftConfig:
         check_heartbeat_timeout(self.heartbeat_timeout)
         check_bind(self.bind, self.keys)
         check_placement(self.device, self.layers)
+        if (self.model is None) == (self.feature_draft is None):
+            raise ValueError("give either --model (a draft LM) or --feature-draft (with --target-model)")
+        if self.feature_draft is not None and (self.target_model is None or self.layers
+                                               or self.backend != "transformers"):
+            raise ValueError("--feature-draft needs --target-model and takes no --layers or --backend")
         self.cpus = parse_cpus(self.cpus)
         if self.backend not in ("transformers", "llama.cpp"):
             raise ValueError(f"--backend must be transformers or llama.cpp, got {self.backend!r}")
@@ -189,8 +197,17 @@ def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k:
 
 
 def forward_nodes(lm: CausalLM, cache, start: int, tok, par, new) -> torch.Tensor:
-    n_cached = cache.get_seq_length() - start  # tree nodes already in the cache, in order
-    assert new[0] == n_cached, "tree nodes enter the cache in creation order"
+    assert new[0] == cache.get_seq_length() - start, "tree nodes enter the cache in creation order"
+    allowed, positions = node_mask(start, tok, par, new)
+    return lm.forward_masked(cache, [tok[n] for n in new], positions, allowed).logits
+
+
+def node_mask(start: int, tok, par, new) -> tuple[torch.Tensor, list[int]]:
+    """Visibility [len(new), cache + new] and positions of a tree level about to be forwarded.
+
+    Each new node sees the ``start`` committed cache entries plus its own ancestors, which
+    sit in the cache in creation order; a node at depth d has position start - 1 + d.
+    """
     total = start + new[-1] + 1
     allowed = torch.zeros(len(new), total, dtype=torch.bool)
     allowed[:, :start] = True
@@ -201,8 +218,7 @@ def forward_nodes(lm: CausalLM, cache, start: int, tok, par, new) -> torch.Tenso
             allowed[row, start + a] = True
             a, d = par[a], d + 1
         depth.append(d)
-    positions = [start - 1 + d for d in depth]
-    return lm.forward_masked(cache, [tok[n] for n in new], positions, allowed).logits
+    return allowed, [start - 1 + d for d in depth]
 
 
 def select_nodes(tok, par, score, max_nodes) -> tuple[list[int], list[int]]:
@@ -226,7 +242,13 @@ def select_nodes(tok, par, score, max_nodes) -> tuple[list[int], list[int]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = worker_parser("draft", __doc__)
-    p.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file (same tokenizer as the target)")
+    p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (same tokenizer as the target)")
+    p.add_argument("--feature-draft", default=None, metavar="CKPT_DIR",
+                   help="a feature-draft checkpoint (dovetail-train) instead of --model: reads the target's hidden states")
+    p.add_argument("--target-model", default=None,
+                   help="with --feature-draft: the target's model folder or .gguf (embedding, LM head, identity)")
+    p.add_argument("--feature-codec", default="fp16", choices=("fp16", "int8"),
+                   help="with --feature-draft: the target's feature codec (must match)")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
     p.add_argument("--layers", type=int, default=None, help="use only the first N decoder layers (a cheaper self-draft)")
     p.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
@@ -255,6 +277,11 @@ def load_draft_model(model: str, device: str, dtype: str, layers: int | None, cp
 def main(argv=None) -> None:
     cfg = parse_config(DraftConfig, build_parser(), argv)
     setup_logging(cfg.log_level, "draft")
+    if cfg.feature_draft is not None:
+        from dovetail.workers.feature_draft import load_handler
+        handler = load_handler(cfg)
+        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys)
+        return
     if cfg.backend == "llama.cpp":
         from dovetail.workers.llama_draft import LlamaDraftLM
         lm = LlamaDraftLM(cfg.model, threads=len(pin_process(cfg.cpus)), n_seqs=cfg.max_requests + 1)

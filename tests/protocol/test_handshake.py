@@ -19,3 +19,11 @@ def test_check_compatible():
         check_compatible(target, Handshake("draft", 151936, "other", 1, "", "fp16"))
     with pytest.raises(HandshakeMismatch, match="feature codec 'fp16'.*'int8'"):
         check_compatible(target, Handshake("draft", 151936, "3f2a9c7d1e", 1, "", "int8", "q"))
+
+
+def test_a_feature_draft_must_match_the_hidden_size():
+    target = Handshake("target", 151936, "3f2a9c7d1e", 896, "bfloat16", "fp16", "qwen-0.5b")
+    ok = Handshake("draft", 151936, "3f2a9c7d1e", 896, "float32", "fp16", "dgf", features=True)
+    check_compatible(target, ok)
+    with pytest.raises(HandshakeMismatch, match="hidden states of size 1536.*hidden size 896"):
+        check_compatible(target, Handshake("draft", 151936, "3f2a9c7d1e", 1536, "", "fp16", "dgf", features=True))

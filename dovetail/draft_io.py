@@ -1,0 +1,158 @@
+"""Feature-draft checkpoints and the target pieces a draft needs (embedding, LM head, identity).
+
+A checkpoint folder holds ``model.safetensors`` (only the trained weights, bf16) and
+``config.json`` (a DraftModelConfig, target identity included). The embedding and LM head
+are never stored: they are read from the target at load time, which is also where a draft
+trained for another target is refused.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dovetail.draft_model import DraftModelConfig, FeatureDraft, TargetIdentity
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+SAVE_DTYPE = torch.bfloat16
+
+
+class TargetMismatch(ValueError):
+    """A feature draft was trained for another target."""
+
+
+@dataclass
+class TargetPieces:
+    identity: TargetIdentity
+    config: dict          # the target's transformers config
+    embed: torch.Tensor   # [vocab, hidden]
+    head: torch.Tensor    # [vocab, hidden]
+
+
+def _hf_folder(path: Path) -> Path | None:
+    """A Hugging Face folder for ``path``: itself, or the de-quantized copy of a GGUF file."""
+    from dovetail.workers.hf import _usable, converted_dir
+    if path.is_dir():
+        return path
+    for dtype in (torch.float32, torch.bfloat16):
+        folder = converted_dir(path, dtype)
+        if _usable(folder):
+            return folder
+    return None
+
+
+def _read_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read only the named tensors from a (possibly sharded) safetensors checkpoint."""
+    from safetensors import safe_open
+    index = folder / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.exists()
+             else {n: WEIGHTS for n in names})
+    out = {}
+    for name in names:
+        if name in where:
+            with safe_open(str(folder / where[name]), "pt") as f:
+                if name in f.keys():
+                    out[name] = f.get_tensor(name)
+    return out
+
+
+def load_target_pieces(path: str | Path) -> TargetPieces:
+    """Identity, config, embedding and LM head of a target (HF folder or GGUF file).
+
+    From a HF folder (or the cached de-quantized copy of a GGUF) only the two tensors are
+    read; otherwise the whole model is loaded once through CausalLM and the rest dropped.
+    """
+    from dovetail.workers.hf import CausalLM, load_tokenizer, tokenizer_hash
+    path = Path(path)
+    folder = _hf_folder(path)
+    tensors = {}
+    if folder is not None:
+        cfg = json.loads((folder / CONFIG).read_text())
+        tensors = _read_tensors(folder, ["model.embed_tokens.weight", "lm_head.weight"])
+    if "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors and cfg.get("tie_word_embeddings"):
+        tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]  # tied: saved under one name
+    if "model.embed_tokens.weight" in tensors:
+        embed = tensors["model.embed_tokens.weight"]
+        head = tensors.get("lm_head.weight", embed)  # tied embeddings: one tensor
+    else:
+        lm = CausalLM.load(path, dtype=torch.float32)
+        cfg = lm.config.to_dict()
+        embed = lm.model.get_input_embeddings().weight.detach()
+        head = lm.model.get_output_embeddings().weight.detach()
+    vocab, hidden = head.shape
+    ident = TargetIdentity(arch=str(cfg.get("model_type", "?")), hidden_size=int(hidden), vocab_size=int(vocab),
+                           tokenizer_hash=tokenizer_hash(load_tokenizer(path), int(vocab)), name=path.name)
+    return TargetPieces(ident, cfg, embed, head)
+
+
+def check_target(draft: TargetIdentity, target: TargetIdentity, where: str = "") -> None:
+    bad = draft.mismatches(target)
+    if bad:
+        raise TargetMismatch(
+            f"feature draft {where or ''} was trained for target {draft.name or '(unnamed)'!r} "
+            f"({draft.arch}, hidden {draft.hidden_size}, vocab {draft.vocab_size}, tokenizer "
+            f"{draft.tokenizer_hash}) but the target is {target.name or '(unnamed)'!r} ({target.arch}, "
+            f"hidden {target.hidden_size}, vocab {target.vocab_size}, tokenizer {target.tokenizer_hash}): "
+            + "; ".join(bad))
+
+
+def new_feature_draft(target: TargetPieces, kind: str = "dgf", num_layers: int = 1,
+                      intermediate_size: int | None = None, seed: int = 0,
+                      dtype: torch.dtype = torch.float32, draft_vocab: list[int] | None = None) -> FeatureDraft:
+    """A randomly initialised draft for ``target`` (the start of training)."""
+    cfg = DraftModelConfig(target=target.identity, target_config=target.config, kind=kind,
+                           num_layers=num_layers, intermediate_size=intermediate_size, draft_vocab=draft_vocab)
+    torch.manual_seed(seed)
+    model = FeatureDraft(cfg, target.embed.float(), target.head.float())
+    init_weights(model, float(target.config.get("initializer_range", 0.02)))
+    return model.to(dtype)
+
+
+@torch.no_grad()
+def init_weights(model: FeatureDraft, std: float) -> None:
+    # Like transformers' init: small normal weights, zero biases, unit norms.
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, std)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)
+
+
+def save_checkpoint(model: FeatureDraft, folder: str | Path) -> Path:
+    """Write the trained weights (bf16) and the config; atomic per file."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", SAVE_DTYPE).contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "dovetail": "feature-draft"})
+    tmp.replace(folder / WEIGHTS)
+    tmp = folder / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(model.config.to_dict(), indent=1))
+    tmp.replace(folder / CONFIG)
+    return folder
+
+
+def read_config(folder: str | Path) -> DraftModelConfig:
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder}: a feature-draft checkpoint needs {CONFIG} and {WEIGHTS}")
+    return DraftModelConfig.from_dict(json.loads((folder / CONFIG).read_text()))
+
+
+def load_feature_draft(folder: str | Path, target: str | Path | TargetPieces, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> FeatureDraft:
+    """Load a checkpoint for ``target`` (a model path or loaded pieces); refuse another target."""
+    from safetensors.torch import load_file
+    cfg = read_config(folder)
+    pieces = target if isinstance(target, TargetPieces) else load_target_pieces(target)
+    check_target(cfg.target, pieces.identity, str(folder))
+    model = FeatureDraft(cfg, pieces.embed.float(), pieces.head.float())
+    weights = load_file(str(Path(folder) / WEIGHTS))
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+    return model.to(device, dtype).eval()

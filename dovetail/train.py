@@ -1,0 +1,152 @@
+"""Train a feature draft for one target: ``dovetail-train extract | train | eval``.
+
+Loss (design notes): SmoothL1(draft hidden, target hidden of the next position)
++ 0.1 x cross-entropy of the draft's logits against the target's own token distribution
+(softmax of the target LM head on its hidden state). AdamW. The draft at pair t sees
+(f_t, x_{t+1}) and must produce f_{t+1}: exactly what the draft worker feeds it.
+
+Checkpoints go to ``--out``: the draft checkpoint (model.safetensors bf16 + config.json,
+what the draft worker loads) and ``train_state.pt`` (fp32 weights, optimizer, step, RNG),
+from which an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from dovetail.draft_io import save_checkpoint
+from dovetail.draft_model import KINDS, FeatureDraft
+from dovetail.train_data import Sequence
+
+log = logging.getLogger("dovetail.train")
+
+STATE = "train_state.pt"
+CE_WEIGHT = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-5
+    batch_size: int = 8
+    seq_len: int = 256            # pairs per training window
+    weight_decay: float = 0.0
+    save_every: int = 200         # steps between checkpoints (and at the end)
+    seed: int = 0
+    amp: bool = False             # bf16 autocast (weights and optimizer stay fp32): for GPUs
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.save_every < 1:
+            raise ValueError("steps, batch_size, save_every must be >= 1 and seq_len >= 2")
+        if not self.lr > 0:
+            raise ValueError("lr must be positive")
+
+
+def draft_loss(model: FeatureDraft, tokens: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Loss on windows: tokens [B, L+1], hidden [B, L+1, H] (target hidden after each token)."""
+    hidden = hidden.to(model.device, model.dtype)
+    pred, logits = model(hidden[:, :-1], tokens[:, 1:])
+    goal = hidden[:, 1:]
+    # With a reduced draft vocabulary head_weight has only its rows: the target's
+    # distribution is then the one restricted (renormalised) to the draft's tokens.
+    feat = F.smooth_l1_loss(pred.float(), goal.float())
+    with torch.no_grad():
+        target_p = torch.softmax((goal @ model.head_weight.T).float(), dim=-1)
+    ce = -(target_p * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    with torch.no_grad():
+        top1 = (logits.argmax(-1) == target_p.argmax(-1)).float().mean()
+    return feat + CE_WEIGHT * ce, {"feat": float(feat.detach()), "ce": float(ce.detach()), "top1": float(top1)}
+
+
+def sample_batch(data: list[Sequence], cfg: TrainConfig, rng: random.Random):
+    """Random windows of seq_len + 1 positions (shorter sequences give shorter windows, so
+    every window in one batch is cut to the shortest)."""
+    picks = [data[rng.randrange(len(data))] for _ in range(cfg.batch_size)]
+    length = min(cfg.seq_len + 1, *(len(s.tokens) for s in picks))
+    toks, hid = [], []
+    for s in picks:
+        a = rng.randrange(len(s.tokens) - length + 1)
+        toks.append(s.tokens[a:a + length])
+        hid.append(s.hidden[a:a + length])
+    return torch.stack(toks), torch.stack(hid)
+
+
+def save_state(model, opt, step: int, rng: random.Random, out: Path, cfg: TrainConfig) -> None:
+    save_checkpoint(model, out)
+    tmp = out / (STATE + ".tmp")
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}, tmp)
+    tmp.replace(out / STATE)
+
+
+def load_state(model, opt, out: Path, rng: random.Random) -> int:
+    """Resume from out/train_state.pt if there is one; return the step to continue from."""
+    path = out / STATE
+    if not path.exists():
+        return 0
+    st = torch.load(path, weights_only=False)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    rng.setstate(st["rng"])
+    torch.set_rng_state(st["torch_rng"])
+    log.info("resuming %s at step %d", out, st["step"])
+    return int(st["step"])
+
+
+def train(model: FeatureDraft, data: list[Sequence], cfg: TrainConfig, out: str | Path,
+          resume: bool = True) -> list[float]:
+    """Run steps until cfg.steps (continuing a saved run in ``out``); return this run's losses."""
+    from tqdm import tqdm
+    out = Path(out)
+    data = [s for s in data if len(s.tokens) >= 3]
+    if not data:
+        raise ValueError("no training sequence has 3 tokens or more")
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = load_state(model, opt, out, rng) if resume else 0
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=cfg.steps, initial=step, desc="train draft", unit="step", disable=not cfg.progress)
+    t0, tokens = time.perf_counter(), 0
+    while step < cfg.steps:
+        toks, hid = sample_batch(data, cfg, rng)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            loss, parts = draft_loss(model, toks, hid)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # early steps on raw features can spike
+        opt.step()
+        step += 1
+        tokens += toks.numel()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", top1=f"{parts['top1']:.2f}",
+                        tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_state(model, opt, step, rng, out, cfg)
+    bar.close()
+    model.eval()
+    return losses
+
+
+def frequent_tokens(data: list[Sequence], n: int) -> list[int]:
+    """The n most frequent token ids of the training data (a reduced draft vocabulary)."""
+    counts = torch.bincount(torch.cat([s.tokens for s in data]))
+    n = min(n, int((counts > 0).sum()))
+    return sorted(counts.topk(n).indices.tolist())
+
+
+def check_kind(kind: str, layers: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"--kind must be one of {KINDS}")
+    if kind == "eagle" and layers != 1:
+        raise ValueError("the EAGLE baseline has one layer (--layers 1)")

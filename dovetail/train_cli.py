@@ -1,0 +1,163 @@
+"""``dovetail-train``: extract target features, train a feature draft, evaluate it.
+
+    dovetail-train extract --target MODEL --conversations 2000
+    dovetail-train train   --target MODEL --out DRAFT_DIR --steps 20000 --layers 2
+    dovetail-train eval    --target MODEL --draft DRAFT_DIR --prompts 20
+
+``extract`` caches the target's hidden states of ShareGPT training conversations (never
+the held-out ones); ``train`` reads that cache and resumes from DRAFT_DIR when it holds a
+run; ``eval`` runs held-out ShareGPT prompts through the real pipeline (target worker +
+feature-draft worker) and reports the mean accepted length per round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("dovetail.train")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="the target model: HF folder, .gguf file or registry name")
+    p.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/dovetail)")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens kept per conversation (chat template applied)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dovetail-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("extract", help="compute and cache the target's hidden states of ShareGPT conversations")
+    add_common(ex)
+    ex.add_argument("--conversations", type=int, default=1000, help="training conversations to extract")
+    ex.add_argument("--shard-size", type=int, default=64, help="conversations per cache shard (resume granularity)")
+    ex.add_argument("--dtype", default="auto", help="target dtype on the CPU: auto (bf16 where native), float32, ...")
+    tr = sub.add_parser("train", help="train (or resume training) a feature draft on the cached features")
+    add_common(tr)
+    tr.add_argument("--out", required=True, help="draft checkpoint folder (also holds the resumable train state)")
+    tr.add_argument("--kind", default="dgf", choices=("dgf", "eagle"), help="fusion: DGF, or EAGLE concat+Linear baseline")
+    tr.add_argument("--layers", type=int, default=1, help="decoder layers of the draft")
+    tr.add_argument("--intermediate-size", type=int, default=None, help="FFN width of the draft layers (default: the target's)")
+    tr.add_argument("--steps", type=int, default=1000, help="total optimizer steps (a resumed run continues up to this)")
+    tr.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
+    tr.add_argument("--batch-size", type=int, default=8, help="windows per step")
+    tr.add_argument("--seq-len", type=int, default=256, help="positions per window")
+    tr.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+    tr.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="reduced LM head: only the N most frequent tokens of the training data (default: all)")
+    tr.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
+    tr.add_argument("--seed", type=int, default=0, help="initialisation and batch-sampling seed")
+    tr.add_argument("--amp", action="store_true", help="bf16 autocast for the forward/backward (GPU training)")
+    tr.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if --out holds a run")
+    ev = sub.add_parser("eval", help="mean accepted length on held-out ShareGPT prompts, through the real pipeline")
+    add_common(ev)
+    ev.add_argument("--draft", required=True, help="feature-draft checkpoint folder")
+    ev.add_argument("--prompts", type=int, default=20, help="held-out prompts to run")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    ev.add_argument("--draft-device", default=None, help="'cpu' or 'cuda:N' (default: the first GPU, else the CPU)")
+    ev.add_argument("--depth", type=int, default=None, help="tree depth (default: automatic sizing)")
+    ev.add_argument("--top-k", type=int, default=None, help="children per tree node")
+    ev.add_argument("--max-nodes", type=int, default=None, help="tree tokens per round")
+    return p
+
+
+def training_records(target_path, max_len: int, limit: int | None, held: bool = False):
+    """Tokenized ShareGPT conversations: the training split, or the held-out one."""
+    from dovetail.train_data import read_sharegpt, sharegpt_path, split_records, to_messages, tokenize
+    from dovetail.workers.hf import load_tokenizer
+    tok = load_tokenizer(target_path)
+    train, heldout = split_records(read_sharegpt(sharegpt_path()))
+    records = (heldout if held else train)[:limit]
+    return tok, [(r, tokenize(tok, to_messages(r), max_len)) for r in records]
+
+
+def run_extract(args) -> dict:
+    from dovetail.draft_io import load_target_pieces
+    from dovetail.fetch import resolve_model
+    from dovetail.train_data import extract_features, features_dir
+    from dovetail.workers.hf import CausalLM, choose_dtype
+    target = resolve_model(args.target)
+    ident = load_target_pieces(target).identity
+    folder = features_dir(ident, args.cache_dir)
+    meta = {"target": ident.__dict__, "max_len": args.max_len, "shard_size": args.shard_size}
+    meta_path = folder / "meta.json"
+    if meta_path.exists() and {k: v for k, v in json.loads(meta_path.read_text()).items() if k != "conversations"} != meta:
+        raise SystemExit(f"{folder} was extracted with other settings ({meta_path}); remove it or match them")
+    _, data = training_records(target, args.max_len, args.conversations)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps({**meta, "conversations": len(data)}, indent=1))
+    lm = CausalLM.load(target, dtype=choose_dtype(args.dtype, "cpu"))
+    stats = extract_features(lm, [toks for _, toks in data], folder, args.shard_size)
+    return {"folder": str(folder), "conversations": len(data), "dtype": str(lm.dtype), **stats}
+
+
+def run_train(args) -> dict:
+    from dovetail.draft_io import CONFIG, load_feature_draft, load_target_pieces, new_feature_draft
+    from dovetail.fetch import resolve_model
+    from dovetail.train import TrainConfig, check_kind, frequent_tokens, train
+    from dovetail.train_data import features_dir, read_shards
+    check_kind(args.kind, args.layers)
+    target = resolve_model(args.target)
+    pieces = load_target_pieces(target)
+    data = read_shards(features_dir(pieces.identity, args.cache_dir))
+    if not data:
+        raise SystemExit(f"no cached features for {pieces.identity.name}: run `dovetail-train extract` first")
+    out = Path(args.out)
+    if args.resume and (out / CONFIG).exists():  # the saved run decides the shape
+        model = load_feature_draft(out, pieces, device=args.device)
+    else:
+        vocab = frequent_tokens(data, args.draft_vocab) if args.draft_vocab else None
+        model = new_feature_draft(pieces, args.kind, args.layers, args.intermediate_size, args.seed,
+                                  draft_vocab=vocab).to(args.device)
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                      save_every=args.save_every, seed=args.seed, amp=args.amp)
+    t0 = time.perf_counter()
+    losses = train(model, data, cfg, out, resume=args.resume)
+    secs = time.perf_counter() - t0
+    return {"out": str(out), "steps_run": len(losses), "seconds": secs,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "tokens_per_s": len(losses) * cfg.batch_size * cfg.seq_len / secs if secs else 0.0}
+
+
+def run_eval(args) -> dict:
+    import dovetail
+    from dovetail.fetch import resolve_model
+    from dovetail.train_data import to_messages
+    target = resolve_model(args.target)
+    _, held = training_records(target, args.max_len, args.prompts, held=True)
+    shape = {k: v for k, v in (("depth", args.depth), ("top_k", args.top_k), ("max_nodes", args.max_nodes))
+             if v is not None}
+    rounds = accepted = drafted = fallbacks = 0
+    draft_s = seconds = 0.0
+    with dovetail.launch(target, f"feature:{args.draft}", draft_device=args.draft_device, **shape) as coord:
+        for record, _ in held:
+            first_user = next(m for m in to_messages(record) if m["role"] == "user")
+            r = coord.generate([first_user], max_new_tokens=args.max_new_tokens)
+            rounds += r.stats.rounds
+            accepted += r.stats.accepted
+            drafted += r.stats.drafted
+            fallbacks += r.stats.draft_fallback  # a failing draft would make the mean meaningless
+            draft_s += r.stats.draft_s
+            seconds += r.stats.seconds
+    return {"prompts": len(held), "rounds": rounds, "drafted": drafted, "draft_fallbacks": fallbacks,
+            "mean_accepted": accepted / rounds if rounds else 0.0,
+            "draft_ms_per_round": 1000 * draft_s / rounds if rounds else 0.0,
+            "tokens_per_s": accepted / seconds if seconds else 0.0}
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    torch.set_grad_enabled(True)
+    run = {"extract": run_extract, "train": run_train, "eval": run_eval}[args.command]
+    print(json.dumps(run(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The feature draft model (DGF / EAGLE baseline), its target identity and its checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dovetail.draft_io import (
+    CONFIG, WEIGHTS, TargetMismatch, load_feature_draft, load_target_pieces, new_feature_draft, save_checkpoint,
+)
+from dovetail.draft_model import DraftModelConfig, TargetIdentity
+from dovetail.testing import make_tiny_model, make_tiny_tokenizer
+
+H, V = 32, 64
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feature-draft-models")
+    target = make_tiny_model(root / "target", seed=0)
+    make_tiny_tokenizer(target)
+    # Same weights, another tokenizer (same vocabulary size): a different identity.
+    other_tok = make_tiny_model(root / "other-tokenizer", seed=0)
+    make_tiny_tokenizer(other_tok, chars="zyxwvutsrqponmlkjihgfedcba0123456789")
+    vocab80 = make_tiny_model(root / "vocab80", seed=0, vocab_size=80)
+    make_tiny_tokenizer(vocab80, vocab_size=80)
+    hidden48 = make_tiny_model(root / "hidden48", seed=0, hidden_size=48)
+    make_tiny_tokenizer(hidden48)
+    return {"target": target, "tokenizer": other_tok, "vocab": vocab80, "hidden": hidden48}
+
+
+@pytest.fixture(scope="module")
+def pieces(models):
+    return load_target_pieces(models["target"])
+
+
+def test_target_pieces_are_the_targets_embedding_and_head(models, pieces):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(models["target"]), dtype=torch.float64)
+    assert torch.equal(pieces.embed, hf.model.embed_tokens.weight.detach())
+    assert torch.equal(pieces.head, hf.lm_head.weight.detach())
+    assert pieces.identity.arch == "qwen2" and (pieces.identity.vocab_size, pieces.identity.hidden_size) == (V, H)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_dgf_shapes_and_gate_range(pieces, layers):
+    model = new_feature_draft(pieces, "dgf", layers, intermediate_size=40)
+    assert len(model.layers) == layers and model.layers[0].mlp.up_proj.out_features == 40
+    f, tok = 3 * torch.randn(9, H), torch.randint(0, V, (9,))
+    hidden, logits = model(f, tok)
+    assert hidden.shape == (9, H) and logits.shape == (9, V)
+    # The design-note formula, computed by hand from the weights (no biases anywhere).
+    fus = model.fusion
+    assert all(m.bias is None for m in (fus.w1, fus.w2, fus.wz))
+    e = pieces.embed.float()[tok]
+    h1 = f @ fus.w1.weight.T
+    h2 = torch.nn.functional.silu(fus.emb_norm(e) @ fus.w2.weight.T)
+    z = torch.sigmoid(torch.cat([h1, h2], -1) @ fus.wz.weight.T)
+    z_model, _, _ = fus.gate(f, e)
+    assert torch.allclose(z, z_model, atol=1e-6)
+    assert torch.allclose(fus(f, e), z * h1 + (1 - z) * h2, atol=1e-6)
+    assert ((z > 0) & (z < 1)).all() and z.std() > 0
+    # Logits are the frozen target head on the draft's hidden state.
+    assert torch.allclose(logits, hidden @ pieces.head.float().T, atol=1e-5)
+    assert not any(p.requires_grad is False for p in model.parameters())
+    assert "embed_weight" not in dict(model.named_parameters())
+
+
+def test_eagle_baseline_shapes(pieces):
+    model = new_feature_draft(pieces, "eagle", 1)
+    assert model.fusion.fc.in_features == 2 * H and model.fusion.fc.out_features == H
+    hidden, logits = model(torch.randn(5, H), torch.randint(0, V, (5,)))
+    assert hidden.shape == (5, H) and logits.shape == (5, V)
+    with pytest.raises(ValueError, match="one decoder layer"):
+        new_feature_draft(pieces, "eagle", 2)
+
+
+def test_config_validation(pieces):
+    base = dict(target=pieces.identity, target_config=pieces.config)
+    with pytest.raises(ValueError, match="kind"):
+        DraftModelConfig(**base, kind="medusa")
+    with pytest.raises(ValueError, match="num_layers"):
+        DraftModelConfig(**base, num_layers=0)
+    with pytest.raises(ValueError, match="hidden_size"):
+        DraftModelConfig(target=TargetIdentity("qwen2", 16, V, "h"), target_config=pieces.config)
+    with pytest.raises(ValueError, match="incomplete"):
+        TargetIdentity("qwen2", H, V, "")
+
+
+def test_cache_makes_drafting_incremental(pieces):
+    model = new_feature_draft(pieces, "dgf", 2).double()
+    f, tok = torch.randn(12, H, dtype=torch.float64), torch.randint(0, V, (12,))
+    full_h, full_l = model(f, tok)
+    cache = model.new_cache()
+    parts = [model(f[a:b], tok[a:b], cache=cache) for a, b in ((0, 5), (5, 6), (6, 12))]
+    assert torch.allclose(torch.cat([h for h, _ in parts]), full_h, atol=1e-12)
+    assert torch.allclose(torch.cat([lg for _, lg in parts]), full_l, atol=1e-12)
+    assert cache.get_seq_length() == 12
+
+
+@pytest.mark.parametrize("kind", ["dgf", "eagle"])
+def test_checkpoint_round_trip(pieces, models, tmp_path, kind):
+    model = new_feature_draft(pieces, kind, 2 if kind == "dgf" else 1)
+    save_checkpoint(model, tmp_path)
+    trained = dict(model.named_parameters())
+    with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
+        keys = set(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in keys)
+    assert keys == set(trained)  # only the trained weights: no embedding, head or rotary buffers
+    n_bytes = 2 * sum(p.numel() for p in trained.values())
+    assert n_bytes <= (tmp_path / WEIGHTS).stat().st_size <= n_bytes + 16384
+    assert json.loads((tmp_path / CONFIG).read_text())["target"]["tokenizer_hash"] == pieces.identity.tokenizer_hash
+
+    loaded = load_feature_draft(tmp_path, models["target"])
+    assert loaded.config == model.config
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, trained[name].detach().to(torch.bfloat16).float()), name
+    assert torch.equal(loaded.head_weight, pieces.head.float())
+    f, tok = torch.randn(4, H), torch.randint(0, V, (4,))
+    assert torch.allclose(loaded(f, tok)[0], model(f, tok)[0], atol=0.05)
+
+
+@pytest.mark.parametrize("other,why", [("tokenizer", "tokenizer_hash"), ("vocab", "vocab_size"),
+                                       ("hidden", "hidden_size")])
+def test_draft_refuses_a_mismatched_target(pieces, models, tmp_path, other, why):
+    save_checkpoint(new_feature_draft(pieces), tmp_path)
+    with pytest.raises(TargetMismatch, match=why) as err:
+        load_feature_draft(tmp_path, models[other])
+    assert f"'{models['target'].name}'" in str(err.value) and f"'{models[other].name}'" in str(err.value)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, models):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_feature_draft(tmp_path, models["target"])
+
+
+def test_reduced_draft_vocabulary(pieces, models, tmp_path):
+    ids = [0, 1, 2, 5, 8, 13, 21, 34, 55, 63]
+    model = new_feature_draft(pieces, draft_vocab=ids)
+    hidden, logits = model(torch.randn(6, H), torch.randint(0, V, (6,)))
+    assert logits.shape == (6, len(ids))
+    assert torch.allclose(logits, hidden @ pieces.head.float()[ids].T, atol=1e-5)
+    assert model.vocab_ids.tolist() == ids
+    save_checkpoint(model, tmp_path)
+    loaded = load_feature_draft(tmp_path, models["target"])
+    assert loaded.config.draft_vocab == ids and loaded.vocab_ids.tolist() == ids
+    for bad in ([], [1, 1], [3, V]):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            new_feature_draft(pieces, draft_vocab=bad)

@@ -1,0 +1,115 @@
+"""Training a feature draft on a tiny model: the loss goes down, and an interrupted run resumes."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from dovetail.draft_io import load_target_pieces, new_feature_draft
+from dovetail.testing import make_tiny_model
+from dovetail.train import STATE, TrainConfig, draft_loss, frequent_tokens, train
+from dovetail.train_cli import build_parser
+from dovetail.train_data import Sequence, target_hidden
+from dovetail.workers.hf import CausalLM
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("train") / "target", seed=4)
+    lm = CausalLM.load(str(path), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    # Synthetic conversations: random token sequences, hidden states from the target.
+    data = []
+    for _ in range(16):
+        toks = torch.randint(0, 64, (int(torch.randint(8, 40, (), generator=gen)),), generator=gen)
+        data.append(Sequence(toks, target_hidden(lm, toks.tolist()).float()))
+    return load_target_pieces(path), data, path, lm
+
+
+CFG = dict(lr=3e-3, batch_size=4, seq_len=16, progress=False)
+
+
+@pytest.mark.parametrize("kind,vocab,amp", [("dgf", None, False), ("eagle", None, False), ("dgf", 24, False),
+                                            ("dgf", None, True)])
+def test_loss_goes_down(tiny, tmp_path, kind, vocab, amp):
+    pieces, data, *_ = tiny
+    ids = frequent_tokens(data, vocab) if vocab else None
+    model = new_feature_draft(pieces, kind, 1, draft_vocab=ids)
+    losses = train(model, data, TrainConfig(steps=60, save_every=1000, amp=amp, **CFG), tmp_path)
+    assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / STATE).exists()  # saved at the end
+
+
+def test_loss_parts(tiny):
+    pieces, data, *_ = tiny
+    model = new_feature_draft(pieces)
+    toks, hid = data[0].tokens[None, :9], data[0].hidden[None, :9]
+    loss, parts = draft_loss(model, toks, hid)
+    assert loss.item() == pytest.approx(parts["feat"] + 0.1 * parts["ce"], rel=1e-5)
+    assert parts["ce"] > 0 and 0 <= parts["top1"] <= 1
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.head_weight.grad is None and not model.head_weight.requires_grad  # frozen
+
+
+def test_resume_continues_from_the_saved_step(tiny, tmp_path):
+    pieces, data, *_ = tiny
+    straight = new_feature_draft(pieces, seed=5)
+    train(straight, data, TrainConfig(steps=12, save_every=100, **CFG), tmp_path / "straight")
+
+    # The same run, interrupted after step 8 (the last checkpoint), then resumed.
+    first = new_feature_draft(pieces, seed=5)
+    assert len(train(first, data, TrainConfig(steps=8, save_every=4, **CFG), tmp_path / "split")) == 8
+    resumed = new_feature_draft(pieces, seed=123)  # fresh weights: the state must overwrite them
+    more = train(resumed, data, TrainConfig(steps=12, save_every=4, **CFG), tmp_path / "split")
+    assert len(more) == 4
+    assert torch.load(tmp_path / "split" / STATE, weights_only=False)["step"] == 12
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+    # Nothing left to do: a finished run runs no step.
+    assert train(resumed, data, TrainConfig(steps=12, save_every=4, **CFG), tmp_path / "split") == []
+
+
+def test_frequent_tokens():
+    data = [Sequence(torch.tensor([5, 5, 5, 2, 2, 9]), torch.zeros(6, 4)), Sequence(torch.tensor([2, 7]), torch.zeros(2, 4))]
+    assert frequent_tokens(data, 2) == [2, 5]
+    assert frequent_tokens(data, 10) == [2, 5, 7, 9]  # never more than the tokens seen
+
+
+def test_train_config_is_validated():
+    with pytest.raises(ValueError):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError):
+        TrainConfig(lr=0)
+
+
+def test_every_cli_flag_has_help():
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings}"
+    args = parser.parse_args(["train", "--target", "t", "--out", "o", "--kind", "eagle", "--layers", "1"])
+    assert (args.kind, args.layers, args.resume) == ("eagle", 1, True)
+
+
+def test_train_command_reads_the_feature_cache_and_resumes(tiny, tmp_path, capsys):
+    import json
+    from dovetail.train_cli import main
+    from dovetail.train_data import extract_features, features_dir
+    pieces, data, path, lm = tiny
+    extract_features(lm, [s.tokens.tolist() for s in data], features_dir(pieces.identity, tmp_path), progress=False)
+    args = ["train", "--target", str(path), "--cache-dir", str(tmp_path), "--out", str(tmp_path / "d"),
+            "--seq-len", "8", "--batch-size", "2", "--lr", "1e-3", "--save-every", "2", "--layers", "2"]
+    main(args + ["--steps", "4"])
+    assert json.loads(capsys.readouterr().out)["steps_run"] == 4
+    main(args + ["--steps", "6", "--layers", "1"])  # resumes: the saved run's shape wins
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps_run"] == 2 and out["last_loss"] > 0
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["num_layers"] == 2

@@ -1,0 +1,184 @@
+"""Draft worker side of a feature draft (DGF / EAGLE): target hidden states in, trees out.
+
+Feature alignment (see also dovetail/drafter.py): the target's hidden state of committed
+position p, f_p, is known once the target has processed token p, i.e. for every committed
+position but the last (that token is pending on the target: the root of the next verify).
+``DraftRequest.features`` therefore holds rows for committed positions
+``[end - rows, end)`` with ``end = base_len + len(new_tokens) - 1``: they always end just
+before the last committed token. Rows the draft already has are overwritten (they are
+equal: committed features never change); a gap is refused.
+
+The draft's own KV cache holds one entry per pair (f_t, x_{t+1}), t = 0 .. n-2 for n
+committed tokens, at rotary position t. The last pair's output predicts token n (the
+tree's first level); tree node at depth d sits at position n-2+d and takes its parent's
+draft hidden state as its feature (EAGLE). Rolling back is cropping the pair cache.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dovetail.protocol import Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened, decode_features
+from dovetail.workers.draft import apply_request, node_mask, select_nodes
+from dovetail.workers.hf import CausalLM
+from dovetail.workers.serve import RequestError
+
+log = logging.getLogger("dovetail.draft")
+
+
+@dataclass
+class FeatureState:
+    known: list[int]                      # committed tokens as the draft last heard them
+    cache: object                         # the pair cache (one entry per (f_t, x_{t+1}))
+    feats: list[np.ndarray] = field(default_factory=list)  # f_0 .. f_{F-1}, committed positions
+    cached: int = 0                       # pairs in `cache`
+    step: int = -1
+
+
+@dataclass
+class FeatureDraftHandler:
+    model: object            # dovetail.draft_model.FeatureDraft
+    tok_hash: str
+    feature_codec: str = "fp16"
+    max_requests: int = 256
+    name: str = "feature-draft"
+    role: str = "draft"
+    states: dict[int, FeatureState] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.target.vocab_size
+
+    def handshake(self) -> Handshake:
+        ident = self.model.config.target
+        return Handshake(role="draft", vocab_size=ident.vocab_size, tokenizer_hash=self.tok_hash,
+                         hidden_size=ident.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
+                         feature_codec=self.feature_codec, model=self.name, device=str(self.model.device),
+                         pid=os.getpid(), features=True)
+
+    def handle(self, msg):
+        if isinstance(msg, OpenRequest):
+            if len(self.states) >= self.max_requests and msg.req_id not in self.states:
+                raise RequestError(msg.req_id, "busy", f"{len(self.states)} requests open (max_requests)")
+            self.states[msg.req_id] = FeatureState(list(msg.prompt), self.model.new_cache())
+            return Opened(req_id=msg.req_id, cache_len=0)
+        if isinstance(msg, DraftRequest):
+            return self.draft(msg)
+        if isinstance(msg, Close):
+            self.states.pop(msg.req_id, None)
+            return Closed(req_id=msg.req_id)
+        raise RequestError(getattr(msg, "req_id", -1), "unexpected",
+                           f"a draft worker does not take {type(msg).__name__}")
+
+    @torch.inference_mode()
+    def draft(self, msg: DraftRequest) -> DraftProposal:
+        t0 = time.perf_counter()
+        if msg.guess_root:
+            # Betting on the next root needs the target's features of unverified tokens.
+            raise RequestError(msg.req_id, "bad_request", "a feature draft does not draft ahead (guess_root)")
+        st = apply_request(self.states, msg)
+        n = len(st.known)
+        add_features(st, msg, n, self.model.config.target.hidden_size)
+        if n < 2:  # a one-token prompt: no pair to draft from until the target has run once
+            return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=[], parents=[],
+                                 seconds=time.perf_counter() - t0)
+        # Recompute at least the last pair: its output is the tree's root.
+        st.cached = min(st.cached, n - 2)
+        CausalLM.crop(st.cache, st.cached)
+        f = torch.from_numpy(np.stack(st.feats[st.cached:n - 1]))
+        ids = torch.tensor(st.known[st.cached + 1:n])
+        # Logits of the last pair only: the head costs vocab x hidden per row.
+        hidden, _ = self.model(f, ids, cache=st.cache, logits=False)
+        st.cached = n - 1
+        tokens, parents = grow_feature_tree(self.model, st.cache, hidden[-1], self.model.logits(hidden[-1]),
+                                            msg.depth, msg.top_k, msg.max_nodes)
+        CausalLM.crop(st.cache, st.cached)  # tree nodes are guesses: never keep them
+        return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=tokens, parents=parents,
+                             seconds=time.perf_counter() - t0)
+
+
+def add_features(st: FeatureState, msg: DraftRequest, n: int, hidden_size: int) -> None:
+    """Store the request's feature rows (positions [n-1-rows, n-1)); require f_0 .. f_{n-2}."""
+    # f_p depends on tokens 0..p: rows from base_len on belong to tokens just rolled back,
+    # and a pair (f_t, x_{t+1}) stays valid only while both are (t <= base_len - 2).
+    del st.feats[min(n - 1, msg.base_len):]
+    st.cached = min(st.cached, max(0, msg.base_len - 1))
+    if msg.features is not None:
+        rows = decode_features(msg.features)
+        if rows.ndim != 2 or rows.shape[1] != hidden_size:
+            raise RequestError(msg.req_id, "bad_request", f"features of shape {rows.shape} do not fit")
+        start = n - 1 - rows.shape[0]
+        if start < 0 or start > len(st.feats):
+            raise RequestError(msg.req_id, "bad_request",
+                               f"{rows.shape[0]} feature rows end at position {n - 1} but the draft holds "
+                               f"{len(st.feats)}: they must continue them without a gap")
+        st.feats[start:] = list(rows)
+        st.cached = min(st.cached, start)  # pairs built on overwritten rows are redone
+    if len(st.feats) != max(0, n - 1):
+        raise RequestError(msg.req_id, "bad_request",
+                           f"the draft holds features of {len(st.feats)} positions but {n} tokens are "
+                           f"committed: the target's hidden states of positions 0..{n - 2} are needed")
+
+
+def grow_feature_tree(model, cache, root_hidden: torch.Tensor, root_logits: torch.Tensor, depth: int,
+                      top_k: int, max_nodes: int) -> tuple[list[int], list[int]]:
+    """EAGLE-2 tree growth with a feature draft; same contract as draft.grow_tree.
+
+    Each level expands the top_k nodes by cumulative log-probability (path score); a node's
+    forward takes its parent's draft hidden state as the feature. The kept nodes are the
+    max_nodes best by path score, parents before children (select_nodes).
+    """
+    start = cache.get_seq_length()
+    tok: list[int] = []
+    par: list[int] = []
+    score: list[float] = []
+    frontier, f_hidden, f_logits = [-1], root_hidden[None], root_logits[None]
+    for level in range(depth):
+        logp = torch.log_softmax(f_logits.float(), dim=-1)
+        k = min(top_k, logp.shape[-1])
+        top_lp, top_cols = logp.topk(k, dim=-1)
+        top_ids = model.vocab_ids[top_cols]  # logit columns -> target token ids
+        parent_scores = torch.tensor([0.0 if f < 0 else score[f] for f in frontier])[:, None]
+        cand = (parent_scores + top_lp.cpu()).flatten()
+        best = cand.topk(min(top_k, cand.numel())).indices.tolist()
+        new, rows = [], []
+        for b in best:
+            r, c = divmod(b, k)
+            par.append(frontier[r])
+            tok.append(int(top_ids[r, c]))
+            score.append(float(cand[b]))
+            new.append(len(tok) - 1)
+            rows.append(r)
+        if not new or level == depth - 1:
+            break
+        assert new[0] == cache.get_seq_length() - start, "tree nodes enter the cache in creation order"
+        allowed, positions = node_mask(start, tok, par, new)
+        frontier = new
+        f_hidden, f_logits = model(f_hidden[rows], torch.tensor([tok[i] for i in new]),
+                                   torch.tensor(positions), cache=cache, allowed=allowed)
+    return select_nodes(tok, par, score, max_nodes)
+
+
+def load_handler(cfg) -> FeatureDraftHandler:
+    """Load the checkpoint for cfg.target_model (refusing another target) and place it."""
+    from dovetail.draft_io import load_feature_draft, load_target_pieces
+    from dovetail.workers.hf import choose_dtype
+    device = cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("no CUDA device is available: the feature draft runs on the CPU")
+        device = "cpu"
+    if device == "cpu":
+        from dovetail.cpus import pin_process
+        pin_process(cfg.cpus)
+    t0 = time.perf_counter()
+    pieces = load_target_pieces(cfg.target_model)
+    model = load_feature_draft(cfg.feature_draft, pieces, device=device, dtype=choose_dtype(cfg.dtype, device))
+    log.info("loaded feature draft %s (%s, %d layers, %s on %s) in %.1f s", cfg.feature_draft,
+             model.config.kind, model.config.num_layers, model.dtype, device, time.perf_counter() - t0)
+    return FeatureDraftHandler(model, pieces.identity.tokenizer_hash, cfg.feature_codec, cfg.max_requests,
+                               name=f"{os.path.basename(os.path.normpath(cfg.feature_draft))} ({model.config.kind})")
