@@ -17,7 +17,10 @@ from dovetail.tree import depths
 PRIOR_ALPHA = 0.6     # acceptance assumed per level before any round is seen
 PRIOR_WEIGHT = 2.0    # ... worth this many observed rounds
 EMA = 0.1             # weight of the newest round in the draft/wire time estimates
-PROBE_EVERY = 8       # while d = 0 wins, draft anyway once per this many rounds
+PROBE_EVERY = 8       # while d = 0 wins, draft anyway once per this many rounds ...
+PROBE_EVERY_MAX = 128  # ... doubling after each probe that does not change the decision
+CATCH_UP_TOKENS = 4   # a draft round that first had to process more committed tokens than
+                      # this (a prompt, a long gap) says nothing about the cost per level
 
 
 class TreeSizer:
@@ -31,6 +34,7 @@ class TreeSizer:
         self.draft_ms_per_level: float | None = None
         self.wire_ms: float | None = None
         self.rounds_since_draft = 0
+        self.probe_every = PROBE_EVERY
         self.last_choice = max_depth
         self._lock = threading.Lock()  # concurrent requests share one sizer
 
@@ -74,15 +78,20 @@ class TreeSizer:
         if self.draft_ms_per_level is None:  # the draft's speed is unknown: find out first
             return self.max_depth
         best = max(range(self.max_depth + 1), key=self.tokens_per_ms)
-        if best == 0 and self.rounds_since_draft + 1 >= PROBE_EVERY:
+        if best > 0:
+            self.probe_every = PROBE_EVERY
+        elif self.rounds_since_draft + 1 >= self.probe_every:
             best = max(range(1, self.max_depth + 1), key=self.tokens_per_ms)
+            self.probe_every = min(2 * self.probe_every, PROBE_EVERY_MAX)
         self.last_choice = best
         return best
 
-    def observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float) -> None:
-        """One verified round: the tree drafted (parents), how many draft tokens were accepted."""
+    def observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float,
+                synced: int = 1) -> None:
+        """One verified round: the tree drafted (parents), how many draft tokens were accepted,
+        and how many committed tokens the draft processed first (``synced``)."""
         with self._lock:
-            self._observe(parents, accepted, draft_s, wire_s)
+            self._observe(parents, accepted, draft_s if synced <= CATCH_UP_TOKENS else None, wire_s)
 
     def _observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float) -> None:
         depth = max(depths(parents), default=0)

@@ -196,7 +196,8 @@ class Coordinator:
                 if drafter:
                     drafter.settle(committed, res, tokens, parents)
                     if self.sizer is not None:
-                        self.sizer.observe(parents, len(res.accepted), drafter.last_draft_s, wire)
+                        self.sizer.observe(parents, len(res.accepted), drafter.last_draft_s, wire,
+                                           drafter.last_synced)
                 new = res.tokens[:budget]
                 stop = next((i for i, t in enumerate(new) if t in self.stop_token_ids), None)
                 if stop is not None:

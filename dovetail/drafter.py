@@ -37,6 +37,8 @@ class Drafter:
         self.synced = len(prompt)
         self.sizer = coord.sizer                    # None: fixed tree shape from the config
         self.last_draft_s: float | None = None      # the draft's own seconds for this round
+        self.last_synced = 0                        # committed tokens it processed first
+        self.prefilled = False                      # the first request makes it read the prompt
         self.ready: DraftProposal | None = None     # a proposal for the next root, if any
         self.bet: tuple[int, list[int]] | None = None  # (step, main-path tokens) of the overlapped draft
         self.wants_features = bool(coord.draft_info is not None and coord.draft_info.features)
@@ -45,7 +47,7 @@ class Drafter:
                                              "draft_timeout_s"))
 
     def propose(self, committed: list[int], max_depth: int) -> tuple[list[int], list[int]]:
-        self.last_draft_s = None
+        self.last_draft_s, self.last_synced = None, 0
         if not self.alive or max_depth < 1:
             return [], []
         prop, self.ready = self.ready, None
@@ -62,6 +64,8 @@ class Drafter:
             if prop is None:
                 return [], []
             self.stats.wire_s += max(0.0, time.perf_counter() - t0 - prop.seconds)
+            self.last_synced = len(msg.new_tokens) if self.prefilled else msg.base_len + len(msg.new_tokens)
+            self.prefilled = True
             self.synced = len(committed)
         self.stats.draft_s += prop.seconds
         self.last_draft_s = prop.seconds

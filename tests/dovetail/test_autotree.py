@@ -79,3 +79,23 @@ def test_verify_cost_is_extrapolated_past_the_curve():
 def test_it_needs_a_curve():
     with pytest.raises(ValueError, match="verify-cost curve"):
         TreeSizer([], 3, 1, 3, overlap=False)
+
+
+def test_probes_back_off_while_drafting_keeps_losing():
+    s = TreeSizer(STEEP, max_depth=4, top_k=1, max_nodes=16, overlap=False)
+    feed(s, 50, 4, 0.2, 13.0)
+    probes = []
+    for r in range(200):
+        d = s.choose()
+        if d:
+            probes.append(r)
+        s.observe(chain_parents(d), 0, 0.013 * d if d else None, 0.0005)
+    assert len(probes) == 4 and probes[1] - probes[0] < probes[3] - probes[2], probes
+
+
+def test_a_catch_up_round_does_not_set_the_draft_speed():
+    s = TreeSizer(FLAT, max_depth=3, top_k=1, max_nodes=16, overlap=False)
+    s.observe(chain_parents(3), 3, 1.5, 0.0, synced=300)  # the draft read a 300-token prompt first
+    assert s.draft_ms_per_level is None and s.tries[1:] == [1, 1, 1]
+    s.observe(chain_parents(3), 3, 0.006, 0.0, synced=2)
+    assert s.draft_ms_per_level == pytest.approx(2.0)
