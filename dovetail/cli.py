@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target-cpus", default=None, help="CPUs for the target, e.g. '0-31' or '0,2,4' (default: all)")
     m.add_argument("--draft-gpu", default=None,
                    help="GPU index for the draft, or 'cpu' (default: GPU 0 when there is one, else the CPU)")
-    m.add_argument("--backend", default="transformers", choices=("auto", "transformers", "llama.cpp"),
-                   help="target backend: transformers, or llama.cpp for a GGUF on its native kernels "
-                        "(pip install -e \".[llama]\")")
+    m.add_argument("--backend", default="auto", choices=("auto", "transformers", "llama.cpp"),
+                   help="target backend: llama.cpp runs a GGUF on its native kernels (pip install -e "
+                        "\".[llama]\"); transformers runs a HF folder or a de-quantized GGUF; auto "
+                        "(default): llama.cpp for a GGUF when it is installed")
     m.add_argument("--draft-backend", default=None, choices=("transformers", "llama.cpp"),
                    help="draft backend (default: llama.cpp for a GGUF draft on the CPU when the target "
                         "uses it, else transformers); llama.cpp drafts chains")
@@ -194,7 +195,7 @@ def serve_target(args) -> int:
         check_bind(args.listen, server_keys(args.curve_secret, args.curve_allow))
         model = resolve_model(args.target or DEFAULT_TARGET)
         from dovetail.launch import check_backend, pick_backend
-        backend = pick_backend(args.backend, model)
+        backend = pick_backend(args.backend, model, args.target_quantize)
         check_backend(backend, model)
     except (FetchError, ValueError, RuntimeError) as e:
         print(f"dovetail-launch: {e}", file=sys.stderr)

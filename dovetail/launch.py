@@ -27,7 +27,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 
 
 def launch(target=None, draft=None, *, target_address: str | None = None, client_keys: ClientKeys | None = None,
-           target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "transformers",
+           target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "auto",
            draft_backend: str | None = None, target_quantize: str = "none", **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
@@ -40,7 +40,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
     workers. ``backend``: how the target runs, "transformers", "llama.cpp" (a GGUF on
-    llama.cpp's own kernels; needs the ``llama`` extra) or "auto" (llama.cpp when it can).
+    llama.cpp's own kernels; needs the ``llama`` extra) or "auto" (the default: llama.cpp
+    for a GGUF target when llama-cpp-python is installed, else transformers).
     ``draft_backend``: the same for a draft model; None picks llama.cpp for a GGUF draft on
     the CPU when the target uses it (a CPU draft step must be cheap), transformers otherwise.
     ``target_quantize="int8"`` (or "int4", transformers backend only) gives the target
@@ -71,7 +72,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target)) if target is not None else None
     if not remote:
-        backend = pick_backend(backend, target_path)
+        backend = pick_backend(backend, target_path, target_quantize)
         check_backend(backend, target_path)
     # "replay:FILE.json" starts workers/replay.py: the target's recorded output, corrupted at
     # config.replay_corrupt, so that the acceptance rate is known (benchmarks, tests).
@@ -154,12 +155,14 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
                        context=ctx, run_dir=run_dir, liveness=liveness)
 
 
-def pick_backend(chosen: str, target_path) -> str:
-    """"auto": llama.cpp for a GGUF target when llama-cpp-python is installed, else transformers."""
+def pick_backend(chosen: str, target_path, quantize: str = "none") -> str:
+    """"auto": llama.cpp for a GGUF target when llama-cpp-python is installed, else
+    transformers (also when asked to quantize: that is the transformers backend's)."""
     if chosen != "auto":
         return chosen
     import importlib.util
-    fast = str(target_path).endswith(".gguf") and importlib.util.find_spec("llama_cpp") is not None
+    fast = (str(target_path).endswith(".gguf") and quantize == "none"
+            and importlib.util.find_spec("llama_cpp") is not None)
     log.info("target backend: %s", "llama.cpp" if fast else "transformers")
     return "llama.cpp" if fast else "transformers"
 

@@ -64,7 +64,7 @@ def accept_sampled(probs: torch.Tensor, tokens: list[int], parents: list[int],
                 break
             p[tokens[c]] = 0.0
         if accepted is None:
-            return path, int(torch.multinomial(p / p.sum(), 1, generator=generator))
+            return path, draw(p, generator)
         path.append(accepted)
         node = accepted
 
@@ -85,5 +85,17 @@ def accept_stochastic_chain(probs: torch.Tensor, draft_probs: torch.Tensor, toke
             path.append(i)
             continue
         residual = (p - q).clamp_min(0.0)
-        return path, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-    return path, int(torch.multinomial(probs[len(tokens)].double(), 1, generator=generator))
+        return path, draw(residual, generator)
+    return path, draw(probs[len(tokens)].double(), generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index with probability weights[i] / sum(weights), by inverting the CDF.
+
+    torch.multinomial takes ~5 ms over a 152k vocabulary on 2 cores, a seventh of a
+    llama.cpp decode step; a cumulative sum and a binary search take ~0.3 ms. ``right=True``
+    picks the first index whose cumulative weight exceeds u, so zero weights are never drawn.
+    """
+    cdf = torch.cumsum(weights.double(), dim=0)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True).clamp_(max=len(weights) - 1))

@@ -285,3 +285,15 @@ def test_committed_tokens_stay_in_the_nucleus():
         probs = torch.stack([p0n] + [bn[t] for t in chain])
         path, nxt = accept_stochastic_chain(probs, uniform, chain, gen)
         check(p0n, [chain[i] for i in path] + [nxt])
+
+
+def test_draw_follows_the_weights_and_never_picks_a_zero():
+    from dovetail.verify import draw
+    g = torch.Generator().manual_seed(5)
+    w = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0], dtype=torch.float64) * 7.0  # unnormalised
+    counts = torch.zeros(6)
+    n = 40_000
+    for _ in range(n):
+        counts[draw(w, g)] += 1
+    assert counts[0] == counts[2] == counts[5] == 0
+    assert torch.allclose(counts / n, (w / w.sum()).float(), atol=0.01)

@@ -40,7 +40,7 @@ def test_measures_every_k_on_a_clean_sequence(tiny):
     b = CountingBackend(tiny)
     curve = calibrate.measure_verify_us(b, b.identity.vocab_size, ks=6, repeats=2)
     assert len(curve) == 6 and all(t > 0 for t in curve)
-    assert b.sizes == [1] + [k for k in range(1, 7) for _ in range(2)]  # warm-up, then k x repeats
+    assert b.sizes == [1] + list(range(1, 7)) * 2  # warm-up, then a pass over every k per repeat
     assert b.open == 0
 
 
@@ -52,6 +52,7 @@ def test_the_curve_is_cached_per_model_backend_and_threads(tiny, tmp_path, monke
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
     monkeypatch.setattr(calibrate, "CACHE_MIN_BYTES", 0)
     monkeypatch.setattr(calibrate, "CALIBRATE_KS", 3)
+    monkeypatch.setattr(calibrate, "NOISY_SPREAD", 1e9)  # this box may be busy: cache regardless
     b = CountingBackend(tiny)
     first = calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2)
     files = list((tmp_path / "verify_cost").glob("*.json"))
@@ -64,3 +65,15 @@ def test_the_curve_is_cached_per_model_backend_and_threads(tiny, tmp_path, monke
     assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 2
     files[0].write_text("not json")
     assert len(calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2)) == 3  # re-measured
+
+
+def test_a_curve_measured_on_a_busy_machine_is_not_cached(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "CACHE_MIN_BYTES", 0)
+
+    def busy(backend, vocab, passes_out=None, **kw):  # the second pass ran 3x slower
+        passes_out.extend([[0.010, 0.020], [0.030, 0.060]])
+        return [10_000, 20_000]
+    monkeypatch.setattr(calibrate, "measure_verify_us", busy)
+    assert calibrate.load_or_measure(CountingBackend(tiny), str(tiny), "transformers", "float32", 2) == [10_000, 20_000]
+    assert not list(tmp_path.glob("verify_cost/*.json"))
