@@ -103,19 +103,9 @@ class DraftHandler:
                          feature_codec="fp16", model=self.lm.name, device=self.lm.device, pid=os.getpid())
 
     def handle(self, msg):
-        if isinstance(msg, OpenRequest):
-            if len(self.states) >= self.config.max_requests and msg.req_id not in self.states:
-                raise RequestError(msg.req_id, "busy", f"{len(self.states)} requests open (max_requests)")
-            self.states[msg.req_id] = DraftState(list(msg.prompt), self.lm.new_cache())
-            return Opened(req_id=msg.req_id, cache_len=0)
-        if isinstance(msg, DraftRequest):
-            return self.draft(msg)
-        if isinstance(msg, Close):
-            st = self.states.pop(msg.req_id, None)
-            if st is not None and hasattr(self.lm, "release"):  # llama.cpp: free the sequence id
-                self.lm.release(st.cache)
-            return Closed(req_id=msg.req_id)
-        raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a draft worker does not take {type(msg).__name__}")
+        return dispatch_draft(self, msg, self.config.max_requests,
+                              lambda m: DraftState(list(m.prompt), self.lm.new_cache()),
+                              release=getattr(self.lm, "release", None))  # llama.cpp frees a sequence id
 
     def draft(self, msg: DraftRequest) -> DraftProposal:
         t0 = time.perf_counter()
@@ -137,6 +127,25 @@ class DraftHandler:
         self.lm.crop(st.cache, st.cached)  # tree nodes are guesses: never keep them
         return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=tokens, parents=parents,
                              root_guess=root_guess, seconds=time.perf_counter() - t0)
+
+
+def dispatch_draft(handler, msg, max_requests: int, new_state, release=None):
+    """The message handling every draft-side worker shares (draft, feature draft, replay):
+    open a state per request (at most ``max_requests``), draft, close."""
+    if isinstance(msg, OpenRequest):
+        if len(handler.states) >= max_requests and msg.req_id not in handler.states:
+            raise RequestError(msg.req_id, "busy", f"{len(handler.states)} requests open (max_requests)")
+        handler.states[msg.req_id] = new_state(msg)
+        return Opened(req_id=msg.req_id, cache_len=0)
+    if isinstance(msg, DraftRequest):
+        return handler.draft(msg)
+    if isinstance(msg, Close):
+        st = handler.states.pop(msg.req_id, None)
+        if st is not None and release is not None:
+            release(st.cache)
+        return Closed(req_id=msg.req_id)
+    raise RequestError(getattr(msg, "req_id", -1), "unexpected",
+                       f"a draft worker does not take {type(msg).__name__}")
 
 
 def apply_request(states: dict, msg: DraftRequest):

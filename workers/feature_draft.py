@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dovetail.protocol import Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened, decode_features
-from dovetail.workers.draft import apply_request, node_mask, select_nodes
+from dovetail.protocol import DraftProposal, DraftRequest, Handshake, decode_features
+from dovetail.workers.draft import apply_request, dispatch_draft, node_mask, select_nodes
 from dovetail.workers.hf import CausalLM
 from dovetail.workers.serve import RequestError
 
@@ -62,18 +62,8 @@ class FeatureDraftHandler:
                          pid=os.getpid(), features=True)
 
     def handle(self, msg):
-        if isinstance(msg, OpenRequest):
-            if len(self.states) >= self.max_requests and msg.req_id not in self.states:
-                raise RequestError(msg.req_id, "busy", f"{len(self.states)} requests open (max_requests)")
-            self.states[msg.req_id] = FeatureState(list(msg.prompt), self.model.new_cache())
-            return Opened(req_id=msg.req_id, cache_len=0)
-        if isinstance(msg, DraftRequest):
-            return self.draft(msg)
-        if isinstance(msg, Close):
-            self.states.pop(msg.req_id, None)
-            return Closed(req_id=msg.req_id)
-        raise RequestError(getattr(msg, "req_id", -1), "unexpected",
-                           f"a draft worker does not take {type(msg).__name__}")
+        return dispatch_draft(self, msg, self.max_requests,
+                              lambda m: FeatureState(list(m.prompt), self.model.new_cache()))
 
     @torch.inference_mode()
     def draft(self, msg: DraftRequest) -> DraftProposal:

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dovetail.protocol import Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened
 from dovetail.cpus import parse_cpus
-from dovetail.workers.lifeline import check_heartbeat_timeout
+from dovetail.protocol import DraftProposal, DraftRequest, Handshake
 from dovetail.security import ServerKeys, server_keys
-from dovetail.workers.draft import apply_request, check_placement, load_draft_model
-from dovetail.workers.serve import RequestError, check_bind, parse_config, serve, setup_logging, worker_parser
+from dovetail.workers.draft import apply_request, check_placement, dispatch_draft, load_draft_model
+from dovetail.workers.lifeline import check_heartbeat_timeout
+from dovetail.workers.serve import check_bind, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.replay")
 SCRIPT_VERSION = 1
@@ -164,18 +164,11 @@ class ReplayHandler:
                          device=lm.device if lm else "none", pid=os.getpid())
 
     def handle(self, msg):
-        if isinstance(msg, OpenRequest):
-            if len(self.states) >= self.config.max_requests and msg.req_id not in self.states:
-                raise RequestError(msg.req_id, "busy", f"{len(self.states)} requests open (max_requests)")
-            self.reload()  # a new request is the moment a changed script may take effect
-            self.states[msg.req_id] = ReplayState(list(msg.prompt), self.lm.new_cache() if self.lm else None)
-            return Opened(req_id=msg.req_id, cache_len=0)
-        if isinstance(msg, DraftRequest):
-            return self.draft(msg)
-        if isinstance(msg, Close):
-            self.states.pop(msg.req_id, None)
-            return Closed(req_id=msg.req_id)
-        raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a draft worker does not take {type(msg).__name__}")
+        return dispatch_draft(self, msg, self.config.max_requests, self.open_state)
+
+    def open_state(self, msg) -> "ReplayState":
+        self.reload()  # a new request is the moment a changed script may take effect
+        return ReplayState(list(msg.prompt), self.lm.new_cache() if self.lm else None)
 
     def lookup(self, st: ReplayState, seq: list[int]) -> tuple[int, int]:
         """(entry, tokens of its continuation already in seq), or (-1, 0) off script."""
