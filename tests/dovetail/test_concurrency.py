@@ -4,7 +4,9 @@ Tiny float64 models, so every greedy output can be compared exactly with the sam
 run alone. The workers hold at most WORKER_SLOTS requests each, equal to max_active: a
 single request that leaked a worker sequence would make a later one fail with "busy".
 """
+import os
 import random
+import signal
 import threading
 
 import pytest
@@ -58,12 +60,17 @@ def test_64_concurrent_requests_with_cancellations(coord):
 
     recorders = [Recorder() for _ in load]
     handles = []
-    for (prompt, n, cancel), rec in zip(load, recorders):
-        rec.cancel_after_first = cancel
-        rec.handle = h = coord.submit(prompt, max_new_tokens=n, on_event=rec)
-        handles.append(h)
-    with pytest.raises(dovetail.CoordinatorBusy, match="max_pending"):
-        coord.submit([5, 6, 7], max_new_tokens=4)  # 64 in flight: the 65th is refused at once
+    target = coord.worker_pids["target"]
+    os.kill(target, signal.SIGSTOP)  # hold every request in flight while the 65th knocks
+    try:
+        for (prompt, n, cancel), rec in zip(load, recorders):
+            rec.cancel_after_first = cancel
+            rec.handle = h = coord.submit(prompt, max_new_tokens=n, on_event=rec)
+            handles.append(h)
+        with pytest.raises(dovetail.CoordinatorBusy, match="max_pending"):
+            coord.submit([5, 6, 7], max_new_tokens=4)  # 64 in flight: the 65th is refused at once
+    finally:
+        os.kill(target, signal.SIGCONT)  # well inside the heartbeat window (3 x 1 s)
 
     for h in handles:
         h.result(timeout=300)
