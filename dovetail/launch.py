@@ -129,7 +129,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         elif replay is not None and config.replay_model:  # identity from its own model
             dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device), config)
             clients.append(dft)
-        hs_tgt = _connect(tgt, config) if remote else _handshake(tgt, config)
+        hs_tgt = _handshake(tgt, config, remote=remote)
         liveness.watch(tgt)  # only now: a worker binds its socket after loading its model
         if replay is not None and dft is None:  # no model: it takes the target's identity
             dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device) + [
@@ -233,13 +233,18 @@ def _spawn(ctx, role: str, run_dir: Path, args: list[str], config: CoordinatorCo
     return WorkerClient(ctx, role, address, proc)
 
 
-def _handshake(client: WorkerClient, config: CoordinatorConfig) -> Handshake:
+def _handshake(client: WorkerClient, config: CoordinatorConfig, remote: bool = False) -> Handshake:
+    """The first exchange with a worker. A local one may take startup_timeout_s to load its
+    model; a remote one is already serving, so silence there means a wrong address, key or
+    firewall, and connect_timeout_s reports that much sooner."""
     hello = Handshake(role="coordinator", vocab_size=0, tokenizer_hash="", hidden_size=0, dtype="",
                       feature_codec=config.feature_codec, pid=os.getpid())
+    timeout, knob = ((config.connect_timeout_s, "connect_timeout_s") if remote
+                     else (config.startup_timeout_s, "startup_timeout_s"))
     try:
-        hs = client.call(hello, Handshake, config.startup_timeout_s, "startup_timeout_s")
+        hs = client.call(hello, Handshake, timeout, knob)
     except WorkerError as e:
-        raise WorkerError(client.role, e.code, f"did not start: {e}") from e
+        raise WorkerError(client.role, e.code, _remote_failure(client, e) if remote else f"did not start: {e}") from e
     client.vocab_size = hs.vocab_size
     return hs
 
@@ -257,19 +262,11 @@ def check_remote(address: str, keys: ClientKeys | None, target_cpus) -> None:
         raise ValueError("target_cpus is set where the target runs (dovetail-launch --role target --target-cpus)")
 
 
-def _connect(client: WorkerClient, config: CoordinatorConfig) -> Handshake:
-    """Handshake with a remote target; silence there means a wrong address, key or firewall."""
-    hello = Handshake(role="coordinator", vocab_size=0, tokenizer_hash="", hidden_size=0, dtype="",
-                      feature_codec=config.feature_codec, pid=os.getpid())
-    try:
-        hs = client.call(hello, Handshake, config.connect_timeout_s, "connect_timeout_s")
-    except WorkerError as e:
-        raise WorkerError(client.role, e.code, f"no handshake from {client.address}: {e}. Check that "
-                          "`dovetail-launch --role target` serves there, that the firewall lets this host "
-                          "reach its port, and that its --curve-allow folder holds this client's public "
-                          "key and client_keys the worker's public key (CurveZMQ failures are silent)") from e
-    client.vocab_size = hs.vocab_size
-    return hs
+def _remote_failure(client: WorkerClient, e: WorkerError) -> str:
+    return (f"no handshake from {client.address}: {e}. Check that `dovetail-launch --role target` serves "
+            "there, that the firewall lets this host reach its port, and that its --curve-allow folder "
+            "holds this client's public key and client_keys the worker's public key (CurveZMQ failures "
+            "are silent)")
 
 
 def _local_tokenizer(target_path):

@@ -15,52 +15,36 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dovetail.cpus import format_cpus, parse_cpus, pin_process
+from dovetail.cpus import format_cpus, pin_process
 from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
 from dovetail.workers.hf import CausalLM, choose_dtype, load_tokenizer, tokenizer_hash
-from dovetail.workers.lifeline import check_heartbeat_timeout
-from dovetail.security import ServerKeys, server_keys
 from dovetail.workers.serve import (
-    RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
+    RequestError, WorkerConfig, parse_config, serve, setup_logging, worker_parser,
 )
 
 log = logging.getLogger("dovetail.draft")
 
 
 @dataclass
-class DraftConfig:
-    bind: str
+class DraftConfig(WorkerConfig):
     model: str | None = None
     device: str = "cpu"
-    dtype: str = "auto"
     layers: int | None = None
-    cpus: list[int] | None = None
     backend: str = "transformers"
-    max_requests: int = 256
-    parent_pid: int = 0
-    parent_death_signal: bool = False  # also prctl(PR_SET_PDEATHSIG) (workers/lifeline.py)
-    heartbeat_timeout: float = 0.0     # exit after this long without a coordinator's message (0: never)
-    log_level: str = "info"
-    curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
-    curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
     feature_draft: str | None = None  # a feature-draft checkpoint folder (instead of --model)
     target_model: str | None = None   # the target it drafts for: embedding, LM head, identity
     feature_codec: str = "fp16"       # must match the target's (checked at the handshake)
-    keys: ServerKeys | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.keys = server_keys(self.curve_secret, self.curve_allow)
-        check_heartbeat_timeout(self.heartbeat_timeout)
-        check_bind(self.bind, self.keys)
+        super().__post_init__()
         check_placement(self.device, self.layers)
         if (self.model is None) == (self.feature_draft is None):
             raise ValueError("give either --model (a draft LM) or --feature-draft (with --target-model)")
         if self.feature_draft is not None and (self.target_model is None or self.layers
                                                or self.backend != "transformers"):
             raise ValueError("--feature-draft needs --target-model and takes no --layers or --backend")
-        self.cpus = parse_cpus(self.cpus)
         if self.backend not in ("transformers", "llama.cpp"):
             raise ValueError(f"--backend must be transformers or llama.cpp, got {self.backend!r}")
         if self.backend == "llama.cpp":
@@ -182,27 +166,36 @@ def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k:
     par: list[int] = []
     score: list[float] = []
     frontier, frontier_logits = [-1], root_logits[None]
-    base = 0.0
     for level in range(depth):
-        logp = torch.log_softmax(frontier_logits.float(), dim=-1)
-        k = min(top_k, logp.shape[-1])
-        top_lp, top_ids = logp.topk(k, dim=-1)
-        parent_scores = torch.tensor([base if f < 0 else score[f] for f in frontier])[:, None]
-        cand = (parent_scores + top_lp).flatten()
-        best = cand.topk(min(top_k, cand.numel())).indices.tolist()
-        new = []
-        for b in best:
-            r, c = divmod(b, k)
-            par.append(frontier[r])
-            tok.append(int(top_ids[r, c]))
-            score.append(float(cand[b]))
-            new.append(len(tok) - 1)
+        new = [node for node, _ in expand_level(frontier_logits, frontier, tok, par, score, top_k)]
         if not new or level == depth - 1:
             break
         # Forward the new nodes: each sees the committed prefix plus its own ancestors.
         frontier = new
         frontier_logits = forward_nodes(lm, cache, start, tok, par, new)
     return select_nodes(tok, par, score, max_nodes)
+
+
+def expand_level(logits: torch.Tensor, frontier: list[int], tok: list[int], par: list[int], score: list[float],
+                 top_k: int, column_ids: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """One level of EAGLE-2 growth: of the top_k children of every frontier node, keep the
+    top_k by path score (cumulative log-probability). Appends them to tok/par/score and
+    returns (new node, frontier row) pairs. ``column_ids`` maps logit columns to token ids
+    (a reduced draft vocabulary); scores are summed on the CPU, whatever the logits' device."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    k = min(top_k, logp.shape[-1])
+    top_lp, top_cols = logp.topk(k, dim=-1)
+    top_ids = top_cols if column_ids is None else column_ids[top_cols]
+    parent_scores = torch.tensor([0.0 if f < 0 else score[f] for f in frontier])[:, None]
+    cand = (parent_scores + top_lp.cpu()).flatten()
+    out = []
+    for b in cand.topk(min(top_k, cand.numel())).indices.tolist():
+        r, c = divmod(b, k)
+        par.append(frontier[r])
+        tok.append(int(top_ids[r, c]))
+        score.append(float(cand[b]))
+        out.append((len(tok) - 1, r))
+    return out
 
 
 def forward_nodes(lm: CausalLM, cache, start: int, tok, par, new) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake, decode_features
-from dovetail.workers.draft import apply_request, dispatch_draft, node_mask, select_nodes
+from dovetail.workers.draft import apply_request, dispatch_draft, expand_level, node_mask, select_nodes
 from dovetail.workers.hf import CausalLM
 from dovetail.workers.serve import RequestError
 
@@ -129,21 +129,9 @@ def grow_feature_tree(model, cache, root_hidden: torch.Tensor, root_logits: torc
     score: list[float] = []
     frontier, f_hidden, f_logits = [-1], root_hidden[None], root_logits[None]
     for level in range(depth):
-        logp = torch.log_softmax(f_logits.float(), dim=-1)
-        k = min(top_k, logp.shape[-1])
-        top_lp, top_cols = logp.topk(k, dim=-1)
-        top_ids = model.vocab_ids[top_cols]  # logit columns -> target token ids
-        parent_scores = torch.tensor([0.0 if f < 0 else score[f] for f in frontier])[:, None]
-        cand = (parent_scores + top_lp.cpu()).flatten()
-        best = cand.topk(min(top_k, cand.numel())).indices.tolist()
-        new, rows = [], []
-        for b in best:
-            r, c = divmod(b, k)
-            par.append(frontier[r])
-            tok.append(int(top_ids[r, c]))
-            score.append(float(cand[b]))
-            new.append(len(tok) - 1)
-            rows.append(r)
+        # logit columns -> target token ids (a reduced draft vocabulary)
+        grown = expand_level(f_logits, frontier, tok, par, score, top_k, column_ids=model.vocab_ids)
+        new, rows = [node for node, _ in grown], [row for _, row in grown]
         if not new or level == depth - 1:
             break
         assert new[0] == cache.get_seq_length() - start, "tree nodes enter the cache in creation order"

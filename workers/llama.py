@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dovetail.tree import children, with_root
+from dovetail.tree import children, row_positions, with_root
 from dovetail.workers.backend import Identity, TargetBackend
 from dovetail.workers.hf import Forward, load_tokenizer, tokenizer_hash
 
@@ -126,8 +126,7 @@ class LlamaBackend(TargetBackend):
         leaf_ids = [seq.seq_id, *scratch]
         for s in scratch:  # every leaf path shares the committed prefix
             self.lib.llama_memory_seq_cp(self.mem, seq.seq_id, s, -1, -1)
-        rows = [(ids, seq.length + d) for ids, d in zip(_row_seq_ids(row_parents, leaves, leaf_ids),
-                                                          _row_depths(row_parents))]
+        rows = list(zip(_row_seq_ids(row_parents, leaves, leaf_ids), row_positions(row_parents, seq.length)))
         seq.verify_leaves = (leaves, leaf_ids, row_parents)
         try:
             self._decode([root, *tokens], rows, logits=True, hidden=hidden)
@@ -231,13 +230,6 @@ class LlamaBackend(TargetBackend):
 def _leaves(row_parents: list[int]) -> list[int]:
     kids = children(row_parents)
     return [i for i in range(len(row_parents)) if not kids.get(i)]
-
-
-def _row_depths(row_parents: list[int]) -> list[int]:
-    out: list[int] = []
-    for p in row_parents:
-        out.append(0 if p < 0 else out[p] + 1)
-    return out
 
 
 def _row_seq_ids(row_parents: list[int], leaves: list[int], leaf_ids: list[int]) -> list[list[int]]:

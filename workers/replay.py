@@ -27,12 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dovetail.cpus import parse_cpus
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake
-from dovetail.security import ServerKeys, server_keys
 from dovetail.workers.draft import apply_request, check_placement, dispatch_draft, load_draft_model
-from dovetail.workers.lifeline import check_heartbeat_timeout
-from dovetail.workers.serve import check_bind, parse_config, serve, setup_logging, worker_parser
+from dovetail.workers.serve import WorkerConfig, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.replay")
 SCRIPT_VERSION = 1
@@ -85,8 +82,7 @@ def record_with(coord, prompts, max_new_tokens) -> dict:
 
 
 @dataclass
-class ReplayConfig:
-    bind: str
+class ReplayConfig(WorkerConfig):
     script: str
     corrupt: float = 0.0
     seed: int = 0
@@ -95,23 +91,10 @@ class ReplayConfig:
     layers: int | None = None
     vocab_size: int | None = None
     tokenizer_hash: str | None = None
-    dtype: str = "auto"
-    cpus: list[int] | None = None
-    max_requests: int = 256
-    parent_pid: int = 0
-    parent_death_signal: bool = False  # also prctl(PR_SET_PDEATHSIG) (workers/lifeline.py)
-    heartbeat_timeout: float = 0.0     # exit after this long without a coordinator's message (0: never)
-    log_level: str = "info"
-    curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
-    curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
-    keys: ServerKeys | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.keys = server_keys(self.curve_secret, self.curve_allow)
-        check_heartbeat_timeout(self.heartbeat_timeout)
-        check_bind(self.bind, self.keys)
+        super().__post_init__()
         check_placement(self.device, self.layers)
-        self.cpus = parse_cpus(self.cpus)
         if not 0.0 <= self.corrupt <= 1.0:
             raise ValueError(f"--corrupt must be in [0, 1], got {self.corrupt}")
         if self.model is None and (self.vocab_size is None or self.tokenizer_hash is None):

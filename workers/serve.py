@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -23,9 +24,10 @@ from dovetail.protocol import (
     MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
     configure_socket, decode, encode,
 )
-from dovetail.security import KEYS_COMMAND, ServerKeys, curve_server, start_authenticator
+from dovetail.cpus import parse_cpus
+from dovetail.security import KEYS_COMMAND, ServerKeys, curve_server, server_keys, start_authenticator
 from dovetail.workers.args import parse_config, setup_logging, worker_parser  # noqa: F401 (the roles import them from here)
-from dovetail.workers.lifeline import SilenceClock, exit_on_sigterm, watch_parent
+from dovetail.workers.lifeline import SilenceClock, check_heartbeat_timeout, exit_on_sigterm, watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,29 @@ COMPUTE_JOIN_S = 3.0      # on exit, how long the request in progress may take t
 MAX_BACKLOG = 1000        # messages queued for the compute thread before reading pauses (ZeroMQ's own HWM)
 LOOPBACK_NAMES = ("localhost",)  # besides 127.0.0.0/8 and ::1
 HEARTBEAT_ID_PREFIX = b"dvt-hb:"  # routing ids of the coordinator's heartbeat sockets
+
+
+@dataclass(kw_only=True)
+class WorkerConfig:
+    """What every worker role takes (the flags of worker_parser), checked once here; each
+    role's config adds its own fields and checks."""
+    bind: str
+    dtype: str = "auto"
+    cpus: list[int] | None = None
+    max_requests: int = 256
+    parent_pid: int = 0
+    parent_death_signal: bool = False  # also prctl(PR_SET_PDEATHSIG) (workers/lifeline.py)
+    heartbeat_timeout: float = 0.0     # exit after this long without a coordinator's message (0: never)
+    log_level: str = "info"
+    curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
+    curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
+    keys: ServerKeys | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.keys = server_keys(self.curve_secret, self.curve_allow)
+        check_heartbeat_timeout(self.heartbeat_timeout)
+        check_bind(self.bind, self.keys)
+        self.cpus = parse_cpus(self.cpus)
 
 
 class RequestError(Exception):

@@ -13,19 +13,17 @@ from dataclasses import dataclass, field
 import torch
 
 from dovetail.config import QUANTIZE_CHOICES
-from dovetail.cpus import format_cpus, numa_nodes, parse_cpus, pin_process
+from dovetail.cpus import format_cpus, numa_nodes, pin_process
 from dovetail.protocol import (
     FEATURE_CODECS, Close, Closed, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
     encode_features,
 )
 from dovetail.verify import accept_greedy, accept_sampled, target_probs
-from dovetail.security import ServerKeys, server_keys
 from dovetail.workers.backend import HFBackend, TargetBackend
 from dovetail.workers.hf import choose_dtype
-from dovetail.workers.lifeline import check_heartbeat_timeout
 from dovetail.workers.quant import check_quantize
 from dovetail.workers.serve import (
-    RequestError, check_bind, parse_config, serve, setup_logging, worker_parser,
+    RequestError, WorkerConfig, parse_config, serve, setup_logging, worker_parser,
 )
 
 log = logging.getLogger("dovetail.target")
@@ -34,29 +32,16 @@ BACKENDS = ("transformers", "llama.cpp")
 
 
 @dataclass
-class TargetConfig:
-    bind: str
+class TargetConfig(WorkerConfig):
     model: str
-    cpus: list[int] | None = None
-    dtype: str = "auto"
     feature_codec: str = "fp16"
     backend: str = "transformers"
     ctx: int = 8192
     calibrate: bool = True  # measure (or read the cached) verify-cost curve at start-up
     quantize: str = "none"
-    max_requests: int = 256
-    parent_pid: int = 0
-    parent_death_signal: bool = False  # also prctl(PR_SET_PDEATHSIG) (workers/lifeline.py)
-    heartbeat_timeout: float = 0.0     # exit after this long without a coordinator's message (0: never)
-    log_level: str = "info"
-    curve_secret: str | None = None  # CurveZMQ: this worker's secret key file
-    curve_allow: str | None = None   # CurveZMQ: folder of allowed client public keys
-    keys: ServerKeys | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.keys = server_keys(self.curve_secret, self.curve_allow)
-        check_heartbeat_timeout(self.heartbeat_timeout)
-        check_bind(self.bind, self.keys)
+        super().__post_init__()
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "llama.cpp" and not str(self.model).endswith(".gguf"):
@@ -70,7 +55,6 @@ class TargetConfig:
         check_quantize(self.quantize)
         if self.max_requests < 1:
             raise ValueError("max_requests must be at least 1")
-        self.cpus = parse_cpus(self.cpus)
 
 
 @dataclass

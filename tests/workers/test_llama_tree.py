@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from dovetail.tree import ancestor_mask, with_root
-from dovetail.workers.llama import _leaves, _row_depths, _row_seq_ids, _subtree_leaf
+from dovetail.tree import ancestor_mask, row_positions, with_root
+from dovetail.workers.llama import _leaves, _row_seq_ids, _subtree_leaf
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -22,7 +22,7 @@ def llama_visibility(row_parents: list[int]) -> list[list[bool]]:
     """Row i sees row j iff j's cell carries i's first sequence id and pos(j) <= pos(i)."""
     leaves = _leaves(row_parents)
     ids = _row_seq_ids(row_parents, leaves, list(range(100, 100 + len(leaves))))
-    pos = _row_depths(row_parents)
+    pos = row_positions(row_parents, 0)
     return [[ids[i][0] in ids[j] and pos[j] <= pos[i] for j in range(len(row_parents))]
             for i in range(len(row_parents))]
 
