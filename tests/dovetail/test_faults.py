@@ -42,6 +42,19 @@ def terminal_kinds(events):
     return [[k for k, _ in ev if k != "chunk"] for ev in events]
 
 
+def assert_each_ended_with_one_error(handles, events, fault_times: list[float], error: type) -> None:
+    """A target fault: every request raises ``error`` naming the target, has exactly one
+    terminal event, an error, and the last of them came within 5 s of the fault (its time
+    is in ``fault_times`` once the first chunk has triggered it)."""
+    for h in handles:
+        with pytest.raises(error, match="target"):
+            h.result(timeout=30)
+    assert terminal_kinds(events) == [["error"]] * N
+    fault_at = fault_times[0]
+    ended = max(t for ev in events for k, t in ev if k == "error")
+    assert ended - fault_at < 5.0, f"last request ended {ended - fault_at:.1f} s after the fault"
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_draft_fault_mid_run_every_request_completes_identically(launch_tracked, tiny_target, tiny_draft_near,
@@ -73,12 +86,7 @@ def test_target_killed_mid_run_every_request_ends_with_one_error_fast(launch_tra
     try:
         handles, events = submit_all(coord, lambda: (os.kill(target, signal.SIGKILL),
                                                      killed.append(time.monotonic())), max_new=400)
-        for h in handles:
-            with pytest.raises(dovetail.WorkerDied, match="target"):
-                h.result(timeout=30)
-        assert terminal_kinds(events) == [["error"]] * N
-        ended = max(t for ev in events for k, t in ev if k == "error")
-        assert ended - killed[0] < 5.0, f"last request ended {ended - killed[0]:.1f} s after the kill"
+        assert_each_ended_with_one_error(handles, events, killed, dovetail.WorkerDied)
         t0 = time.monotonic()
         with pytest.raises(dovetail.WorkerDied):
             coord.generate([1, 2, 3], max_new_tokens=4)  # new requests fail fast
@@ -114,12 +122,7 @@ def test_remote_target_fault_ends_every_request_and_frees_the_port(launch_tracke
         try:
             handles, events = submit_all(coord, lambda: (os.kill(worker.pid, getattr(signal, fault)),
                                                          faulted.append(time.monotonic())), max_new=400)
-            for h in handles:
-                with pytest.raises(dovetail.WorkerError, match="target"):
-                    h.result(timeout=30)
-            assert terminal_kinds(events) == [["error"]] * N
-            ended = max(t for ev in events for k, t in ev if k == "error")
-            assert ended - faulted[0] < 5.0, f"last request ended {ended - faulted[0]:.1f} s after the fault"
+            assert_each_ended_with_one_error(handles, events, faulted, dovetail.WorkerError)
         finally:
             coord.close()
         assert not pids.wait_gone([coord.worker_pids["draft"]], 5.0)
