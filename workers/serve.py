@@ -104,10 +104,12 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
         if compute.error is not None:
             raise compute.error
     finally:
-        compute.stop()
-        _close(ctx, sock, auth)
+        # The socket file goes first: nothing below (a compute thread that will not stop,
+        # a context that will not terminate, a second signal) may leave it behind.
         if ipc_path:
             _unlink(ipc_path)
+        compute.stop()
+        _close(ctx, sock, auth)
 
 
 _STOP = object()

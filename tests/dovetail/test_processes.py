@@ -121,7 +121,9 @@ def test_sigkilled_coordinator_takes_its_workers_down(tiny_target, tiny_draft_ne
         t0 = time.monotonic()
         left = pids.wait_gone(list(workers.values()), 5.0)
         assert not left, f"workers {left} outlived their coordinator by {time.monotonic() - t0:.1f} s"
-        assert not any(run_dir.iterdir())  # orphaned workers removed their ipc socket files
+        left_files = sorted(f.name for f in run_dir.iterdir())
+        assert not left_files, (f"orphaned workers left {left_files} behind (they remove their ipc socket "
+                                f"files); their log: {log.read_text()[-3000:]}")
     finally:
         script.kill()
         script.wait(10)
