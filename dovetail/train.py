@@ -91,7 +91,7 @@ def load_state(model, opt, out: Path, rng: random.Random) -> int:
     path = out / STATE
     if not path.exists():
         return 0
-    st = torch.load(path, weights_only=False)
+    st = torch.load(path, weights_only=True)  # tensors, numbers, tuples: no pickled objects
     model.load_state_dict(st["model"])
     opt.load_state_dict(st["optimizer"])
     rng.setstate(st["rng"])

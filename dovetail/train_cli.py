@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--conversations", type=int, default=1000, help="training conversations to extract")
     ex.add_argument("--shard-size", type=int, default=64, help="conversations per cache shard (resume granularity)")
     ex.add_argument("--dtype", default="auto", help="target dtype on the CPU: auto (bf16 where native), float32, ...")
+    ex.add_argument("--source", default="sharegpt", choices=("sharegpt", "humaneval"),
+                    help="sharegpt: its conversations as written; humaneval: the target's own greedy answers "
+                         "(self-distillation) to the HumanEval problems in --problems")
+    ex.add_argument("--problems", default="40:164", metavar="A:B",
+                    help="HumanEval problems answered with --source humaneval (evaluation uses 0:40)")
+    ex.add_argument("--max-new-tokens", type=int, default=192, help="answer length with --source humaneval")
+    ex.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all CPUs)")
     tr = sub.add_parser("train", help="train (or resume training) a feature draft on the cached features")
     add_common(tr)
     tr.add_argument("--out", required=True, help="draft checkpoint folder (also holds the resumable train state)")
@@ -51,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     tr.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                     help="reduced LM head: only the N most frequent tokens of the training data (default: all)")
+    tr.add_argument("--data", default="sharegpt", metavar="SOURCES",
+                    help="comma-separated training sets from `extract`: sharegpt, and humaneval:A:B for the "
+                         "target's answers to HumanEval problems A..B-1 (e.g. sharegpt,humaneval:40:164)")
+    tr.add_argument("--answer-len", type=int, default=192, help="--max-new-tokens the humaneval answers used")
     tr.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
     tr.add_argument("--seed", type=int, default=0, help="initialisation and batch-sampling seed")
     tr.add_argument("--amp", action="store_true", help="bf16 autocast for the forward/backward (GPU training)")
@@ -64,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--depth", type=int, default=None, help="tree depth (default: automatic sizing)")
     ev.add_argument("--top-k", type=int, default=None, help="children per tree node")
     ev.add_argument("--max-nodes", type=int, default=None, help="tree tokens per round")
+    ev.add_argument("--offline", action="store_true",
+                    help="replay recorded greedy target answers (extract --source humaneval --problems 0:40) "
+                         "instead of running the target: exact acceptance for greedy, trees of any size in seconds")
+    ev.add_argument("--eval-answer-len", type=int, default=192,
+                    help="--max-new-tokens the recorded answers were extracted with")
+    ev.add_argument("--problems", default="0:40", metavar="A:B", help="HumanEval problems evaluated with --offline")
     return p
 
 
@@ -77,6 +94,43 @@ def training_records(target_path, max_len: int, limit: int | None, held: bool = 
     return tok, [(r, tokenize(tok, to_messages(r), max_len)) for r in records]
 
 
+def problem_range(spec: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"--problems takes A:B (e.g. 40:164), got {spec!r}") from None
+    if not 0 <= a < b <= 164:
+        raise SystemExit(f"--problems {spec}: HumanEval has problems 0..163")
+    return a, b
+
+
+def answers_dir(ident, cache_dir, a: int, b: int, max_new: int) -> Path:
+    from dovetail.train_data import features_dir
+    return features_dir(ident, cache_dir) / f"humaneval-{a}-{b}-greedy{max_new}"
+
+
+def run_extract_humaneval(args, target, ident) -> dict:
+    import os
+    from dovetail.coordinator import default_stop_ids
+    from dovetail.distill import generate_corpus
+    from dovetail.prompts import load_humaneval
+    from dovetail.workers.hf import load_tokenizer
+    from dovetail.workers.llama import LlamaBackend
+    if not str(target).endswith(".gguf"):
+        raise SystemExit("--source humaneval answers through the llama.cpp backend: give a GGUF target")
+    a, b = problem_range(args.problems)
+    tok = load_tokenizer(target)
+    prompts = [tok.encode(p["prompt"], add_special_tokens=False) for p in load_humaneval(progress=True)[a:b]]
+    folder = answers_dir(ident, args.cache_dir, a, b, args.max_new_tokens)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    backend = LlamaBackend(str(target), threads=threads, n_ctx=4096, n_seqs=2, device_label="cpu")
+    try:
+        stats = generate_corpus(backend, prompts, folder, args.max_new_tokens, set(default_stop_ids(tok)))
+    finally:
+        backend.close()
+    return {"folder": str(folder), "problems": f"{a}:{b}", **stats}
+
+
 def run_extract(args) -> dict:
     from dovetail.draft_io import load_target_pieces
     from dovetail.fetch import resolve_model
@@ -84,6 +138,8 @@ def run_extract(args) -> dict:
     from dovetail.workers.hf import CausalLM, choose_dtype
     target = resolve_model(args.target)
     ident = load_target_pieces(target).identity
+    if args.source == "humaneval":
+        return run_extract_humaneval(args, target, ident)
     folder = features_dir(ident, args.cache_dir)
     meta = {"target": ident.__dict__, "max_len": args.max_len, "shard_size": args.shard_size}
     meta_path = folder / "meta.json"
@@ -97,17 +153,39 @@ def run_extract(args) -> dict:
     return {"folder": str(folder), "conversations": len(data), "dtype": str(lm.dtype), **stats}
 
 
+def training_data(sources: str, ident, cache_dir, answer_len: int) -> list:
+    """The cached sequences of every source named in ``sources`` (see train --data)."""
+    from dovetail.train_data import features_dir, read_shards
+    data = []
+    for src in filter(None, (x.strip() for x in sources.split(","))):
+        if src == "sharegpt":
+            folder, how = features_dir(ident, cache_dir), "dovetail-train extract"
+        elif src.startswith("humaneval:"):
+            a, b = problem_range(src.removeprefix("humaneval:"))
+            if a < 40:
+                raise SystemExit("HumanEval problems 0..39 are the evaluation set: train on 40:164")
+            folder = answers_dir(ident, cache_dir, a, b, answer_len)
+            how = f"dovetail-train extract --source humaneval --problems {a}:{b} --max-new-tokens {answer_len}"
+        else:
+            raise SystemExit(f"--data: unknown source {src!r} (sharegpt, humaneval:A:B)")
+        got = read_shards(folder)
+        if not got:
+            raise SystemExit(f"no cached features for {src} in {folder}: run `{how}` first")
+        log.info("%s: %d sequences, %d tokens", src, len(got), sum(len(s.tokens) for s in got))
+        data += got
+    if not data:
+        raise SystemExit("--data names no training set")
+    return data
+
+
 def run_train(args) -> dict:
     from dovetail.draft_io import CONFIG, load_feature_draft, load_target_pieces, new_feature_draft
     from dovetail.fetch import resolve_model
     from dovetail.train import TrainConfig, check_kind, frequent_tokens, train
-    from dovetail.train_data import features_dir, read_shards
     check_kind(args.kind, args.layers)
     target = resolve_model(args.target)
     pieces = load_target_pieces(target)
-    data = read_shards(features_dir(pieces.identity, args.cache_dir))
-    if not data:
-        raise SystemExit(f"no cached features for {pieces.identity.name}: run `dovetail-train extract` first")
+    data = training_data(args.data, pieces.identity, args.cache_dir, args.answer_len)
     out = Path(args.out)
     if args.resume and (out / CONFIG).exists():  # the saved run decides the shape
         model = load_feature_draft(out, pieces, device=args.device)
@@ -125,7 +203,28 @@ def run_train(args) -> dict:
             "tokens_per_s": len(losses) * cfg.batch_size * cfg.seq_len / secs if secs else 0.0}
 
 
+def run_eval_offline(args) -> dict:
+    from dovetail.distill import offline_tau, read_answers
+    from dovetail.draft_io import load_feature_draft, load_target_pieces
+    from dovetail.fetch import resolve_model
+    from dovetail.workers.feature_draft import FeatureDraftHandler
+    target = resolve_model(args.target)
+    pieces = load_target_pieces(target)
+    a, b = problem_range(args.problems)
+    folder = answers_dir(pieces.identity, args.cache_dir, a, b, args.eval_answer_len)
+    answers = read_answers(folder)
+    if not answers:
+        raise SystemExit(f"no recorded answers in {folder}: run `dovetail-train extract --source humaneval "
+                         f"--problems {a}:{b} --max-new-tokens {args.eval_answer_len}` first")
+    model = load_feature_draft(args.draft, pieces, device=args.draft_device or "cpu")
+    handler = FeatureDraftHandler(model, pieces.identity.tokenizer_hash)
+    return offline_tau(handler, answers, args.depth or 4, args.top_k or 4, args.max_nodes or 16,
+                       max_new=args.max_new_tokens)
+
+
 def run_eval(args) -> dict:
+    if args.offline:
+        return run_eval_offline(args)
     import dovetail
     from dovetail.fetch import resolve_model
     from dovetail.train_data import to_messages

@@ -282,7 +282,8 @@ def main(argv=None) -> None:
     if cfg.feature_draft is not None:
         from dovetail.workers.feature_draft import load_handler
         handler = load_handler(cfg)
-        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys)
+        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys,
+              heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal)
         return
     if cfg.backend == "llama.cpp":
         from dovetail.workers.llama_draft import LlamaDraftLM

@@ -278,3 +278,37 @@ def test_sampling_with_a_feature_draft_is_deterministic_per_seed(coords):
         b = coords["trained"].generate(prompt, max_new_tokens=16, temperature=1.0, seed=11)
         assert a.token_ids == b.token_ids and len(a.token_ids) == 16
         assert not a.stats.draft_fallback
+
+
+# ---- offline replay (dovetail/distill.py) ---------------------------------------------------
+def test_accepted_length_follows_matching_paths_only():
+    from dovetail.distill import accepted_length
+    # root children 5 and 6; 5 -> 7 -> 8; 6 -> 9
+    tokens, parents = [5, 6, 7, 9, 8], [-1, -1, 0, 1, 2]
+    assert accepted_length(tokens, parents, [5, 7, 8, 1]) == 3
+    assert accepted_length(tokens, parents, [6, 9, 4]) == 2
+    assert accepted_length(tokens, parents, [5, 9]) == 1  # 9 hangs below 6, not below 5
+    assert accepted_length(tokens, parents, [4]) == 0
+    assert accepted_length([], [], [4]) == 0
+    assert accepted_length(tokens, parents, [5, 7]) == 2  # truth shorter than the tree
+
+
+@pytest.mark.timeout(300)
+def test_offline_replay_reproduces_the_pipelines_rounds(coords, trained, pieces, target_path):
+    """Greedy rounds replayed from recorded answers commit exactly what the live pipeline
+    (target and feature-draft processes, same tree shape) committed, round by round."""
+    from dovetail.distill import greedy_with_hidden, offline_tau
+    from dovetail.workers.backend import HFBackend
+    backend = HFBackend(str(target_path), dtype=torch.float64)
+    answers = [greedy_with_hidden(backend, p, MAX_NEW, stop_ids=set()) for p in E2E_PROMPTS.values()]
+    live = [coords["trained"].generate(p, max_new_tokens=MAX_NEW) for p in E2E_PROMPTS.values()]
+    for a, r in zip(answers, live):
+        assert a.tokens.tolist()[a.prompt_len:] == r.token_ids  # the recorded answer is the target's
+        assert a.hidden.shape == (len(a.tokens), pieces.identity.hidden_size)
+        one_pass = target_hidden(CausalLM.load(str(target_path), dtype=torch.float64), a.tokens.tolist())
+        assert torch.allclose(a.hidden.double(), one_pass, atol=1e-9)  # incremental = one pass (float64)
+    handler = FeatureDraftHandler(load_feature_draft(trained[0], pieces, dtype=torch.float64), "x")
+    got = offline_tau(handler, answers, depth=4, top_k=2, max_nodes=8)
+    assert got["lengths"] == [r.stats.accept_lengths for r in live]
+    assert got["tau"] == sum(r.stats.accepted for r in live) / sum(r.stats.rounds for r in live)
+    assert got["tau"] > 1.5 and not handler.states  # every replayed request was closed
