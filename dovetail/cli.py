@@ -24,10 +24,10 @@ import argparse
 import logging
 import sys
 
-from dovetail.config import QUANTIZE_CHOICES
+from dovetail.config import DEFAULT_DRAFT_LM, QUANTIZE_CHOICES
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
-DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_DRAFT = "auto"
 KEYS_SUBCOMMAND = "keys"
 ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT = "local", "target", "draft"
 ROLES = (ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT)
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"target model: HF folder, .gguf file or registry name (default: {DEFAULT_TARGET}); "
                         "with --role draft only read for its tokenizer (default there: the draft's)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help=f"draft model with the target's tokenizer (default: {DEFAULT_DRAFT})")
+                   help="draft: a model with the target's tokenizer, feature:CKPT_DIR (a trained feature draft), "
+                        "or auto (default): the feature draft shipped for the target when there is one, "
+                        f"else {DEFAULT_DRAFT_LM}")
     m.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
     m.add_argument("--target-cpus", default=None, help="CPUs for the target, e.g. '0-31' or '0,2,4' (default: all)")
     m.add_argument("--draft-gpu", default=None,

@@ -15,6 +15,7 @@ import torch
 
 from dovetail.draft_model import DraftModelConfig, FeatureDraft, TargetIdentity
 
+SHIPPED = Path(__file__).parent / "drafts"  # trained checkpoints that come with the package
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 SAVE_DTYPE = torch.bfloat16
@@ -143,6 +144,16 @@ def read_config(folder: str | Path) -> DraftModelConfig:
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder}: a feature-draft checkpoint needs {CONFIG} and {WEIGHTS}")
     return DraftModelConfig.from_dict(json.loads((folder / CONFIG).read_text()))
+
+
+def shipped_draft(target_path: str | Path) -> Path | None:
+    """The checkpoint shipped for this target file (matched by name; load_feature_draft
+    still checks the whole identity), or None."""
+    name = Path(target_path).name
+    for cfg in sorted(SHIPPED.glob(f"*/{CONFIG}")):
+        if read_config(cfg.parent).target.name == name:
+            return cfg.parent
+    return None
 
 
 def load_feature_draft(folder: str | Path, target: str | Path | TargetPieces, device: str = "cpu",

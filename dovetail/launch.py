@@ -14,7 +14,7 @@ from pathlib import Path
 import zmq
 
 from dovetail.client import WorkerClient, WorkerError
-from dovetail.config import QUANTIZE_CHOICES, CoordinatorConfig
+from dovetail.config import DEFAULT_DRAFT_LM, QUANTIZE_CHOICES, CoordinatorConfig
 from dovetail.coordinator import Coordinator
 from dovetail.cpus import format_cpus, parse_cpus
 from dovetail.liveness import Liveness
@@ -37,6 +37,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     replays a recorded target output instead (workers/replay.py; see the replay_* options).
     ``draft="feature:CKPT_DIR"`` runs a feature draft (DGF or EAGLE, trained by dovetail-train
     for this target; refused for any other) that reads the target's hidden states.
+    ``draft="auto"``: the feature draft shipped for this target (dovetail/drafts/) when there
+    is one, else the standalone draft model DEFAULT_DRAFT_LM.
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
     workers. ``backend``: how the target runs, "transformers", "llama.cpp" (a GGUF on
@@ -71,6 +73,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     config = CoordinatorConfig(**options)
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target)) if target is not None else None
+    draft = pick_draft(draft, target_path)
     if not remote:
         backend = pick_backend(backend, target_path, target_quantize)
         check_backend(backend, target_path)
@@ -153,6 +156,18 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
              hs_dft.model if hs_dft else "none", hs_dft.device if hs_dft else "-", overlap)
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
                        context=ctx, run_dir=run_dir, liveness=liveness)
+
+
+def pick_draft(draft, target_path):
+    """Resolve draft="auto" (see launch())."""
+    if draft != "auto":
+        return draft
+    from dovetail.draft_io import shipped_draft
+    shipped = shipped_draft(target_path) if target_path is not None else None
+    if shipped is not None:
+        log.info("draft: the feature draft shipped for %s (%s)", Path(target_path).name, shipped.name)
+        return f"feature:{shipped}"
+    return DEFAULT_DRAFT_LM
 
 
 def pick_backend(chosen: str, target_path, quantize: str = "none") -> str:

@@ -12,6 +12,7 @@ from which an interrupted run resumes.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256            # pairs per training window
     weight_decay: float = 0.0
+    warmup: int = 0               # steps of linear warm-up, then cosine decay to lr / 10
     save_every: int = 200         # steps between checkpoints (and at the end)
     seed: int = 0
     amp: bool = False             # bf16 autocast (weights and optimizer stay fp32): for GPUs
@@ -47,6 +49,18 @@ class TrainConfig:
             raise ValueError("steps, batch_size, save_every must be >= 1 and seq_len >= 2")
         if not self.lr > 0:
             raise ValueError("lr must be positive")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError("warmup must be in [0, steps)")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based): a function of the step alone,
+        so a resumed run continues the same schedule."""
+        if not self.warmup:
+            return self.lr
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        done = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, done))))
 
 
 def draft_loss(model: FeatureDraft, tokens: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -123,6 +137,8 @@ def train(model: FeatureDraft, data: list[Sequence], cfg: TrainConfig, out: str 
             loss, parts = draft_loss(model, toks, hid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr_at(step)
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # early steps on raw features can spike
         opt.step()
         step += 1

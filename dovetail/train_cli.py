@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--intermediate-size", type=int, default=None, help="FFN width of the draft layers (default: the target's)")
     tr.add_argument("--steps", type=int, default=1000, help="total optimizer steps (a resumed run continues up to this)")
     tr.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
+    tr.add_argument("--warmup", type=int, default=0,
+                    help="linear warm-up steps, then cosine decay to lr/10 (default 0: constant lr)")
     tr.add_argument("--batch-size", type=int, default=8, help="windows per step")
     tr.add_argument("--seq-len", type=int, default=256, help="positions per window")
     tr.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
@@ -193,7 +195,7 @@ def run_train(args) -> dict:
         vocab = frequent_tokens(data, args.draft_vocab) if args.draft_vocab else None
         model = new_feature_draft(pieces, args.kind, args.layers, args.intermediate_size, args.seed,
                                   draft_vocab=vocab).to(args.device)
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
                       save_every=args.save_every, seed=args.seed, amp=args.amp)
     t0 = time.perf_counter()
     losses = train(model, data, cfg, out, resume=args.resume)

@@ -149,3 +149,17 @@ def test_reduced_draft_vocabulary(pieces, models, tmp_path):
     for bad in ([], [1, 1], [3, V]):
         with pytest.raises(ValueError, match="draft_vocab"):
             new_feature_draft(pieces, draft_vocab=bad)
+
+
+def test_auto_draft_is_the_checkpoint_shipped_for_the_target(pieces, models, tmp_path, monkeypatch):
+    import dovetail.draft_io as draft_io
+    from dovetail.config import DEFAULT_DRAFT_LM
+    from dovetail.launch import pick_draft
+    monkeypatch.setattr(draft_io, "SHIPPED", tmp_path)
+    assert pick_draft("auto", models["target"]) == DEFAULT_DRAFT_LM  # nothing shipped
+    save_checkpoint(new_feature_draft(pieces, "dgf", 1), tmp_path / "for-target")
+    assert pick_draft("auto", models["target"]) == f"feature:{tmp_path / 'for-target'}"
+    assert pick_draft("auto", tmp_path / "another.gguf") == DEFAULT_DRAFT_LM
+    assert pick_draft("auto", None) == DEFAULT_DRAFT_LM  # a remote target: no file to match
+    assert pick_draft("my-draft", models["target"]) == "my-draft"
+    assert pick_draft(None, models["target"]) is None

@@ -113,3 +113,14 @@ def test_train_command_reads_the_feature_cache_and_resumes(tiny, tmp_path, capsy
     out = json.loads(capsys.readouterr().out)
     assert out["steps_run"] == 2 and out["last_loss"] > 0
     assert json.loads((tmp_path / "d" / "config.json").read_text())["num_layers"] == 2
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = TrainConfig(steps=110, lr=1e-3, warmup=10)
+    lrs = [cfg.lr_at(s) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # never rises after the warm-up
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert TrainConfig(steps=5, lr=2e-4).lr_at(3) == 2e-4  # no warm-up: constant
+    with pytest.raises(ValueError):
+        TrainConfig(steps=5, warmup=5)
