@@ -1,13 +1,18 @@
 """``dovetail-train``: extract target features, train a feature draft, evaluate it.
 
-    dovetail-train extract --target MODEL --conversations 2000
-    dovetail-train train   --target MODEL --out DRAFT_DIR --steps 20000 --layers 2
-    dovetail-train eval    --target MODEL --draft DRAFT_DIR --prompts 20
+    dovetail-train extract --target MODEL --conversations 2000            # ShareGPT as written
+    dovetail-train extract --target MODEL --source humaneval --problems 40:164   # self-distillation
+    dovetail-train extract --target MODEL --source humaneval --problems 0:40     # for eval --offline
+    dovetail-train train   --target MODEL --out DRAFT_DIR --data sharegpt,humaneval:40:164 --steps 800
+    dovetail-train eval    --target MODEL --draft DRAFT_DIR [--offline]
 
-``extract`` caches the target's hidden states of ShareGPT training conversations (never
-the held-out ones); ``train`` reads that cache and resumes from DRAFT_DIR when it holds a
-run; ``eval`` runs held-out ShareGPT prompts through the real pipeline (target worker +
-feature-draft worker) and reports the mean accepted length per round.
+``extract`` caches the target's hidden states: of ShareGPT training conversations (never
+the held-out ones), or of the target's own greedy answers to HumanEval problems (through
+the llama.cpp backend that verifies at inference). ``train`` reads those caches and
+resumes from DRAFT_DIR when it holds a run. ``eval`` runs held-out prompts (HumanEval
+problems 0..39 by default) through the real pipeline (target worker + feature-draft worker)
+and reports the mean tokens committed per round; ``--offline`` replays the recorded greedy
+answers through the draft worker's handler instead (dovetail/distill.py).
 """
 from __future__ import annotations
 
@@ -71,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="mean accepted length on held-out ShareGPT prompts, through the real pipeline")
     add_common(ev)
     ev.add_argument("--draft", required=True, help="feature-draft checkpoint folder")
-    ev.add_argument("--prompts", type=int, default=20, help="held-out prompts to run")
+    ev.add_argument("--prompt-set", default="humaneval", choices=("humaneval", "sharegpt"),
+                    help="humaneval: the problems in --problems (default 0:40, never trained on); "
+                         "sharegpt: the first --prompts held-out conversations' first user turns")
+    ev.add_argument("--prompts", type=int, default=20, help="held-out ShareGPT prompts to run (--prompt-set sharegpt)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default), else sampled")
     ev.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     ev.add_argument("--draft-device", default=None, help="'cpu' or 'cuda:N' (default: the first GPU, else the CPU)")
     ev.add_argument("--depth", type=int, default=None, help="tree depth (default: automatic sizing)")
@@ -82,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "instead of running the target: exact acceptance for greedy, trees of any size in seconds")
     ev.add_argument("--eval-answer-len", type=int, default=192,
                     help="--max-new-tokens the recorded answers were extracted with")
-    ev.add_argument("--problems", default="0:40", metavar="A:B", help="HumanEval problems evaluated with --offline")
+    ev.add_argument("--problems", default="0:40", metavar="A:B", help="HumanEval problems evaluated")
     return p
 
 
@@ -231,22 +240,27 @@ def run_eval(args) -> dict:
     from dovetail.fetch import resolve_model
     from dovetail.train_data import to_messages
     target = resolve_model(args.target)
-    _, held = training_records(target, args.max_len, args.prompts, held=True)
+    if args.prompt_set == "humaneval":
+        from dovetail.prompts import load_humaneval
+        a, b = problem_range(args.problems)
+        prompts = [p["prompt"] for p in load_humaneval(progress=True)[a:b]]
+    else:
+        _, held = training_records(target, args.max_len, args.prompts, held=True)
+        prompts = [[next(m for m in to_messages(r) if m["role"] == "user")] for r, _ in held]
     shape = {k: v for k, v in (("depth", args.depth), ("top_k", args.top_k), ("max_nodes", args.max_nodes))
              if v is not None}
     rounds = accepted = drafted = fallbacks = 0
     draft_s = seconds = 0.0
     with dovetail.launch(target, f"feature:{args.draft}", draft_device=args.draft_device, **shape) as coord:
-        for record, _ in held:
-            first_user = next(m for m in to_messages(record) if m["role"] == "user")
-            r = coord.generate([first_user], max_new_tokens=args.max_new_tokens)
+        for prompt in prompts:
+            r = coord.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
             rounds += r.stats.rounds
             accepted += r.stats.accepted
             drafted += r.stats.drafted
             fallbacks += r.stats.draft_fallback  # a failing draft would make the mean meaningless
             draft_s += r.stats.draft_s
             seconds += r.stats.seconds
-    return {"prompts": len(held), "rounds": rounds, "drafted": drafted, "draft_fallbacks": fallbacks,
+    return {"prompts": len(prompts), "rounds": rounds, "drafted": drafted, "draft_fallbacks": fallbacks,
             "mean_accepted": accepted / rounds if rounds else 0.0,
             "draft_ms_per_round": 1000 * draft_s / rounds if rounds else 0.0,
             "tokens_per_s": accepted / seconds if seconds else 0.0}
