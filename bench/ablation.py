@@ -29,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="the target (.gguf, HF folder or registry name)")
     p.add_argument("--draft", action="append", required=True, metavar="NAME=PATH",
-                   help="a feature-draft checkpoint folder, or lm:MODEL for a standalone draft LM (repeatable)")
+                   help="a feature-draft checkpoint folder (full:FOLDER: with the target's whole vocabulary "
+                        "as its head), or lm:MODEL for a standalone draft LM (repeatable)")
     p.add_argument("--nodes", default="4,8,16", help=f"tree sizes, from {sorted(SHAPES)}")
     p.add_argument("--problems", default="0:40", metavar="A:B", help="held-out HumanEval problems")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N recorded answers")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens replayed per problem")
     p.add_argument("--answer-len", type=int, default=192, help="--max-new-tokens the answers were recorded with")
     p.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/dovetail)")
@@ -51,7 +53,12 @@ def load_handler(spec: str, pieces, target_path):
         return DraftHandler(lm, cfg, tokenizer_hash(load_tokenizer(path), lm.vocab_size))
     from dovetail.draft_io import load_feature_draft
     from dovetail.workers.feature_draft import FeatureDraftHandler
+    full = spec.startswith("full:")  # the trained draft with the target's whole vocabulary as its head
+    spec = spec.removeprefix("full:")
     model = load_feature_draft(spec, pieces)
+    if full:
+        model.vocab_ids = torch.arange(pieces.identity.vocab_size)
+        model.head_weight = pieces.head.float().clone()
     return FeatureDraftHandler(model, pieces.identity.tokenizer_hash, name=Path(spec).name)
 
 
@@ -67,7 +74,7 @@ def main(argv=None) -> int:
     target = resolve_model(args.target)
     pieces = load_target_pieces(target)
     a, b = problem_range(args.problems)
-    answers = read_answers(answers_dir(pieces.identity, args.cache_dir, a, b, args.answer_len))
+    answers = read_answers(answers_dir(pieces.identity, args.cache_dir, a, b, args.answer_len))[:args.limit]
     if not answers:
         raise SystemExit(f"no recorded answers: run `dovetail-train extract --target {args.target} --source humaneval "
                          f"--problems {a}:{b} --max-new-tokens {args.answer_len}` first")

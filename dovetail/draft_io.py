@@ -16,6 +16,7 @@ import torch
 from dovetail.draft_model import DraftModelConfig, FeatureDraft, TargetIdentity
 
 SHIPPED = Path(__file__).parent / "drafts"  # trained checkpoints that come with the package
+DEFAULTS = "defaults.json"  # target file name -> shipped checkpoint folder used by draft="auto"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 SAVE_DTYPE = torch.bfloat16
@@ -147,13 +148,22 @@ def read_config(folder: str | Path) -> DraftModelConfig:
 
 
 def shipped_draft(target_path: str | Path) -> Path | None:
-    """The checkpoint shipped for this target file (matched by name; load_feature_draft
-    still checks the whole identity), or None."""
-    name = Path(target_path).name
-    for cfg in sorted(SHIPPED.glob(f"*/{CONFIG}")):
-        if read_config(cfg.parent).target.name == name:
-            return cfg.parent
-    return None
+    """The shipped checkpoint that SHIPPED/defaults.json names for this target file (by file
+    name; load_feature_draft still checks the whole identity), or None.
+
+    A target is listed there only while its feature draft beats the standalone draft model
+    on the ablation (README, "The Dovetail draft"); the other checkpoints still ship."""
+    index = SHIPPED / DEFAULTS
+    if not index.is_file():
+        return None
+    folder = json.loads(index.read_text()).get(Path(target_path).name)
+    if folder is None:
+        return None
+    folder = SHIPPED / folder
+    if read_config(folder).target.name != Path(target_path).name:
+        raise ValueError(f"{index} maps {Path(target_path).name} to {folder}, which was trained for "
+                         f"{read_config(folder).target.name}")
+    return folder
 
 
 def load_feature_draft(folder: str | Path, target: str | Path | TargetPieces, device: str = "cpu",

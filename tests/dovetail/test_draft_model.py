@@ -158,8 +158,28 @@ def test_auto_draft_is_the_checkpoint_shipped_for_the_target(pieces, models, tmp
     monkeypatch.setattr(draft_io, "SHIPPED", tmp_path)
     assert pick_draft("auto", models["target"]) == DEFAULT_DRAFT_LM  # nothing shipped
     save_checkpoint(new_feature_draft(pieces, "dgf", 1), tmp_path / "for-target")
+    assert pick_draft("auto", models["target"]) == DEFAULT_DRAFT_LM  # shipped, but not the default
+    (tmp_path / "defaults.json").write_text(json.dumps({models["target"].name: "for-target"}))
     assert pick_draft("auto", models["target"]) == f"feature:{tmp_path / 'for-target'}"
     assert pick_draft("auto", tmp_path / "another.gguf") == DEFAULT_DRAFT_LM
     assert pick_draft("auto", None) == DEFAULT_DRAFT_LM  # a remote target: no file to match
     assert pick_draft("my-draft", models["target"]) == "my-draft"
     assert pick_draft(None, models["target"]) is None
+    (tmp_path / "defaults.json").write_text(json.dumps({"another.gguf": "for-target"}))
+    with pytest.raises(ValueError, match="trained for"):
+        pick_draft("auto", tmp_path / "another.gguf")
+
+
+def test_shipped_checkpoints_fit_the_size_budget():
+    """Each shipped checkpoint at most 64 MB, all of them at most 200 MB, every default real."""
+    from dovetail.draft_io import CONFIG, DEFAULTS, SHIPPED, WEIGHTS, read_config
+    folders = [c.parent for c in SHIPPED.glob(f"*/{CONFIG}")]
+    sizes = {f.name: sum(p.stat().st_size for p in f.iterdir()) for f in folders}
+    assert all(size <= 64e6 for size in sizes.values()), sizes
+    assert sum(sizes.values()) <= 200e6, sizes
+    for f in folders:
+        assert (f / WEIGHTS).is_file() and read_config(f).target.name
+    index = SHIPPED / DEFAULTS
+    if index.is_file():
+        for target, folder in json.loads(index.read_text()).items():
+            assert read_config(SHIPPED / folder).target.name == target

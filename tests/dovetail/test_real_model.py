@@ -43,3 +43,18 @@ def test_greedy_identical_with_and_without_draft(model_path, prompts):
     # Real weights write real code: a random or mis-loaded model would not indent Python.
     assert all(r.text.startswith("    ") and "numbers" in r.text or "paren" in r.text for r in reference), \
         [r.text for r in reference]
+
+
+def test_shipped_feature_draft_is_the_default_and_lossless(model_path, prompts):
+    """draft="auto" (dovetail-launch's default) picks the DGF draft shipped for this target;
+    through the default backend its greedy output is the target's own, and it is accepted."""
+    from dovetail.draft_io import shipped_draft
+    assert shipped_draft(model_path) is not None, "no feature draft ships for the 0.5B target"
+    with dovetail.launch(model_path, None) as base:
+        reference = [base.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]
+    with dovetail.launch(model_path, "auto", draft_device="cpu", depth=4, top_k=2, max_nodes=8) as coord:
+        assert coord.draft_info.features and "dgf" in coord.draft_info.model
+        results = [coord.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+    tau = sum(r.stats.accepted for r in results) / sum(r.stats.rounds for r in results)
+    assert tau > 1.5, f"the shipped draft commits {tau:.2f} tokens per round"
