@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_handler(spec: str, pieces, target_path):
+def load_handler(spec: str, pieces):
     """A draft worker's handler, in this process, on the CPU."""
     if spec.startswith("lm:"):
         from dovetail.fetch import resolve_model
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     rows = []
     for item in args.draft:
         name, _, spec = item.partition("=")
-        handler = load_handler(spec, pieces, target)
+        handler = load_handler(spec, pieces)
         for n in nodes:
             depth, top_k = SHAPES[n]
             t0 = time.perf_counter()

@@ -21,6 +21,7 @@ MAX_HEARTBEAT_INTERVAL_S = 60.0
 
 DEFAULT_DRAFT_LM = "qwen2.5-coder-0.5b-instruct"  # draft="auto" when no feature draft ships for the target
 
+
 @dataclass
 class CoordinatorConfig:
     depth: int | None = None       # draft tokens along one path (None: by draft device)

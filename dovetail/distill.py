@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-SHARD_PREFIX = "shard-"
-
 
 @dataclass
 class Answered:
@@ -53,36 +51,24 @@ def greedy_with_hidden(backend, prompt: list[int], max_new: int, stop_ids: set[i
 
 
 def write_answers(path: Path, items: list[Answered]) -> None:
-    """A shard train_data.read_shards also reads (its extra prompt_lens is ignored there)."""
-    from safetensors.torch import save_file
-    lengths = torch.tensor([len(a.tokens) for a in items])
-    tensors = {"tokens": torch.cat([a.tokens for a in items]).to(torch.int32),
-               "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
-               "hidden": torch.cat([a.hidden for a in items]).to(torch.bfloat16).contiguous(),
-               "prompt_lens": torch.tensor([a.prompt_len for a in items], dtype=torch.int64)}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    """A training shard (train_data.read_shards reads it) that also keeps the prompt lengths."""
+    from dovetail.train_data import write_shard
+    write_shard(path, items, {"prompt_lens": torch.tensor([a.prompt_len for a in items], dtype=torch.int64)})
 
 
 def read_answers(folder: Path) -> list[Answered]:
-    from safetensors.torch import load_file
-    out = []
-    for shard in sorted(Path(folder).glob(f"{SHARD_PREFIX}*.safetensors")):
-        t = load_file(str(shard))
-        off = t["offsets"].tolist()
-        for (a, b), p in zip(zip(off, off[1:]), t["prompt_lens"].tolist()):
-            out.append(Answered(t["tokens"][a:b].long(), t["hidden"][a:b], p))
-    return out
+    from dovetail.train_data import load_shards
+    return [Answered(s.tokens, s.hidden, p) for t, seqs in load_shards(folder)
+            for s, p in zip(seqs, t["prompt_lens"].tolist())]
 
 
 def generate_corpus(backend, prompts: list[list[int]], folder: Path, max_new: int, stop_ids: set[int],
                     shard_size: int = 8, progress: bool = True) -> dict:
     """Answer ``prompts`` into shards of ``folder``; shards already there are kept (resume)."""
     from tqdm import tqdm
+    from dovetail.train_data import missing_shards, shard_path
     folder.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(prompts) + shard_size - 1) // shard_size
-    missing = [k for k in range(n_shards) if not (folder / f"{SHARD_PREFIX}{k:05d}.safetensors").exists()]
+    missing = missing_shards(folder, len(prompts), shard_size)
     todo = sum(len(prompts[k * shard_size:(k + 1) * shard_size]) for k in missing)
     bar = tqdm(total=todo, unit="prompt", desc="target answers", disable=not progress)
     new_tokens, t0 = 0, time.perf_counter()
@@ -92,7 +78,7 @@ def generate_corpus(backend, prompts: list[list[int]], folder: Path, max_new: in
             items.append(greedy_with_hidden(backend, p, max_new, stop_ids))
             new_tokens += len(items[-1].tokens) - items[-1].prompt_len
             bar.update(1)
-        write_answers(folder / f"{SHARD_PREFIX}{k:05d}.safetensors", items)
+        write_answers(shard_path(folder, k), items)
     bar.close()
     secs = time.perf_counter() - t0
     return {"answered": todo, "new_tokens": new_tokens, "seconds": secs,

@@ -107,26 +107,39 @@ def target_hidden(lm, tokens: list[int]) -> torch.Tensor:
     return lm.model.model(input_ids=ids).last_hidden_state[0]
 
 
-def write_shard(path: Path, seqs: list[Sequence]) -> None:
+def shard_path(folder: Path, k: int) -> Path:
+    return folder / f"shard-{k:05d}.safetensors"
+
+
+def missing_shards(folder: Path, n_items: int, shard_size: int) -> list[int]:
+    """Indices of the shards of ``n_items`` items (``shard_size`` each) not written yet."""
+    n_shards = (n_items + shard_size - 1) // shard_size
+    return [k for k in range(n_shards) if not shard_path(folder, k).exists()]
+
+
+def write_shard(path: Path, seqs: list, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """``seqs``: anything with .tokens and .hidden; ``extra`` tensors are stored beside them."""
     from safetensors.torch import save_file
     lengths = torch.tensor([len(s.tokens) for s in seqs])
     tensors = {"tokens": torch.cat([s.tokens for s in seqs]).to(torch.int32),
                "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
-               "hidden": torch.cat([s.hidden for s in seqs]).to(torch.bfloat16).contiguous()}
+               "hidden": torch.cat([s.hidden for s in seqs]).to(torch.bfloat16).contiguous(), **(extra or {})}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(path)
 
 
-def read_shards(folder: Path) -> list[Sequence]:
+def load_shards(folder: Path):
+    """(tensors of the shard, its Sequences) for every shard in ``folder``, in order."""
     from safetensors.torch import load_file
-    seqs = []
-    for shard in sorted(folder.glob("shard-*.safetensors")):
+    for shard in sorted(Path(folder).glob("shard-*.safetensors")):
         t = load_file(str(shard))
         off = t["offsets"].tolist()
-        for a, b in zip(off, off[1:]):
-            seqs.append(Sequence(t["tokens"][a:b].long(), t["hidden"][a:b]))
-    return seqs
+        yield t, [Sequence(t["tokens"][a:b].long(), t["hidden"][a:b]) for a, b in zip(off, off[1:])]
+
+
+def read_shards(folder: Path) -> list[Sequence]:
+    return [s for _, seqs in load_shards(folder) for s in seqs]
 
 
 def extract_features(lm, token_lists: list[list[int]], folder: Path, shard_size: int = 64,
@@ -137,8 +150,7 @@ def extract_features(lm, token_lists: list[list[int]], folder: Path, shard_size:
     """
     from tqdm import tqdm
     folder.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(token_lists) + shard_size - 1) // shard_size
-    missing = [k for k in range(n_shards) if not (folder / f"shard-{k:05d}.safetensors").exists()]
+    missing = missing_shards(folder, len(token_lists), shard_size)
     total, t0 = 0, time.perf_counter()
     todo = sum(len(t) for k in missing for t in token_lists[k * shard_size:(k + 1) * shard_size])
     bar = tqdm(total=todo, unit="tok", desc="target hidden states", disable=not progress)
@@ -148,7 +160,7 @@ def extract_features(lm, token_lists: list[list[int]], folder: Path, shard_size:
             seqs.append(Sequence(torch.tensor(toks), target_hidden(lm, toks).float().cpu()))
             total += len(toks)
             bar.update(len(toks))
-        write_shard(folder / f"shard-{k:05d}.safetensors", seqs)
+        write_shard(shard_path(folder, k), seqs)
     bar.close()
     secs = time.perf_counter() - t0
     return {"tokens": total, "seconds": secs, "tokens_per_s": total / secs if secs > 0 else 0.0}
