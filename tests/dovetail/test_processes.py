@@ -180,6 +180,23 @@ def test_draft_with_another_vocabulary_is_refused(tiny_target, tiny_draft_vocab8
     assert live_children() <= before
 
 
+def stream_into_stopped_target(coord, target: int, error: type[Exception]):
+    """Stream PROMPT, SIGSTOP the target after the first chunk, and expect ``error``;
+    the target is resumed before returning (pytest's ExceptionInfo, seconds to the error,
+    the tokens streamed)."""
+    stream = coord.stream(PROMPT, max_new_tokens=24)
+    got = list(next(stream).token_ids)
+    os.kill(target, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(error) as caught:
+            for chunk in stream:
+                got.extend(chunk.token_ids)
+        return caught, time.monotonic() - t0, got
+    finally:
+        os.kill(target, signal.SIGCONT)
+
+
 @pytest.mark.timeout(60)
 def test_stalled_target_times_out_and_the_coordinator_recovers(pinned, pids):
     """A target that stops answering (SIGSTOP) gives WorkerTimeout naming the setting to raise;
@@ -190,17 +207,7 @@ def test_stalled_target_times_out_and_the_coordinator_recovers(pinned, pids):
     saved = pinned.config
     pinned.config = dataclasses.replace(saved, verify_timeout_s=1.0)
     try:
-        stream = pinned.stream(PROMPT, max_new_tokens=24)
-        got = list(next(stream).token_ids)
-        os.kill(target, signal.SIGSTOP)
-        t0 = time.monotonic()
-        try:
-            with pytest.raises(dovetail.WorkerTimeout) as caught:
-                for chunk in stream:
-                    got.extend(chunk.token_ids)
-            elapsed = time.monotonic() - t0
-        finally:
-            os.kill(target, signal.SIGCONT)
+        caught, elapsed, got = stream_into_stopped_target(pinned, target, dovetail.WorkerTimeout)
     finally:
         pinned.config = saved
     assert 0.9 < elapsed < 5
@@ -221,17 +228,7 @@ def test_hung_target_is_caught_by_missed_heartbeats(pinned, pids):
     expected = pinned.generate(PROMPT, max_new_tokens=24).token_ids
     assert cfg.verify_timeout_s >= 60
     bound = cfg.liveness_window_s + cfg.heartbeat_interval_s + 2.0
-    stream = pinned.stream(PROMPT, max_new_tokens=24)
-    got = list(next(stream).token_ids)
-    os.kill(target, signal.SIGSTOP)
-    t0 = time.monotonic()
-    try:
-        with pytest.raises(dovetail.WorkerError) as caught:
-            for chunk in stream:
-                got.extend(chunk.token_ids)
-        elapsed = time.monotonic() - t0
-    finally:
-        os.kill(target, signal.SIGCONT)
+    caught, elapsed, got = stream_into_stopped_target(pinned, target, dovetail.WorkerError)
     assert elapsed < bound, f"noticed after {elapsed:.1f} s, bound {bound:.1f} s"
     assert type(caught.value) is WorkerUnresponsive and caught.value.role == "target"
     assert "heartbeat_interval_s" in str(caught.value) and "heartbeat_liveness" in str(caught.value)
