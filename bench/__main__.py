@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=None, help="fix Dovetail's draft depth (default: sized automatically)")
     p.add_argument("--top-k", type=int, default=None, help="fix the children per tree node (1: chains)")
     p.add_argument("--max-nodes", type=int, default=None, help="fix the most tree tokens per verification")
+    p.add_argument("--auto-tree", action="store_true",
+                   help="size Dovetail's drafts automatically even with --depth/--max-nodes (they cap it)")
+    p.add_argument("--gate", action="store_true",
+                   help="Dovetail proposes only draft tokens whose probability pays for verifying them (needs auto sizing)")
     p.add_argument("--target-cpus", default=None, help="CPUs for every system's target, e.g. '0-31' (default: all)")
     p.add_argument("--draft-device", default=None, help="Dovetail's draft device: 'cpu' or 'cuda:N' (default: GPU if any)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 for the torch systems")
@@ -77,7 +81,8 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
     for backend in args.backends.split(","):
         ours = dict(target=args.target, target_cpus=args.target_cpus, dtype=args.dtype, stop_token_ids=[],
                     backend=backend, **{k: getattr(args, k) for k in ("depth", "top_k", "max_nodes")
-                                        if getattr(args, k) is not None})
+                                        if getattr(args, k) is not None},
+                    **({"auto_tree": True} if args.auto_tree else {}), **({"gate": True} if args.gate else {}))
         tag = report.backend_tag(backend)
         if "target-only" in wanted:
             runs.append((f"target-only{tag}", systems.run_dovetail, dict(ours, draft=None)))

@@ -7,6 +7,15 @@ verification of n(d)+1 tokens plus the draft's d levels (hidden behind verificat
 the draft overlaps on its own device) plus the wire. The sizer picks the d in 0..max_depth
 with the most tokens per second; d = 0 is plain target-only decoding, so a draft that does
 not pay stops being asked, except for an occasional probe that keeps alpha up to date.
+
+With the gate on, each draft also gets ``min_prob``: a draft token whose path probability
+under the draft is below it is not proposed. A token of path probability P saves P plain
+rounds (verify_ms(1) + wire) and costs one more verified row (the curve's mean slope over
+its first GATE_SPAN steps) plus, unless the draft overlaps verification, a draft level; so
+it pays when P > (slope + draft level) / plain round. Where verifying k tokens costs little
+more than one (a GPU draft next to a many-core target) the gate is near 0; on llama.cpp on
+two cores (37, 60, 85, 96 ms for k = 1..4) it is about one half. It relies on the draft's
+probabilities being calibrated: bench.gating measures that.
 """
 from __future__ import annotations
 
@@ -21,6 +30,8 @@ PROBE_EVERY = 8       # while d = 0 wins, draft anyway once per this many rounds
 PROBE_EVERY_MAX = 128  # ... doubling after each probe that does not change the decision
 CATCH_UP_TOKENS = 4   # a draft round that first had to process more committed tokens than
                       # this (a prompt, a long gap) says nothing about the cost per level
+GATE_SPAN = 4         # verify-curve steps averaged for the cost of one more row
+MAX_GATE = 0.9        # a gate never asks for more certainty than this
 
 
 class TreeSizer:
@@ -46,6 +57,17 @@ class TreeSizer:
             return c[k - 1]
         slope = (c[-1] - c[-2]) if len(c) > 1 else c[-1]
         return c[-1] + max(slope, 0.0) * (k - len(c))
+
+    def min_prob(self) -> float:
+        """The gate: the path probability at which a draft token pays for itself."""
+        with self._lock:
+            n = min(GATE_SPAN, len(self.verify_ms_k) - 1)
+            if n < 1:
+                return 0.0
+            slope = max(0.0, (self.verify_ms(n + 1) - self.verify_ms(1)) / n)
+            level = 0.0 if self.overlap else (self.draft_ms_per_level or 0.0)
+            plain = self.verify_ms(1) + (self.wire_ms or 0.0)
+            return min(MAX_GATE, (slope + level) / plain)
 
     def alpha(self, level: int) -> float:
         return (self.hits[level] + PRIOR_ALPHA * PRIOR_WEIGHT) / (self.tries[level] + PRIOR_WEIGHT)

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--depth", type=int, default=None, help="draft tokens along a path; fixes the tree shape (default: sized automatically, at most 3 on a CPU draft, 6 on a GPU)")
     d.add_argument("--top-k", type=int, default=None, help="children per tree node; 1 drafts a chain (default: 2 CPU, 4 GPU)")
     d.add_argument("--max-nodes", type=int, default=None, help="most tree tokens per verification; fixes the tree shape (default: at most 6 CPU, 16 GPU)")
+    d.add_argument("--auto-tree", action=argparse.BooleanOptionalAction, default=None,
+                   help="size each draft from the verify-cost curve and the acceptance (default: on unless "
+                        "--depth or --max-nodes is given; with --auto-tree they cap it)")
+    d.add_argument("--gate", action="store_true",
+                   help="with automatic sizing: propose only draft tokens whose probability under the draft "
+                        "pays for verifying them (for a steep CPU verify curve, e.g. llama.cpp on few cores)")
     d.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="draft the next round while the target verifies (default: on for a GPU draft)")
     g = p.add_argument_group("generation")
@@ -179,6 +185,7 @@ def start_coordinator(args):
                            target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
                            backend=args.backend, draft_backend=args.draft_backend,
                            target_quantize=args.target_quantize, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
+                           auto_tree=args.auto_tree, gate=args.gate,
                            overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,
                            heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness)
 

@@ -30,6 +30,8 @@ class CoordinatorConfig:
     overlap: bool | None = None    # draft round n+1 while round n verifies (None: only on a GPU draft)
     auto_tree: bool | None = None  # size each draft from the verify-cost curve and acceptance
                                    # (None: on unless depth or max_nodes is given); depth caps it
+    gate: bool = False             # with auto_tree: propose only draft tokens whose path probability
+                                   # pays for their verification (autotree.TreeSizer.min_prob)
     draft_layers: int | None = None  # run only the first N layers of the draft model
     draft_cpus: list[int] | None = None  # CPUs for a CPU draft (default: the target's)
     feature_codec: str = "fp16"

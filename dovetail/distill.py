@@ -15,6 +15,7 @@ rounding only. It measures trees of any shape in seconds, with no target running
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,71 @@ def greedy_with_hidden(backend, prompt: list[int], max_new: int, stop_ids: set[i
         backend.release(seq)
 
 
+CODE_BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)
+CODE_PROMPT_TOKENS = 96   # a code prompt's length cap: prompt tokens cost a prefill, answers the steps
+
+
+def code_prompts(tokenizer, records: list[dict], limit: int, max_tokens: int = CODE_PROMPT_TOKENS,
+                 min_lines: int = 6) -> list[list[int]]:
+    """Code-completion prompts for self-distillation: from each conversation, the first third
+    (at least two lines) of its first Python code block of at least ``min_lines`` lines, as
+    raw text like a HumanEval prompt; the target writes the rest."""
+    out = []
+    for r in records:
+        blocks = (m.group(2).rstrip("\n").split("\n") for t in r.get("conversations", []) if t.get("from") == "gpt"
+                  for m in CODE_BLOCK.finditer(str(t.get("value", ""))) if m.group(1).lower() in ("python", "py"))
+        lines = next((b for b in blocks if len(b) >= min_lines), None)
+        if lines is None:
+            continue
+        prefix = "\n".join(lines[:max(2, len(lines) // 3)]) + "\n"
+        out.append(tokenizer.encode(prefix, add_special_tokens=False)[:max_tokens])
+        if len(out) >= limit:
+            break
+    return out
+
+
+@dataclass
+class _Open:
+    index: int
+    seq: object
+    tokens: list[int]
+    rows: list[torch.Tensor]
+    prompt_len: int
+    done: bool = False          # answered: the next step only reads its last token's state
+
+
+def answer_many(backend, prompts: dict[int, list[int]], max_new: int, stop_ids: set[int], width: int,
+                on_answer) -> None:
+    """``greedy_with_hidden`` for many prompts at once: up to ``width`` sequences advance by one
+    token per ``backend.step_many`` call, and a finished one makes room for the next prompt
+    (continuous batching). ``on_answer(index, Answered)`` is called as each one completes."""
+    queue, open_ = list(prompts.items()), []
+    try:
+        while queue or open_:
+            while queue and len(open_) < width:
+                i, prompt = queue.pop(0)
+                seq = backend.new_sequence()
+                open_.append(_Open(i, seq, list(prompt), [], len(prompt)))
+                if len(prompt) > 1:
+                    open_[-1].rows.append(backend.prefill(seq, prompt[:-1], hidden=True).float())
+            out = backend.step_many([o.seq for o in open_], [o.tokens[-1] for o in open_], hidden=True)
+            still = []
+            for o, logits, h in zip(open_, out.logits, out.hidden):
+                o.rows.append(h[None].float())
+                if o.done:
+                    backend.release(o.seq)
+                    on_answer(o.index, Answered(torch.tensor(o.tokens), torch.cat(o.rows), o.prompt_len))
+                    continue
+                nxt = int(logits.argmax())
+                o.tokens.append(nxt)
+                o.done = nxt in stop_ids or len(o.tokens) - o.prompt_len >= max_new
+                still.append(o)
+            open_ = still
+    finally:
+        for o in open_:
+            backend.release(o.seq)
+
+
 def write_answers(path: Path, items: list[Answered]) -> None:
     """A training shard (train_data.read_shards reads it) that also keeps the prompt lengths."""
     from dovetail.train_data import write_shard
@@ -63,25 +129,36 @@ def read_answers(folder: Path) -> list[Answered]:
 
 
 def generate_corpus(backend, prompts: list[list[int]], folder: Path, max_new: int, stop_ids: set[int],
-                    shard_size: int = 8, progress: bool = True) -> dict:
-    """Answer ``prompts`` into shards of ``folder``; shards already there are kept (resume)."""
+                    shard_size: int = 8, width: int = 1, progress: bool = True) -> dict:
+    """Answer ``prompts`` into shards of ``folder``; shards already there are kept (resume).
+    ``width`` > 1 answers that many side by side (a backend with ``step_many``)."""
     from tqdm import tqdm
     from dovetail.train_data import missing_shards, shard_path
     folder.mkdir(parents=True, exist_ok=True)
     missing = missing_shards(folder, len(prompts), shard_size)
-    todo = sum(len(prompts[k * shard_size:(k + 1) * shard_size]) for k in missing)
-    bar = tqdm(total=todo, unit="prompt", desc="target answers", disable=not progress)
+    todo = {i: prompts[i] for k in missing for i in range(k * shard_size, min((k + 1) * shard_size, len(prompts)))}
+    bar = tqdm(total=len(todo), unit="prompt", desc="target answers", disable=not progress)
+    done: dict[int, Answered] = {}
     new_tokens, t0 = 0, time.perf_counter()
-    for k in missing:
-        items = []
-        for p in prompts[k * shard_size:(k + 1) * shard_size]:
-            items.append(greedy_with_hidden(backend, p, max_new, stop_ids))
-            new_tokens += len(items[-1].tokens) - items[-1].prompt_len
-            bar.update(1)
-        write_answers(shard_path(folder, k), items)
+
+    def record(i: int, a: Answered) -> None:
+        nonlocal new_tokens
+        done[i] = a
+        new_tokens += len(a.tokens) - a.prompt_len
+        bar.update(1)
+        k = i // shard_size
+        members = range(k * shard_size, min((k + 1) * shard_size, len(prompts)))
+        if all(j in done for j in members):  # a shard is written once all of its answers are in
+            write_answers(shard_path(folder, k), [done.pop(j) for j in members])
+
+    if width > 1:
+        answer_many(backend, todo, max_new, stop_ids, width, record)
+    else:
+        for i, p in todo.items():
+            record(i, greedy_with_hidden(backend, p, max_new, stop_ids))
     bar.close()
     secs = time.perf_counter() - t0
-    return {"answered": todo, "new_tokens": new_tokens, "seconds": secs,
+    return {"answered": len(todo), "new_tokens": new_tokens, "seconds": secs,
             "tokens_per_s": new_tokens / secs if secs > 0 else 0.0}
 
 

@@ -57,7 +57,8 @@ class Drafter:
                 return [], []
             self.step += 1
             msg = DraftRequest(self.req, self.step, self.synced, committed[self.synced:],
-                               depth, self.cfg.top_k, max_nodes, features=merge_features(self.features))
+                               depth, self.cfg.top_k, max_nodes, features=merge_features(self.features),
+                               min_prob=self.gate())
             self.features = []  # sent; if the call fails the draft is dropped for this request
             t0 = time.perf_counter()
             prop = self._guard(lambda: self._call(msg))
@@ -78,6 +79,10 @@ class Drafter:
         depth = self.sizer.choose()
         return depth, max(1, self.sizer.nodes(depth))
 
+    def gate(self) -> float:
+        """min_prob for the next draft: the sizer's price of a token, when the gate is on."""
+        return self.sizer.min_prob() if self.cfg.gate and self.sizer is not None else 0.0
+
     def speculate(self, committed: list[int], tokens: list[int], parents: list[int]) -> None:
         """Start drafting the next round, betting the main path is accepted in full."""
         if not self.alive or not tokens or self.wants_features:
@@ -88,7 +93,7 @@ class Drafter:
             return
         self.step += 1
         msg = DraftRequest(self.req, self.step, len(committed), path, depth, self.cfg.top_k,
-                           max_nodes, guess_root=True)
+                           max_nodes, guess_root=True, min_prob=self.gate())
         self._guard(lambda: self.client.send(msg))
         self.bet = (self.step, path)
 

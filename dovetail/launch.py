@@ -95,6 +95,9 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         log.warning("no GPU found: the draft runs on the CPU, sharing the target's cores")
     if config.auto_tree is None:  # a shape the user fixed is kept as given
         config = replace(config, auto_tree=config.depth is None and config.max_nodes is None)
+    if config.gate and not config.auto_tree:
+        raise ValueError("gate=True prices draft tokens with the automatic tree sizer: it needs auto_tree "
+                         "(pass auto_tree=True to keep depth/max_nodes as caps)")
     draft_backend = pick_draft_backend(draft_backend, backend, draft_path, device, config)
     if draft_backend == "llama.cpp":
         check_backend(draft_backend, draft_path)

@@ -3,12 +3,14 @@
     dovetail-train extract --target MODEL --conversations 2000            # ShareGPT as written
     dovetail-train extract --target MODEL --source humaneval --problems 40:164   # self-distillation
     dovetail-train extract --target MODEL --source humaneval --problems 0:40     # for eval --offline
-    dovetail-train train   --target MODEL --out DRAFT_DIR --data sharegpt,humaneval:40:164 --steps 800
+    dovetail-train extract --target MODEL --source sharegpt-code --code-prompts 800  # more self-distillation
+    dovetail-train train   --target MODEL --out DRAFT_DIR --data sharegpt,humaneval:40:164,sharegpt-code:800
     dovetail-train eval    --target MODEL --draft DRAFT_DIR [--offline]
 
 ``extract`` caches the target's hidden states: of ShareGPT training conversations (never
-the held-out ones), or of the target's own greedy answers to HumanEval problems (through
-the llama.cpp backend that verifies at inference). ``train`` reads those caches and
+the held-out ones), or of the target's own greedy answers (through the llama.cpp backend
+that verifies at inference) to HumanEval problems or to code prompts cut from ShareGPT's
+Python blocks. ``train`` reads those caches and
 resumes from DRAFT_DIR when it holds a run. ``eval`` runs held-out prompts (HumanEval
 problems 0..39 by default) through the real pipeline (target worker + feature-draft worker)
 and reports the mean tokens committed per round; ``--offline`` replays the recorded greedy
@@ -43,12 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--conversations", type=int, default=1000, help="training conversations to extract")
     ex.add_argument("--shard-size", type=int, default=64, help="conversations per cache shard (resume granularity)")
     ex.add_argument("--dtype", default="auto", help="target dtype on the CPU: auto (bf16 where native), float32, ...")
-    ex.add_argument("--source", default="sharegpt", choices=("sharegpt", "humaneval"),
+    ex.add_argument("--source", default="sharegpt", choices=("sharegpt", "humaneval", "sharegpt-code"),
                     help="sharegpt: its conversations as written; humaneval: the target's own greedy answers "
-                         "(self-distillation) to the HumanEval problems in --problems")
+                         "(self-distillation) to the HumanEval problems in --problems; sharegpt-code: its greedy "
+                         "completions of --code-prompts Python prefixes from ShareGPT's training conversations")
+    ex.add_argument("--code-prompts", type=int, default=800,
+                    help="code prompts answered with --source sharegpt-code (the first third of a conversation's "
+                         "first Python block, at most 96 tokens)")
+    ex.add_argument("--width", type=int, default=16,
+                    help="answers decoded side by side in one llama.cpp call (1: one after another)")
     ex.add_argument("--problems", default="40:164", metavar="A:B",
                     help="HumanEval problems answered with --source humaneval (evaluation uses 0:40)")
-    ex.add_argument("--max-new-tokens", type=int, default=192, help="answer length with --source humaneval")
+    ex.add_argument("--max-new-tokens", type=int, default=192, help="answer length (--source humaneval, sharegpt-code)")
     ex.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all CPUs)")
     tr = sub.add_parser("train", help="train (or resume training) a feature draft on the cached features")
     add_common(tr)
@@ -66,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                     help="reduced LM head: only the N most frequent tokens of the training data (default: all)")
     tr.add_argument("--data", default="sharegpt", metavar="SOURCES",
-                    help="comma-separated training sets from `extract`: sharegpt, and humaneval:A:B for the "
-                         "target's answers to HumanEval problems A..B-1 (e.g. sharegpt,humaneval:40:164)")
-    tr.add_argument("--answer-len", type=int, default=192, help="--max-new-tokens the humaneval answers used")
+                    help="comma-separated training sets from `extract`: sharegpt, humaneval:A:B for the "
+                         "target's answers to HumanEval problems A..B-1, sharegpt-code:N for its completions of "
+                         "N ShareGPT code prompts (e.g. sharegpt,humaneval:40:164,sharegpt-code:800)")
+    tr.add_argument("--answer-len", type=int, default=192, help="--max-new-tokens the answers were extracted with")
     tr.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
     tr.add_argument("--seed", type=int, default=0, help="initialisation and batch-sampling seed")
     tr.add_argument("--amp", action="store_true", help="bf16 autocast for the forward/backward (GPU training)")
@@ -120,26 +129,46 @@ def answers_dir(ident, cache_dir, a: int, b: int, max_new: int) -> Path:
     return features_dir(ident, cache_dir) / f"humaneval-{a}-{b}-greedy{max_new}"
 
 
-def run_extract_humaneval(args, target, ident) -> dict:
+def code_answers_dir(ident, cache_dir, n: int, max_new: int) -> Path:
+    from dovetail.train_data import features_dir
+    return features_dir(ident, cache_dir) / f"sharegpt-code-{n}-greedy{max_new}"
+
+
+def run_extract_answers(args, target, ident) -> dict:
+    """Self-distillation: the target's greedy answers to HumanEval problems or code prompts."""
     import os
     from dovetail.coordinator import default_stop_ids
-    from dovetail.distill import generate_corpus
-    from dovetail.prompts import load_humaneval
+    from dovetail.distill import code_prompts, generate_corpus
     from dovetail.workers.hf import load_tokenizer
     from dovetail.workers.llama import LlamaBackend
     if not str(target).endswith(".gguf"):
-        raise SystemExit("--source humaneval answers through the llama.cpp backend: give a GGUF target")
-    a, b = problem_range(args.problems)
+        raise SystemExit(f"--source {args.source} answers through the llama.cpp backend: give a GGUF target")
+    if args.width < 1:
+        raise SystemExit("--width must be at least 1")
     tok = load_tokenizer(target)
-    prompts = [tok.encode(p["prompt"], add_special_tokens=False) for p in load_humaneval(progress=True)[a:b]]
-    folder = answers_dir(ident, args.cache_dir, a, b, args.max_new_tokens)
+    if args.source == "humaneval":
+        from dovetail.prompts import load_humaneval
+        a, b = problem_range(args.problems)
+        prompts = [tok.encode(p["prompt"], add_special_tokens=False) for p in load_humaneval(progress=True)[a:b]]
+        folder, what = answers_dir(ident, args.cache_dir, a, b, args.max_new_tokens), {"problems": f"{a}:{b}"}
+    else:
+        from dovetail.train_data import read_sharegpt, sharegpt_path, split_records
+        train, _ = split_records(read_sharegpt(sharegpt_path()))  # never the held-out conversations
+        prompts = code_prompts(tok, train, args.code_prompts)
+        if len(prompts) < args.code_prompts:
+            raise SystemExit(f"--code-prompts {args.code_prompts}: ShareGPT's training split has {len(prompts)}")
+        folder = code_answers_dir(ident, args.cache_dir, args.code_prompts, args.max_new_tokens)
+        what = {"code_prompts": len(prompts)}
     threads = args.threads or len(os.sched_getaffinity(0))
-    backend = LlamaBackend(str(target), threads=threads, n_ctx=4096, n_seqs=2, device_label="cpu")
+    longest = max(map(len, prompts)) + args.max_new_tokens + 1
+    backend = LlamaBackend(str(target), threads=threads, n_ctx=max(4096, args.width * longest),
+                           n_seqs=max(2, args.width), device_label="cpu")
     try:
-        stats = generate_corpus(backend, prompts, folder, args.max_new_tokens, set(default_stop_ids(tok)))
+        stats = generate_corpus(backend, prompts, folder, args.max_new_tokens, set(default_stop_ids(tok)),
+                                width=args.width)
     finally:
         backend.close()
-    return {"folder": str(folder), "problems": f"{a}:{b}", **stats}
+    return {"folder": str(folder), **what, "width": args.width, **stats}
 
 
 def run_extract(args) -> dict:
@@ -149,8 +178,8 @@ def run_extract(args) -> dict:
     from dovetail.workers.hf import CausalLM, choose_dtype
     target = resolve_model(args.target)
     ident = load_target_pieces(target).identity
-    if args.source == "humaneval":
-        return run_extract_humaneval(args, target, ident)
+    if args.source != "sharegpt":
+        return run_extract_answers(args, target, ident)
     folder = features_dir(ident, args.cache_dir)
     meta = {"target": ident.__dict__, "max_len": args.max_len, "shard_size": args.shard_size}
     meta_path = folder / "meta.json"
@@ -177,8 +206,14 @@ def training_data(sources: str, ident, cache_dir, answer_len: int) -> list:
                 raise SystemExit("HumanEval problems 0..39 are the evaluation set: train on 40:164")
             folder = answers_dir(ident, cache_dir, a, b, answer_len)
             how = f"dovetail-train extract --source humaneval --problems {a}:{b} --max-new-tokens {answer_len}"
+        elif src.startswith("sharegpt-code:"):
+            n = int(src.removeprefix("sharegpt-code:")) if src.removeprefix("sharegpt-code:").isdigit() else 0
+            if n < 1:
+                raise SystemExit(f"--data {src}: give the number of code prompts, e.g. sharegpt-code:800")
+            folder = code_answers_dir(ident, cache_dir, n, answer_len)
+            how = f"dovetail-train extract --source sharegpt-code --code-prompts {n} --max-new-tokens {answer_len}"
         else:
-            raise SystemExit(f"--data: unknown source {src!r} (sharegpt, humaneval:A:B)")
+            raise SystemExit(f"--data: unknown source {src!r} (sharegpt, humaneval:A:B, sharegpt-code:N)")
         got = read_shards(folder)
         if not got:
             raise SystemExit(f"no cached features for {src} in {folder}: run `{how}` first")

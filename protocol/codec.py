@@ -63,6 +63,8 @@ def _from_map(cls, obj, where: str, prefix: str = ""):
         v = obj[name]
         if kind == "float" and type(v) is int:
             v = float(v)
+        elif kind == "floats" and isinstance(v, list):
+            v = [float(x) if type(x) is int else x for x in v]
         elif kind == "feature" and v is not None:
             v = _from_map(Feature, v, where, f"{prefix}{name}.")
         kwargs[name] = v

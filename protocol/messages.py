@@ -118,7 +118,9 @@ class Opened:
 @dataclass(slots=True)
 class DraftRequest:
     """Ask the draft for a tree. ``new_tokens`` were committed since the draft
-    last saw this request, starting at position ``base_len``."""
+    last saw this request, starting at position ``base_len``. ``min_prob`` > 0
+    gates the tree: a node whose path probability under the draft is below it is
+    neither grown nor proposed (the tree may then be empty)."""
     TYPE: ClassVar[int] = 4
     req_id: int
     step: int
@@ -129,12 +131,15 @@ class DraftRequest:
     max_nodes: int
     guess_root: bool = False
     features: Feature | None = None
+    min_prob: float = 0.0
 
 
 @dataclass(slots=True)
 class DraftProposal:
     """A draft tree (see the tree convention above). ``root_guess`` is the
-    draft's guess of the next committed token when asked, else -1."""
+    draft's guess of the next committed token when asked, else -1. ``scores``
+    (parallel to ``tokens``, or empty) are the draft's path log-probabilities:
+    the sum of its log-probabilities from the root down to each node, <= 0."""
     TYPE: ClassVar[int] = 5
     req_id: int
     step: int
@@ -142,6 +147,7 @@ class DraftProposal:
     parents: list[int]
     root_guess: int = -1
     seconds: float = 0.0
+    scores: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -25,7 +25,8 @@ _INT64 = (-(1 << 63), 1 << 63)  # what msgpack can carry for signed fields
 
 def _kind(hint) -> str:
     for kind, h in (("int", int), ("float", float), ("str", str), ("bool", bool),
-                    ("bytes", bytes), ("ints", list[int]), ("feature", Feature | None)):
+                    ("bytes", bytes), ("ints", list[int]), ("floats", list[float]),
+                    ("feature", Feature | None)):
         if hint == h:
             return kind
     raise TypeError(f"unsupported field annotation {hint!r}")
@@ -81,6 +82,14 @@ def _check_types(obj, where: str, prefix: str = "") -> None:
                                    f"must be an int, got {_tname(v[i])}")
             if v and (min(v) < _INT64[0] or max(v) >= _INT64[1]):
                 raise bad("holds a value that does not fit in 64 bits")
+        elif kind == "floats":
+            if type(v) not in (list, tuple):
+                raise bad(f"must be a list of numbers, got {_tname(v)}")
+            if len(v) > MAX_TOKENS:
+                raise bad(f"has {len(v)} items, more than MAX_TOKENS={MAX_TOKENS}")
+            for i, x in enumerate(v):
+                if type(x) not in (int, float) or not math.isfinite(x):
+                    raise InvalidField(where, f"{prefix}{name}[{i}]", f"must be a finite number, got {x!r}")
         elif kind == "feature" and v is not None:
             if type(v) is not Feature:
                 raise bad(f"must be a Feature or None, got {_tname(v)}")
@@ -179,8 +188,15 @@ def validate(msg, *, vocab_size: int | None = None) -> None:
             raise InvalidField(where, "max_nodes", f"= {msg.max_nodes} exceeds "
                                f"MAX_TREE_NODES={MAX_TREE_NODES}")
         _token_ids(where, "new_tokens", msg.new_tokens, vocab_size)
+        if not 0.0 <= msg.min_prob < 1.0:
+            raise InvalidField(where, "min_prob", f"must be in [0, 1), got {msg.min_prob}")
     elif isinstance(msg, DraftProposal):
         _tree(where, msg, vocab_size)
+        if msg.scores and len(msg.scores) != len(msg.tokens):
+            raise InvalidField(where, "scores", f"has {len(msg.scores)} entries but tokens has "
+                               f"{len(msg.tokens)}; send one per node or none")
+        if any(s > 0 for s in msg.scores):
+            raise InvalidField(where, "scores", "are log-probabilities: every one must be <= 0")
         if msg.root_guess != -1:
             _token_ids(where, "root_guess", [msg.root_guess], vocab_size, scalar=True)
     elif isinstance(msg, VerifyRequest):

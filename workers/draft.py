@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -107,10 +108,22 @@ class DraftHandler:
             st.known.append(root_guess)
             logits = self.lm.forward(st.cache, [root_guess]).logits[-1]
             st.cached += 1
-        tokens, parents = grow_tree(self.lm, st.cache, logits, msg.depth, msg.top_k, msg.max_nodes)
+        tokens, parents, scores = grow_tree(self.lm, st.cache, logits, msg.depth, msg.top_k, msg.max_nodes,
+                                            msg.min_prob)
         self.lm.crop(st.cache, st.cached)  # tree nodes are guesses: never keep them
         return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=tokens, parents=parents,
-                             root_guess=root_guess, seconds=time.perf_counter() - t0)
+                             root_guess=root_guess, seconds=time.perf_counter() - t0,
+                             scores=wire_scores(scores))
+
+
+def gate_score(min_prob: float) -> float:
+    """The lowest path log-probability a gated tree keeps."""
+    return math.log(min_prob) if min_prob > 0 else -math.inf
+
+
+def wire_scores(scores: list[float]) -> list[float]:
+    """Path log-probabilities as the protocol takes them: finite and <= 0."""
+    return [min(0.0, max(float(s), -1e4)) for s in scores]
 
 
 def dispatch_draft(handler, msg, max_requests: int, new_state, release=None):
@@ -154,12 +167,12 @@ def apply_request(states: dict, msg: DraftRequest):
 
 
 def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k: int,
-              max_nodes: int) -> tuple[list[int], list[int]]:
+              max_nodes: int, min_prob: float = 0.0) -> tuple[list[int], list[int], list[float]]:
     """Beam-style tree growth (EAGLE-2): expand the top_k best nodes per level by path score.
 
-    Returns the max_nodes best nodes by cumulative log-probability, ordered so that parents
-    come before children and every node's first child is its most likely one (so the
-    first-child chain is a prefix of the draft's greedy continuation).
+    Returns the max_nodes best nodes by cumulative log-probability (and those path scores),
+    ordered so that parents come before children and every node's first child is its most
+    likely one (so the first-child chain is a prefix of the draft's greedy continuation).
     """
     start = cache.get_seq_length()
     tok: list[int] = []
@@ -167,7 +180,8 @@ def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k:
     score: list[float] = []
     frontier, frontier_logits = [-1], root_logits[None]
     for level in range(depth):
-        new = [node for node, _ in expand_level(frontier_logits, frontier, tok, par, score, top_k)]
+        new = [node for node, _ in expand_level(frontier_logits, frontier, tok, par, score, top_k,
+                                                min_score=gate_score(min_prob))]
         if not new or level == depth - 1:
             break
         # Forward the new nodes: each sees the committed prefix plus its own ancestors.
@@ -177,11 +191,13 @@ def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k:
 
 
 def expand_level(logits: torch.Tensor, frontier: list[int], tok: list[int], par: list[int], score: list[float],
-                 top_k: int, column_ids: torch.Tensor | None = None) -> list[tuple[int, int]]:
+                 top_k: int, column_ids: torch.Tensor | None = None,
+                 min_score: float = -math.inf) -> list[tuple[int, int]]:
     """One level of EAGLE-2 growth: of the top_k children of every frontier node, keep the
-    top_k by path score (cumulative log-probability). Appends them to tok/par/score and
-    returns (new node, frontier row) pairs. ``column_ids`` maps logit columns to token ids
-    (a reduced draft vocabulary); scores are summed on the CPU, whatever the logits' device."""
+    top_k by path score (cumulative log-probability), none below ``min_score`` (the gate).
+    Appends them to tok/par/score and returns (new node, frontier row) pairs.
+    ``column_ids`` maps logit columns to token ids (a reduced draft vocabulary); scores are
+    summed on the CPU, whatever the logits' device."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     k = min(top_k, logp.shape[-1])
     top_lp, top_cols = logp.topk(k, dim=-1)
@@ -190,6 +206,8 @@ def expand_level(logits: torch.Tensor, frontier: list[int], tok: list[int], par:
     cand = (parent_scores + top_lp.cpu()).flatten()
     out = []
     for b in cand.topk(min(top_k, cand.numel())).indices.tolist():
+        if float(cand[b]) < min_score:
+            break  # best first: the rest are below the gate too
         r, c = divmod(b, k)
         par.append(frontier[r])
         tok.append(int(top_ids[r, c]))
@@ -223,7 +241,8 @@ def node_mask(start: int, tok, par, new) -> tuple[torch.Tensor, list[int]]:
     return allowed, [start - 1 + d for d in depth]
 
 
-def select_nodes(tok, par, score, max_nodes) -> tuple[list[int], list[int]]:
+def select_nodes(tok, par, score, max_nodes) -> tuple[list[int], list[int], list[float]]:
+    """The max_nodes best nodes by path score: (tokens, parents, path scores), breadth first."""
     # Sorting by (-score, creation order) puts every parent before its children: a child's
     # path score is its parent's plus a log-probability <= 0, and it was created later.
     keep = sorted(range(len(tok)), key=lambda i: (-score[i], i))[:max_nodes]
@@ -239,7 +258,7 @@ def select_nodes(tok, par, score, max_nodes) -> tuple[list[int], list[int]]:
         order.append(i)
         queue.extend(kids.get(i, []))
     index = {old: new for new, old in enumerate(order)}
-    return [tok[i] for i in order], [-1 if par[i] < 0 else index[par[i]] for i in order]
+    return [tok[i] for i in order], [-1 if par[i] < 0 else index[par[i]] for i in order], [score[i] for i in order]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake, decode_features
-from dovetail.workers.draft import apply_request, dispatch_draft, expand_level, node_mask, select_nodes
+from dovetail.workers.draft import (apply_request, dispatch_draft, expand_level, gate_score, node_mask, select_nodes,
+                                    wire_scores)
 from dovetail.workers.hf import CausalLM
 from dovetail.workers.serve import RequestError
 
@@ -85,11 +86,12 @@ class FeatureDraftHandler:
         # Logits of the last pair only: the head costs vocab x hidden per row.
         hidden, _ = self.model(f, ids, cache=st.cache, logits=False)
         st.cached = n - 1
-        tokens, parents = grow_feature_tree(self.model, st.cache, hidden[-1], self.model.logits(hidden[-1]),
-                                            msg.depth, msg.top_k, msg.max_nodes)
+        tokens, parents, scores = grow_feature_tree(self.model, st.cache, hidden[-1],
+                                                    self.model.logits(hidden[-1]), msg.depth, msg.top_k,
+                                                    msg.max_nodes, msg.min_prob)
         CausalLM.crop(st.cache, st.cached)  # tree nodes are guesses: never keep them
         return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=tokens, parents=parents,
-                             seconds=time.perf_counter() - t0)
+                             seconds=time.perf_counter() - t0, scores=wire_scores(scores))
 
 
 def add_features(st: FeatureState, msg: DraftRequest, n: int, hidden_size: int) -> None:
@@ -116,7 +118,7 @@ def add_features(st: FeatureState, msg: DraftRequest, n: int, hidden_size: int) 
 
 
 def grow_feature_tree(model, cache, root_hidden: torch.Tensor, root_logits: torch.Tensor, depth: int,
-                      top_k: int, max_nodes: int) -> tuple[list[int], list[int]]:
+                      top_k: int, max_nodes: int, min_prob: float = 0.0) -> tuple[list[int], list[int], list[float]]:
     """EAGLE-2 tree growth with a feature draft; same contract as draft.grow_tree.
 
     Each level expands the top_k nodes by cumulative log-probability (path score); a node's
@@ -130,7 +132,8 @@ def grow_feature_tree(model, cache, root_hidden: torch.Tensor, root_logits: torc
     frontier, f_hidden, f_logits = [-1], root_hidden[None], root_logits[None]
     for level in range(depth):
         # logit columns -> target token ids (a reduced draft vocabulary)
-        grown = expand_level(f_logits, frontier, tok, par, score, top_k, column_ids=model.vocab_ids)
+        grown = expand_level(f_logits, frontier, tok, par, score, top_k, column_ids=model.vocab_ids,
+                             min_score=gate_score(min_prob))
         new, rows = [node for node, _ in grown], [row for _, row in grown]
         if not new or level == depth - 1:
             break

@@ -155,6 +155,29 @@ class LlamaBackend(TargetBackend):
             raise RuntimeError(f"llama.cpp refused to remove positions >= {length}")
         seq.length = min(seq.length, length)
 
+    def step_many(self, seqs: list[LlamaSeq], tokens: list[int], hidden: bool = True) -> Forward:
+        """Append one token to each of ``seqs`` (independent sequences) in ONE decode call.
+
+        Row i holds the logits (and hidden state) after tokens[i]. On this compute-bound CPU
+        a 16-row decode costs about 7 single-row steps, so answering many prompts side by
+        side (self-distillation) is ~2x faster than one after another.
+        """
+        if len(seqs) != len(tokens) or len({s.seq_id for s in seqs}) != len(seqs):
+            raise ValueError("step_many takes one token for each of distinct sequences")
+        rows = [([s.seq_id], s.length) for s in seqs]
+        try:
+            self._decode(tokens, rows, logits=True, hidden=hidden)
+        except BaseException:
+            for s in seqs:
+                self.rollback(s, s.length)
+            raise
+        for s in seqs:
+            s.length += 1
+        n = len(seqs)
+        logits = self._read(self.lib.llama_get_logits(self.ctx), n, self.vocab_size)
+        feats = self._read(self.lib.llama_get_embeddings(self.ctx), n, self.hidden_size) if hidden else None
+        return Forward(logits=logits, hidden=feats)
+
     # ---- internals ------------------------------------------------------------------------
     def decode_chain(self, seq: LlamaSeq, tokens: list[int], logit_rows: list[int]) -> torch.Tensor:
         """Append a plain chain to ``seq``; logits of ``logit_rows`` only (a draft's step)."""

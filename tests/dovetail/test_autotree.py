@@ -99,3 +99,14 @@ def test_a_catch_up_round_does_not_set_the_draft_speed():
     assert s.draft_ms_per_level is None and s.tries[1:] == [1, 1, 1]
     s.observe(chain_parents(3), 3, 0.006, 0.0, synced=2)
     assert s.draft_ms_per_level == pytest.approx(2.0)
+
+
+def test_the_gate_prices_a_token_by_the_curves_slope():
+    flat = TreeSizer(FLAT, max_depth=6, top_k=1, max_nodes=16, overlap=True)
+    assert flat.min_prob() == pytest.approx(3 / 253, rel=0.01)  # 3 ms per row against a 253 ms step
+    steep = TreeSizer(STEEP, max_depth=6, top_k=1, max_nodes=16, overlap=False)
+    assert steep.min_prob() == pytest.approx(25 / 37, rel=0.01)
+    feed(steep, 20, 3, 0.8, draft_ms_per_level=5.0, wire_ms=3.0)  # the draft's level and the wire count too
+    assert steep.min_prob() == pytest.approx((25 + 5) / (37 + 3), rel=0.02)
+    assert TreeSizer([1000, 900_000], max_depth=2, top_k=1, max_nodes=2, overlap=True).min_prob() == 0.9
+    assert TreeSizer([1000], max_depth=2, top_k=1, max_nodes=2, overlap=True).min_prob() == 0.0

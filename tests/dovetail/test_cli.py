@@ -71,6 +71,17 @@ def test_a_draft_with_another_tokenizer_is_refused(models, capsys):
     assert out == ""
 
 
+def test_the_gate_keeps_the_text_and_needs_automatic_sizing(models, reference, capsys):
+    target, draft, _ = models
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft, "--gate", "--auto-tree", "--depth", "4",
+                           "--top-k", "1", "--prompt", PROMPT)
+    assert rc == 0, err
+    assert out.strip("\n") == reference
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft, "--gate", "--depth", "4", "--prompt", PROMPT)
+    assert rc == 1 and out == ""
+    assert "auto_tree" in err
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--target", tmp_path / "nope", "--no-draft", "--prompt", PROMPT)
     assert rc == 1

@@ -42,3 +42,16 @@ def test_training_data_refuses_the_evaluation_problems_and_unknown_sources(tmp_p
         training_data("wikipedia", IDENT, tmp_path, 16)
     with pytest.raises(SystemExit, match="extract --source humaneval --problems 40:164"):
         training_data("humaneval:40:164", IDENT, tmp_path, 16)
+
+
+def test_code_answers_are_a_training_source(tmp_path):
+    from dovetail.train_cli import code_answers_dir
+    with pytest.raises(SystemExit, match="extract --source sharegpt-code --code-prompts 800 --max-new-tokens 16"):
+        training_data("sharegpt-code:800", IDENT, tmp_path, 16)
+    for bad in ("sharegpt-code:", "sharegpt-code:x", "sharegpt-code:0"):
+        with pytest.raises(SystemExit, match="number of code prompts"):
+            training_data(bad, IDENT, tmp_path, 16)
+    folder = code_answers_dir(IDENT, tmp_path, 800, 16)
+    folder.mkdir(parents=True)
+    write_answers(folder / "shard-00000.safetensors", [Answered(torch.tensor([1, 2, 3]), torch.randn(3, 4), 2)])
+    assert [s.tokens.tolist() for s in training_data("sharegpt-code:800", IDENT, tmp_path, 16)] == [[1, 2, 3]]

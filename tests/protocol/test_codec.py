@@ -33,6 +33,8 @@ SAMPLES = [
     Close(7), Closed(7), Heartbeat(3, 1712345678.25),
     Error(-1, "oom", "ran out of memory"), Error(7, "bad", "ünïcödé ✓"),
     Shutdown(),
+    DraftProposal(7, 2, [10, 11], [-1, 0], scores=[-0.25, -1.5]),
+    DraftRequest(7, 3, 5, [1], 4, 2, 16, min_prob=0.55),
 ]
 
 
@@ -201,7 +203,11 @@ FIELD_CASES = [
      "tokens"),
     (PROP, dict(parents=[-1, 0]), "parents"), (PROP, dict(parents=[-1, 0, 2]), "parents[2]"),
     (PROP, dict(parents=[-2, 0, 0]), "parents[0]"), (PROP, dict(parents=[0, 0, 0]), "parents[0]"),
-    (PROP, dict(root_guess=-2), "root_guess"), (VREQ, dict(root=-1), "root"),
+    (PROP, dict(root_guess=-2), "root_guess"),
+    (PROP, dict(scores=[-0.5]), "scores"), (PROP, dict(scores=[-1.0, 0.5, -2.0]), "scores"),
+    (PROP, dict(scores=[-1.0, "x", -2.0]), "scores[1]"), (PROP, dict(scores=[-1.0, math.nan, -2.0]), "scores[1]"),
+    (PROP, dict(scores=-1.0), "scores"),
+    (DREQ, dict(min_prob=1.0), "min_prob"), (DREQ, dict(min_prob=-0.1), "min_prob"), (VREQ, dict(root=-1), "root"),
     (VRES, dict(tokens=[1, 2]), "tokens"), (VRES, dict(accepted=[1, 0], tokens=[1, 2, 3]),
                                             "accepted[1]"),
     (VRES, dict(accepted=[-1]), "accepted[0]"),

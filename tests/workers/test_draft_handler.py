@@ -107,6 +107,12 @@ def test_tree_invariants(handler, lm, depth, top_k, max_nodes):
     # the beam keeps the best nodes by path score, which may prune the greedy path.)
     chain = [tokens[i] for i in main_path(parents)]
     assert chain == greedy(lm, PROMPT, len(chain))
+    # Scores are the path log-probabilities under the draft.
+    assert len(p.scores) == len(tokens)
+    for i, par in enumerate(parents):
+        logits = last_logits(lm, PROMPT + list(paths[par] if par >= 0 else ()))
+        step = float(torch.log_softmax(logits.double(), -1)[tokens[i]])
+        assert p.scores[i] == pytest.approx((p.scores[par] if par >= 0 else 0.0) + step, abs=1e-4)
 
 
 def test_rollback_gives_the_same_proposal_as_a_fresh_handler(handler, lm, model_path):
@@ -175,3 +181,18 @@ def test_top_k_zero_is_an_empty_proposal_or_a_clean_refusal(handler):
         assert e.code == "bad_request"
     else:
         assert (p.tokens, p.parents) == ([], [])
+
+
+@pytest.mark.parametrize("min_prob", [0.05, 0.3, 0.9])
+def test_a_gated_tree_is_the_open_tree_cut_at_the_gate(handler, min_prob):
+    """min_prob drops every node whose path probability is below it, and nothing else."""
+    import math
+    handler.handle(OpenRequest(1, PROMPT))
+    open_ = handler.handle(DraftRequest(1, 1, len(PROMPT), [], depth=5, top_k=3, max_nodes=12))
+    gated = handler.handle(DraftRequest(1, 2, len(PROMPT), [], depth=5, top_k=3, max_nodes=12, min_prob=min_prob))
+    handler.handle(Close(1))
+    keep = [i for i, s in enumerate(open_.scores) if s >= math.log(min_prob)]
+    assert gated.tokens == [open_.tokens[i] for i in keep]
+    assert gated.scores == pytest.approx([open_.scores[i] for i in keep])
+    check_parents(gated.parents)
+    assert all(math.exp(s) >= min_prob for s in gated.scores)

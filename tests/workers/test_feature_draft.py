@@ -92,6 +92,10 @@ def test_tree_invariants(lm, random_draft, depth, top_k, max_nodes):
         hid = target_hidden(lm, seq)
         _, logits = random_draft(hid[:-1], torch.tensor(seq[1:]))
     assert p.tokens[0] == int(logits[-1].argmax())
+    assert p.scores[0] == pytest.approx(float(torch.log_softmax(logits[-1].double(), -1).max()), abs=1e-4)
+    # path log-probabilities: one per node, each at most its parent's
+    assert len(p.scores) == len(p.tokens) and all(s <= 0 for s in p.scores)
+    assert all(p.scores[i] <= p.scores[par] + 1e-6 for i, par in enumerate(p.parents) if par >= 0)
     assert h.states[1].cache.get_seq_length() == len(seq) - 1  # tree nodes were not kept
 
 
@@ -312,3 +316,34 @@ def test_offline_replay_reproduces_the_pipelines_rounds(coords, trained, pieces,
     assert got["lengths"] == [r.stats.accept_lengths for r in live]
     assert got["tau"] == sum(r.stats.accepted for r in live) / sum(r.stats.rounds for r in live)
     assert got["tau"] > 1.5 and not handler.states  # every replayed request was closed
+
+
+@pytest.mark.timeout(180)
+def test_a_gated_draft_is_lossless_and_drafts_less(coords):
+    """gate=True: the sizer prices a token from a steep verify curve (llama.cpp on two cores)
+    and the draft proposes only tokens above that path probability."""
+    from dovetail.autotree import TreeSizer
+    coord = coords["trained"]
+    saved_cfg, saved_sizer = coord.config, coord.sizer
+    try:
+        coord.config = dataclasses.replace(saved_cfg, auto_tree=True, gate=True)
+        coord.sizer = TreeSizer([37000, 60000, 85000, 96000, 118000], max_depth=4, top_k=2, max_nodes=8,
+                                overlap=False)
+        assert 0.5 < coord.sizer.min_prob() < 0.6  # (118 - 37) / 4 ms per row against a 37 ms step
+        drafted = {"gated": 0, "open": 0}
+        rounds = dict(drafted)
+        for name, prompt in E2E_PROMPTS.items():
+            ref = coords["base"].generate(prompt, max_new_tokens=MAX_NEW).token_ids
+            r = coord.generate(prompt, max_new_tokens=MAX_NEW)
+            assert r.token_ids == ref, name
+            assert not r.stats.draft_fallback
+            drafted["gated"] += r.stats.drafted
+            rounds["gated"] += r.stats.rounds
+        coord.config, coord.sizer = saved_cfg, saved_sizer
+        for prompt in E2E_PROMPTS.values():
+            r = coord.generate(prompt, max_new_tokens=MAX_NEW)
+            drafted["open"] += r.stats.drafted
+            rounds["open"] += r.stats.rounds
+        assert drafted["gated"] / rounds["gated"] < drafted["open"] / rounds["open"], (drafted, rounds)
+    finally:
+        coord.config, coord.sizer = saved_cfg, saved_sizer

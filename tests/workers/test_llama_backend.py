@@ -129,3 +129,33 @@ def test_features_match_the_dequantized_model(backend, prompt, gguf):
     print(f"cosine min {cos.min():.4f}, relative error max {rel.max():.4f}")
     assert cos.min() > 0.995, cos.min()
     assert rel.max() < 0.1, rel.max()
+
+
+def test_step_many_advances_each_sequence_with_its_own_rows(backend, gguf):
+    """Self-distillation decodes many answers side by side: every row must be its own
+    sequence's next step (same argmax as a one-row step, within the batched-kernel tolerance)."""
+    from dovetail.workers.hf import load_tokenizer
+    tok = load_tokenizer(gguf)
+    prompts = [tok.encode(p["prompt"], add_special_tokens=False)[:40] for p in load_humaneval(limit=3)]
+    refs = [greedy_chain(backend, p, 3) for p in prompts]
+    assert len({tuple(r) for r in refs}) > 1  # different prompts, different continuations
+    free = len(backend.free_ids)
+    seqs = [open_seq(backend, p) for p in prompts]
+    roots = [p[-1] for p in prompts]
+    for step in range(3):
+        before = [backend.length(s) for s in seqs]
+        fwd = backend.step_many(seqs, roots, hidden=True)
+        assert fwd.logits.shape == (3, backend.vocab_size) and fwd.hidden.shape == (3, backend.hidden_size)
+        assert [backend.length(s) for s in seqs] == [b + 1 for b in before]
+        roots = [int(row.argmax()) for row in fwd.logits]
+        assert roots == [r[step] for r in refs]
+    for s in seqs:
+        assert backend.lib.llama_memory_seq_pos_max(backend.mem, s.seq_id) == backend.length(s) - 1
+        backend.release(s)
+    assert len(backend.free_ids) == free
+    with pytest.raises(ValueError, match="distinct"):
+        s = backend.new_sequence()
+        try:
+            backend.step_many([s, s], [1, 2])
+        finally:
+            backend.release(s)
