@@ -3,7 +3,9 @@
 ``generate_corpus`` lets the target answer prompts greedily and records its final-norm
 hidden states for every position (prompt and answer), through the same backend that
 verifies at inference (llama.cpp for a GGUF): the draft then learns the features it will
-actually be fed, on text the target itself writes.
+actually be fed, on text the target itself writes. ``answer_many`` decodes many answers
+side by side (one llama.cpp call advances each by a token), and ``code_prompts`` cuts
+code-completion prompts from ShareGPT's Python blocks, for more such text.
 
 ``offline_tau`` replays those greedy answers against a feature draft: at every round the
 draft worker's own handler (workers/feature_draft.py) grows its tree from the recorded
