@@ -55,46 +55,35 @@ def best_length(probs: list[float], verify_ms: list[float], ms_per_level: float)
     return max(range(min(len(probs), len(verify_ms) - 1) + 1), key=rate)
 
 
-@torch.inference_mode()
 def replay(handler, answers, depth: int, verify_ms: list[float], free: bool, max_new: int) -> dict:
     """Rounds of the gated policy over the recorded answers (see the module docstring).
     Each round is charged the levels it computed at the draft's measured time per level
     (its chain's time / depth; a prompt's first round includes the prompt), or nothing
     when ``free``."""
-    from dovetail.distill import accepted_length
-    from dovetail.protocol import Close, DraftRequest, OpenRequest, encode_features
-    features = handler.handshake().features
-    rounds = committed = kept = ms = 0.0
-    draft_s = 0.0
+    from dovetail.distill import accepted_length, replay_rounds
+    kept = ms = draft_s = 0.0
     calib: dict[int, list[int]] = {}  # probability decile -> [tokens, accepted]
-    for req, a in enumerate(answers):
-        toks = a.tokens.tolist()
-        end = min(len(toks), a.prompt_len + max_new)
-        handler.handle(OpenRequest(req_id=req, prompt=toks[:a.prompt_len]))
-        n, sent, step, base = a.prompt_len, 0, 0, a.prompt_len
-        while n < end:
-            rows = a.hidden[sent:n - 1].float().numpy()
-            prop = handler.handle(DraftRequest(
-                req_id=req, step=step, base_len=base, new_tokens=toks[base:n], depth=depth, top_k=1,
-                max_nodes=depth, features=encode_features(rows, handler.feature_codec) if features and len(rows) else None))
-            probs = [math.exp(s) for s in prop.scores]
-            got = accepted_length(prop.tokens, prop.parents, toks[n:end])
-            for j, p in enumerate(probs):
-                cell = calib.setdefault(min(9, int(10 * p)), [0, 0])
-                cell[0] += 1
-                cell[1] += got > j
-            per_level = 0.0 if free or not probs else 1000 * prop.seconds / len(probs)
-            keep = best_length(probs, verify_ms, per_level)
-            gain = min(min(got, keep) + 1, end - n)
-            rounds, committed, kept = rounds + 1, committed + gain, kept + keep
-            ms += verify_ms[keep] + (draft_cost(keep, len(probs), per_level) if probs else 0.0)
-            draft_s += prop.seconds
-            sent, base, n, step = n - 1, n, n + gain, step + 1
-        handler.handle(Close(req_id=req))
-    target_only_ms = committed * verify_ms[0]
-    return {"rounds": int(rounds), "committed": int(committed), "tau": committed / rounds,
+
+    def commit(prop, truth: list[int]) -> int:
+        nonlocal kept, ms, draft_s
+        probs = [math.exp(s) for s in prop.scores]
+        got = accepted_length(prop.tokens, prop.parents, truth)
+        for j, p in enumerate(probs):
+            cell = calib.setdefault(min(9, int(10 * p)), [0, 0])
+            cell[0] += 1
+            cell[1] += got > j
+        per_level = 0.0 if free or not probs else 1000 * prop.seconds / len(probs)
+        keep = best_length(probs, verify_ms, per_level)
+        kept += keep
+        ms += verify_ms[keep] + (draft_cost(keep, len(probs), per_level) if probs else 0.0)
+        draft_s += prop.seconds
+        return min(min(got, keep) + 1, len(truth))
+
+    lengths = replay_rounds(handler, answers, depth, 1, depth, max_new, commit)
+    rounds, committed = sum(map(len, lengths)), sum(map(sum, lengths))
+    return {"rounds": rounds, "committed": committed, "tau": committed / rounds,
             "kept_per_round": kept / rounds, "draft_ms_per_chain": 1000 * draft_s / rounds,
-            "speed_vs_target_only": target_only_ms / ms,
+            "speed_vs_target_only": committed * verify_ms[0] / ms,
             "calibration": {f"{k / 10:.1f}-{(k + 1) / 10:.1f}": {"tokens": v[0], "accepted": round(v[1] / v[0], 3)}
                             for k, v in sorted(calib.items())}}
 

@@ -137,8 +137,10 @@ def generate_corpus(backend, prompts: list[list[int]], folder: Path, max_new: in
     from tqdm import tqdm
     from dovetail.train_data import missing_shards, shard_path
     folder.mkdir(parents=True, exist_ok=True)
-    missing = missing_shards(folder, len(prompts), shard_size)
-    todo = {i: prompts[i] for k in missing for i in range(k * shard_size, min((k + 1) * shard_size, len(prompts)))}
+    def members(k: int) -> range:
+        return range(k * shard_size, min((k + 1) * shard_size, len(prompts)))
+
+    todo = {i: prompts[i] for k in missing_shards(folder, len(prompts), shard_size) for i in members(k)}
     bar = tqdm(total=len(todo), unit="prompt", desc="target answers", disable=not progress)
     done: dict[int, Answered] = {}
     new_tokens, t0 = 0, time.perf_counter()
@@ -149,9 +151,8 @@ def generate_corpus(backend, prompts: list[list[int]], folder: Path, max_new: in
         new_tokens += len(a.tokens) - a.prompt_len
         bar.update(1)
         k = i // shard_size
-        members = range(k * shard_size, min((k + 1) * shard_size, len(prompts)))
-        if all(j in done for j in members):  # a shard is written once all of its answers are in
-            write_answers(shard_path(folder, k), [done.pop(j) for j in members])
+        if all(j in done for j in members(k)):  # a shard is written once all of its answers are in
+            write_answers(shard_path(folder, k), [done.pop(j) for j in members(k)])
 
     if width > 1:
         answer_many(backend, todo, max_new, stop_ids, width, record)
@@ -165,14 +166,15 @@ def generate_corpus(backend, prompts: list[list[int]], folder: Path, max_new: in
 
 
 @torch.inference_mode()
-def offline_tau(handler, answers: list[Answered], depth: int, top_k: int, max_nodes: int,
-                max_new: int | None = None) -> dict:
-    """Mean tokens committed per round when ``handler`` (a draft worker's handler: feature
-    or standalone LM draft) drafts for the recorded greedy answers; see the module docstring."""
+def replay_rounds(handler, answers: list[Answered], depth: int, top_k: int, max_nodes: int,
+                  max_new: int | None, commit) -> list[list[int]]:
+    """Drive ``handler`` (a draft worker's handler: feature or standalone LM draft) through the
+    recorded greedy answers, round by round, as the pipeline would. ``commit(proposal, truth)``
+    gets each round's DraftProposal and the target's recorded continuation and returns how many
+    tokens the round commits (>= 1); the next round starts there. Returns those counts per answer."""
     from dovetail.protocol import Close, DraftRequest, OpenRequest, encode_features
     features = handler.handshake().features  # False: a standalone LM draft, tokens only
-    lengths: list[list[int]] = []  # tokens committed per round, per answer
-    drafted, draft_s = 0, 0.0
+    lengths: list[list[int]] = []
     for req, a in enumerate(answers):
         toks = a.tokens.tolist()
         end = len(toks) if max_new is None else min(len(toks), a.prompt_len + max_new)
@@ -185,13 +187,26 @@ def offline_tau(handler, answers: list[Answered], depth: int, top_k: int, max_no
             msg = DraftRequest(req_id=req, step=step, base_len=base, new_tokens=toks[base:n], depth=depth,
                                top_k=top_k, max_nodes=max_nodes,
                                features=encode_features(rows, handler.feature_codec) if features and len(rows) else None)
-            prop = handler.handle(msg)
-            got = accepted_length(prop.tokens, prop.parents, toks[n:end])
-            drafted, draft_s = drafted + len(prop.tokens), draft_s + prop.seconds
-            gain = min(got + 1, end - n)  # the accepted path plus the target's own token
+            gain = commit(handler.handle(msg), toks[n:end])
             lengths[-1].append(gain)
             sent, base, n, step = n - 1, n, n + gain, step + 1
         handler.handle(Close(req_id=req))
+    return lengths
+
+
+def offline_tau(handler, answers: list[Answered], depth: int, top_k: int, max_nodes: int,
+                max_new: int | None = None) -> dict:
+    """Mean tokens committed per round when ``handler`` drafts for the recorded greedy answers;
+    see the module docstring."""
+    drafted, draft_s = 0, 0.0
+
+    def commit(prop, truth: list[int]) -> int:
+        nonlocal drafted, draft_s
+        drafted, draft_s = drafted + len(prop.tokens), draft_s + prop.seconds
+        # the accepted path plus the target's own token
+        return min(accepted_length(prop.tokens, prop.parents, truth) + 1, len(truth))
+
+    lengths = replay_rounds(handler, answers, depth, top_k, max_nodes, max_new, commit)
     rounds, committed = sum(map(len, lengths)), sum(map(sum, lengths))
     return {"prompts": len(answers), "rounds": rounds, "committed": committed, "drafted": drafted,
             "tau": committed / rounds if rounds else 0.0,

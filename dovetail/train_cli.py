@@ -207,7 +207,8 @@ def training_data(sources: str, ident, cache_dir, answer_len: int) -> list:
             folder = answers_dir(ident, cache_dir, a, b, answer_len)
             how = f"dovetail-train extract --source humaneval --problems {a}:{b} --max-new-tokens {answer_len}"
         elif src.startswith("sharegpt-code:"):
-            n = int(src.removeprefix("sharegpt-code:")) if src.removeprefix("sharegpt-code:").isdigit() else 0
+            count = src.removeprefix("sharegpt-code:")
+            n = int(count) if count.isdigit() else 0
             if n < 1:
                 raise SystemExit(f"--data {src}: give the number of code prompts, e.g. sharegpt-code:800")
             folder = code_answers_dir(ident, cache_dir, n, answer_len)
