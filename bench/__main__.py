@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size Dovetail's drafts automatically even with --depth/--max-nodes (they cap it)")
     p.add_argument("--gate", action="store_true",
                    help="Dovetail proposes only draft tokens whose probability pays for verifying them (needs auto sizing)")
+    p.add_argument("--draft-quantize", default="none", choices=("none", "int8"),
+                   help="int8 weights for the feature drafts (--draft feature:DIR) on the CPU; other drafts run as they are")
     p.add_argument("--target-cpus", default=None, help="CPUs for every system's target, e.g. '0-31' (default: all)")
     p.add_argument("--draft-device", default=None, help="Dovetail's draft device: 'cpu' or 'cuda:N' (default: GPU if any)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 for the torch systems")
@@ -88,8 +90,10 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
             runs.append((f"target-only{tag}", systems.run_dovetail, dict(ours, draft=None)))
         if "dovetail" in wanted:
             for d in args.draft:
+                feature = str(d).startswith("feature:")  # int8 weights are a feature draft's option
+                quant = {"draft_quantize": args.draft_quantize} if args.draft_quantize != "none" and feature else {}
                 runs.append((f"dovetail[{Path(str(d)).name}]{tag}", systems.run_dovetail,
-                             dict(ours, draft=d, draft_device=draft_device)))
+                             dict(ours, draft=d, draft_device=draft_device, **quant)))
     for d in args.draft:
         name = Path(str(d)).name
         if "hf-assisted" in wanted:

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a feature-draft checkpoint folder (full:FOLDER: with the target's whole vocabulary "
                         "as its head), or lm:MODEL for a standalone draft LM (repeatable)")
     p.add_argument("--nodes", default="4,8,16", help=f"tree sizes, from {sorted(SHAPES)}")
+    p.add_argument("--depth", type=int, default=None,
+                   help="tree depth for every size (default: per size, "
+                        f"{ {n: d for n, (d, _) in SHAPES.items()} })")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="nodes expanded per level and children per node, for every size (default: per size, "
+                        f"{ {n: k for n, (_, k) in SHAPES.items()} }); the tree keeps the best --nodes either way")
     p.add_argument("--problems", default="0:40", metavar="A:B", help="held-out HumanEval problems")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N recorded answers")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens replayed per problem")
@@ -71,6 +77,8 @@ def main(argv=None) -> int:
     nodes = [int(n) for n in args.nodes.split(",")]
     if bad := [n for n in nodes if n not in SHAPES]:
         raise SystemExit(f"--nodes {bad}: choose from {sorted(SHAPES)}")
+    if (args.top_k is not None and args.top_k < 1) or (args.depth is not None and args.depth < 1):
+        raise SystemExit("--depth and --top-k must be at least 1")
     target = resolve_model(args.target)
     pieces = load_target_pieces(target)
     a, b = problem_range(args.problems)
@@ -83,7 +91,7 @@ def main(argv=None) -> int:
         name, _, spec = item.partition("=")
         handler = load_handler(spec, pieces)
         for n in nodes:
-            depth, top_k = SHAPES[n]
+            depth, top_k = args.depth or SHAPES[n][0], args.top_k or SHAPES[n][1]
             t0 = time.perf_counter()
             got = offline_tau(handler, answers, depth, top_k, n, max_new=args.max_new_tokens)
             row = {"draft": name, "spec": spec, "nodes": n, "depth": depth, "top_k": top_k,

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens replayed per problem")
     p.add_argument("--answer-len", type=int, default=192, help="--max-new-tokens the answers were recorded with")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the draft (default: torch's)")
+    p.add_argument("--dtype", default="auto",
+                   help="feature draft dtype: auto (what the draft worker picks: bf16 where the CPU has it), float32")
+    p.add_argument("--draft-quantize", default="none", choices=("none", "int8"),
+                   help="int8 weights for the feature draft (as dovetail-launch --draft-quantize int8)")
     p.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/dovetail)")
     p.add_argument("--out", default=None, help="also write the results here (JSON)")
     return p
@@ -107,7 +111,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"no recorded answers: run `dovetail-train extract --target {args.target} --source humaneval "
                          f"--problems {a}:{b} --max-new-tokens {args.answer_len}` first")
     handler = load_handler(args.draft, pieces)
-    out = {"target": pieces.identity.name, "draft": args.draft, "problems": f"{a}:{b}", "verify_ms": verify_ms,
+    if hasattr(handler, "model"):
+        from dovetail.workers.hf import choose_dtype
+        handler.model.to(choose_dtype(args.dtype, "cpu"))
+    if args.draft_quantize == "int8":
+        from dovetail.workers.feature_draft import quantize_feature_draft
+        if not hasattr(handler, "model"):
+            raise SystemExit("--draft-quantize int8 is for a feature draft")
+        quantize_feature_draft(handler.model)
+    out = {"target": pieces.identity.name, "draft": args.draft, "draft_quantize": args.draft_quantize,
+           "draft_dtype": str(getattr(getattr(handler, "model", None), "dtype", "n/a")),
+           "problems": f"{a}:{b}", "verify_ms": verify_ms,
            "depth": args.depth, "torch_threads": torch.get_num_threads(),
            "measured_draft": replay(handler, answers, args.depth, verify_ms, False, args.max_new_tokens),
            "free_draft": replay(handler, answers, args.depth, verify_ms, True, args.max_new_tokens)}

@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target-quantize", default="none", choices=QUANTIZE_CHOICES,
                    help="int8 / int4: weight-only int8 or 4-bit target decoder layers, faster on the CPU; "
                         "the output is that quantized target's own, not the float target's (default: none)")
+    m.add_argument("--draft-quantize", default="none", choices=("none", "int8"),
+                   help="int8: int8 weights for a feature draft on the CPU, a faster draft step; only its "
+                        "guesses can change, never the output (default: none)")
     m.add_argument("--draft-layers", type=int, default=None, help="use only the first N layers of the draft model")
     d = p.add_argument_group("drafting")
-    d.add_argument("--depth", type=int, default=None, help="draft tokens along a path; fixes the tree shape (default: sized automatically, at most 3 on a CPU draft, 6 on a GPU)")
-    d.add_argument("--top-k", type=int, default=None, help="children per tree node; 1 drafts a chain (default: 2 CPU, 4 GPU)")
+    d.add_argument("--depth", type=int, default=None, help="draft tokens along a path; fixes the tree shape (default: sized automatically, at most 3 on a CPU draft, 8 on a GPU)")
+    d.add_argument("--top-k", type=int, default=None, help="children per tree node; 1 drafts a chain (default: 2 CPU, 12 GPU)")
     d.add_argument("--max-nodes", type=int, default=None, help="most tree tokens per verification; fixes the tree shape (default: at most 6 CPU, 16 GPU)")
     d.add_argument("--auto-tree", action=argparse.BooleanOptionalAction, default=None,
                    help="size each draft from the verify-cost curve and the acceptance (default: on unless "
@@ -184,7 +187,8 @@ def start_coordinator(args):
     return dovetail.launch(target, None if args.no_draft else args.draft, **remote,
                            target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
                            backend=args.backend, draft_backend=args.draft_backend,
-                           target_quantize=args.target_quantize, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
+                           target_quantize=args.target_quantize, draft_quantize=args.draft_quantize,
+                           depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                            auto_tree=args.auto_tree, gate=args.gate,
                            overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,
                            heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness)

@@ -161,6 +161,7 @@ class FeatureDraft(nn.Module):
         # logit column i is target token vocab_ids[i] (the identity without a reduced head)
         self.register_buffer("vocab_ids", ids, persistent=False)
         self.register_buffer("head_weight", head.detach()[ids].clone(), persistent=False)
+        self.head = None  # a quantized stand-in for head_weight at inference (quantize_feature_draft)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -172,7 +173,7 @@ class FeatureDraft(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The frozen target head (its draft_vocab rows) on draft hidden states."""
-        return hidden @ self.head_weight.T
+        return self.head(hidden) if self.head is not None else hidden @ self.head_weight.T
 
     def new_cache(self):
         from transformers import DynamicCache

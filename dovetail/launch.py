@@ -28,7 +28,8 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 
 def launch(target=None, draft=None, *, target_address: str | None = None, client_keys: ClientKeys | None = None,
            target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "auto",
-           draft_backend: str | None = None, target_quantize: str = "none", **options) -> Coordinator:
+           draft_backend: str | None = None, target_quantize: str = "none", draft_quantize: str = "none",
+           **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -49,6 +50,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     ``target_quantize="int8"`` (or "int4", transformers backend only) gives the target
     weight-only quantized decoder layers (workers/quant.py): faster on the CPU, a slightly
     different model, and output stays identical to that quantized target decoding alone.
+    ``draft_quantize="int8"``: int8 weights for a feature draft on the CPU (a faster draft
+    step; only its guesses can change, never the output).
     Other keyword options are fields of :class:`CoordinatorConfig`.
 
     ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
@@ -65,6 +68,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
     if target_quantize not in QUANTIZE_CHOICES:  # here, before any process starts
         raise ValueError(f"target_quantize must be one of {QUANTIZE_CHOICES}, got {target_quantize!r}")
+    if draft_quantize not in ("none", "int8"):
+        raise ValueError(f"draft_quantize must be 'none' or 'int8', got {draft_quantize!r}")
     remote = target_address is not None
     if remote:
         check_remote(target_address, client_keys, target_cpus)
@@ -91,6 +96,9 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     draft_path = (resolve_model(str(draft)) if draft is not None and replay is None and feature is None
                   else None)
     device = _draft_device(draft_device)
+    if draft_quantize != "none" and (feature is None or device != "cpu"):
+        raise ValueError("draft_quantize='int8' is for a feature draft on the CPU (draft='feature:DIR' or a shipped "
+                         f"one, draft_device='cpu'); got draft {draft!r} on {device!r}")
     if draft is not None and draft_device is None and device == "cpu":
         log.warning("no GPU found: the draft runs on the CPU, sharing the target's cores")
     if config.auto_tree is None:  # a shape the user fixed is kept as given
@@ -125,7 +133,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         if feature is not None:
             dft = _spawn(ctx, "draft", run_dir, [
                 "--feature-draft", feature, "--target-model", str(target_path), "--dtype", dtype,
-                "--device", device, "--feature-codec", config.feature_codec, *cpu_flags], config)
+                "--device", device, "--feature-codec", config.feature_codec, "--quantize", draft_quantize,
+                *cpu_flags], config)
             clients.append(dft)
         elif draft_path is not None:
             dft = _spawn(ctx, "draft", run_dir, [

@@ -5,6 +5,14 @@ Loss (design notes): SmoothL1(draft hidden, target hidden of the next position)
 (softmax of the target LM head on its hidden state). AdamW. The draft at pair t sees
 (f_t, x_{t+1}) and must produce f_{t+1}: exactly what the draft worker feeds it.
 
+Unrolled training (``unroll`` > 1, "training-time test" as in EAGLE-3 / HASS): from tree
+level 2 on, the draft worker feeds the draft its *own* previous hidden state, not the
+target's. Trained only on target features, the draft never sees its own errors and the
+deeper levels drift. With unroll K, each window is also drafted K-1 more steps exactly as
+the worker grows a chain (same rotary positions, same visibility: the committed pairs up
+to the chain's start plus the chain itself), and step k's loss (weight UNROLL_DECAY^(k-1))
+is added to the first step's.
+
 Checkpoints go to ``--out``: the draft checkpoint (model.safetensors bf16 + config.json,
 what the draft worker loads) and ``train_state.pt`` (fp32 weights, optimizer, step, RNG),
 from which an interrupted run resumes.
@@ -29,6 +37,7 @@ log = logging.getLogger("dovetail.train")
 
 STATE = "train_state.pt"
 CE_WEIGHT = 0.1
+UNROLL_DECAY = 0.8   # weight of unrolled step k is UNROLL_DECAY ** (k - 1): the first level matters most
 
 
 @dataclass
@@ -42,11 +51,14 @@ class TrainConfig:
     save_every: int = 200         # steps between checkpoints (and at the end)
     seed: int = 0
     amp: bool = False             # bf16 autocast (weights and optimizer stay fp32): for GPUs
+    unroll: int = 1               # draft steps per window fed on the draft's own features (see above)
     progress: bool = True
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.save_every < 1:
             raise ValueError("steps, batch_size, save_every must be >= 1 and seq_len >= 2")
+        if not 1 <= self.unroll < self.seq_len:
+            raise ValueError(f"unroll must be in [1, seq_len), got {self.unroll}")
         if not self.lr > 0:
             raise ValueError("lr must be positive")
         if not 0 <= self.warmup < self.steps:
@@ -63,11 +75,8 @@ class TrainConfig:
         return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, done))))
 
 
-def draft_loss(model: FeatureDraft, tokens: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Loss on windows: tokens [B, L+1], hidden [B, L+1, H] (target hidden after each token)."""
-    hidden = hidden.to(model.device, model.dtype)
-    pred, logits = model(hidden[:, :-1], tokens[:, 1:])
-    goal = hidden[:, 1:]
+def step_loss(model: FeatureDraft, pred: torch.Tensor, logits: torch.Tensor, goal: torch.Tensor):
+    """SmoothL1 on features + CE_WEIGHT x cross-entropy against the target's distribution."""
     # With a reduced draft vocabulary head_weight has only its rows: the target's
     # distribution is then the one restricted (renormalised) to the draft's tokens.
     feat = F.smooth_l1_loss(pred.float(), goal.float())
@@ -76,7 +85,43 @@ def draft_loss(model: FeatureDraft, tokens: torch.Tensor, hidden: torch.Tensor) 
     ce = -(target_p * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
     with torch.no_grad():
         top1 = (logits.argmax(-1) == target_p.argmax(-1)).float().mean()
-    return feat + CE_WEIGHT * ce, {"feat": float(feat.detach()), "ce": float(ce.detach()), "top1": float(top1)}
+    return feat + CE_WEIGHT * ce, float(feat.detach()), float(ce.detach()), float(top1)
+
+
+def unroll_mask(n: int, step: int) -> torch.Tensor:
+    """Visibility of unrolled step ``step`` (>= 2): row i (the chain started at pair i) sees
+    pairs 0..i of step 1 and its own rows of steps 2..step. Keys are laid out as the cache
+    holds them: n pairs of step 1, then n-1 rows of step 2, n-2 of step 3, ..."""
+    rows = n - step + 1
+    blocks = [torch.ones(rows, n, dtype=torch.bool).tril()]
+    for k in range(2, step + 1):
+        blocks.append(torch.eye(rows, n - k + 1, dtype=torch.bool))
+    return torch.cat(blocks, dim=1)
+
+
+def draft_loss(model: FeatureDraft, tokens: torch.Tensor, hidden: torch.Tensor,
+               unroll: int = 1) -> tuple[torch.Tensor, dict]:
+    """Loss on windows: tokens [B, L+1], hidden [B, L+1, H] (target hidden after each token).
+
+    Step 1 is teacher-forced: pair t = (f_t, x_{t+1}) predicts f_{t+1}. Step k >= 2 takes
+    the draft's step-(k-1) output for chain i (its guess of f_{i+k-1}) with the true token
+    x_{i+k}, at rotary position i+k-1, and predicts f_{i+k}: tree level k of a draft whose
+    last committed pair was i.
+    """
+    hidden = hidden.to(model.device, model.dtype)
+    n = tokens.shape[1] - 1
+    cache = model.new_cache() if unroll > 1 else None
+    pred, logits = model(hidden[:, :-1], tokens[:, 1:], cache=cache)
+    total, feat, ce, top1 = step_loss(model, pred, logits, hidden[:, 1:])
+    parts = {"feat": feat, "ce": ce, "top1": top1}
+    for k in range(2, min(unroll, n) + 1):  # a short window unrolls less: chain i needs x_{i+k}
+        rows = n - k + 1
+        pred, logits = model(pred[:, :rows], tokens[:, k:k + rows], torch.arange(k - 1, k - 1 + rows),
+                             cache=cache, allowed=unroll_mask(n, k))
+        loss_k, _, _, top1_k = step_loss(model, pred, logits, hidden[:, k:k + rows])
+        total = total + UNROLL_DECAY ** (k - 1) * loss_k
+        parts[f"top1_{k}"] = top1_k
+    return total, parts
 
 
 def sample_batch(data: list[Sequence], cfg: TrainConfig, rng: random.Random):
@@ -134,7 +179,7 @@ def train(model: FeatureDraft, data: list[Sequence], cfg: TrainConfig, out: str 
     while step < cfg.steps:
         toks, hid = sample_batch(data, cfg, rng)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            loss, parts = draft_loss(model, toks, hid)
+            loss, parts = draft_loss(model, toks, hid, cfg.unroll)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:

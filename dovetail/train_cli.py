@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
     tr.add_argument("--seed", type=int, default=0, help="initialisation and batch-sampling seed")
     tr.add_argument("--amp", action="store_true", help="bf16 autocast for the forward/backward (GPU training)")
+    tr.add_argument("--unroll", type=int, default=1, metavar="K",
+                    help="also train K-1 draft steps fed on the draft's own features, as tree levels 2..K "
+                         "are (training-time test); each step costs about one more forward")
+    tr.add_argument("--init", default=None, metavar="DIR",
+                    help="start from this draft checkpoint's weights (its shape; --kind/--layers/... are "
+                         "ignored), e.g. to fine-tune a shipped draft; a run already saved in --out wins")
     tr.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if --out holds a run")
     ev = sub.add_parser("eval", help="mean accepted length on held-out ShareGPT prompts, through the real pipeline")
     add_common(ev)
@@ -230,18 +236,25 @@ def run_train(args) -> dict:
     from dovetail.fetch import resolve_model
     from dovetail.train import TrainConfig, check_kind, frequent_tokens, train
     check_kind(args.kind, args.layers)
+    try:
+        cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size,
+                          seq_len=args.seq_len, save_every=args.save_every, seed=args.seed, amp=args.amp,
+                          unroll=args.unroll)
+    except ValueError as e:
+        raise SystemExit(f"dovetail-train train: {e}") from None
     target = resolve_model(args.target)
     pieces = load_target_pieces(target)
     data = training_data(args.data, pieces.identity, args.cache_dir, args.answer_len)
     out = Path(args.out)
     if args.resume and (out / CONFIG).exists():  # the saved run decides the shape
         model = load_feature_draft(out, pieces, device=args.device)
+    elif args.init:
+        model = load_feature_draft(args.init, pieces, device=args.device)
+        log.info("starting from %s (%s, %d layers)", args.init, model.config.kind, model.config.num_layers)
     else:
         vocab = frequent_tokens(data, args.draft_vocab) if args.draft_vocab else None
         model = new_feature_draft(pieces, args.kind, args.layers, args.intermediate_size, args.seed,
                                   draft_vocab=vocab).to(args.device)
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
-                      save_every=args.save_every, seed=args.seed, amp=args.amp)
     t0 = time.perf_counter()
     losses = train(model, data, cfg, out, resume=args.resume)
     secs = time.perf_counter() - t0

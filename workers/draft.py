@@ -37,10 +37,15 @@ class DraftConfig(WorkerConfig):
     feature_draft: str | None = None  # a feature-draft checkpoint folder (instead of --model)
     target_model: str | None = None   # the target it drafts for: embedding, LM head, identity
     feature_codec: str = "fp16"       # must match the target's (checked at the handshake)
+    quantize: str = "none"            # "int8": a feature draft's weights on the CPU (its speed, not the output)
 
     def __post_init__(self):
         super().__post_init__()
         check_placement(self.device, self.layers)
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"--quantize must be none or int8, got {self.quantize!r}")
+        if self.quantize != "none" and (self.feature_draft is None or self.device != "cpu"):
+            raise ValueError("--quantize int8 is for a feature draft on the CPU (--feature-draft, --device cpu)")
         if (self.model is None) == (self.feature_draft is None):
             raise ValueError("give either --model (a draft LM) or --feature-draft (with --target-model)")
         if self.feature_draft is not None and (self.target_model is None or self.layers
@@ -271,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-codec", default="fp16", choices=("fp16", "int8"),
                    help="with --feature-draft: the target's feature codec (must match)")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda:N'")
+    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="int8 weights (and LM head) for a feature draft on the CPU: a faster draft step; "
+                        "the draft's guesses may change, the output does not")
     p.add_argument("--layers", type=int, default=None, help="use only the first N decoder layers (a cheaper self-draft)")
     p.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
                    help="transformers, or llama.cpp for a .gguf draft on the CPU (chains only)")

@@ -58,7 +58,8 @@ class FeatureDraftHandler:
     def handshake(self) -> Handshake:
         ident = self.model.config.target
         return Handshake(role="draft", vocab_size=ident.vocab_size, tokenizer_hash=self.tok_hash,
-                         hidden_size=ident.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
+                         hidden_size=ident.hidden_size, dtype=str(self.model.dtype).removeprefix("torch.")
+                         + ("+int8" if self.model.head is not None else ""),
                          feature_codec=self.feature_codec, model=self.name, device=str(self.model.device),
                          pid=os.getpid(), features=True)
 
@@ -145,6 +146,27 @@ def grow_feature_tree(model, cache, root_hidden: torch.Tensor, root_logits: torc
     return select_nodes(tok, par, score, max_nodes)
 
 
+def quantize_feature_draft(model) -> int:
+    """int8 weights (one scale per output row) for every Linear of the fusion and the decoder
+    layers, and for the LM head: on two cores a draft level then takes ~3 ms instead of ~5
+    in bf16. Only the draft's guesses can change; verification keeps the output exact.
+    Returns the number of matrices replaced."""
+    from torch import nn
+
+    from dovetail.workers.quant import Int8Linear, int8pack_works, quantize_int8
+    count = 0
+    for part in (model.fusion, model.layers):
+        for parent in list(part.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, Int8Linear.from_linear(child))
+                    count += 1
+    q, scales = quantize_int8(model.head_weight)
+    model.head = Int8Linear(q, scales.to(model.dtype), None, fast=int8pack_works(model.dtype))
+    model.head_weight = model.head_weight[:0]  # the int8 copy replaces it: free the memory
+    return count + 1
+
+
 def load_handler(cfg) -> FeatureDraftHandler:
     """Load the checkpoint for cfg.target_model (refusing another target) and place it."""
     from dovetail.draft_io import load_feature_draft, load_target_pieces
@@ -159,7 +181,10 @@ def load_handler(cfg) -> FeatureDraftHandler:
     t0 = time.perf_counter()
     pieces = load_target_pieces(cfg.target_model)
     model = load_feature_draft(cfg.feature_draft, pieces, device=device, dtype=choose_dtype(cfg.dtype, device))
-    log.info("loaded feature draft %s (%s, %d layers, %s on %s) in %.1f s", cfg.feature_draft,
-             model.config.kind, model.config.num_layers, model.dtype, device, time.perf_counter() - t0)
+    if cfg.quantize == "int8":
+        log.info("int8 weights for %d matrices of the feature draft", quantize_feature_draft(model))
+    log.info("loaded feature draft %s (%s, %d layers, %s%s on %s) in %.1f s", cfg.feature_draft,
+             model.config.kind, model.config.num_layers, model.dtype,
+             "+int8" if cfg.quantize == "int8" else "", device, time.perf_counter() - t0)
     return FeatureDraftHandler(model, pieces.identity.tokenizer_hash, cfg.feature_codec, cfg.max_requests,
                                name=f"{os.path.basename(os.path.normpath(cfg.feature_draft))} ({model.config.kind})")

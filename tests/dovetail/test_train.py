@@ -8,7 +8,7 @@ import torch
 
 from dovetail.draft_io import load_target_pieces, new_feature_draft
 from dovetail.testing import make_tiny_model
-from dovetail.train import STATE, TrainConfig, draft_loss, frequent_tokens, train
+from dovetail.train import STATE, TrainConfig, draft_loss, frequent_tokens, train, unroll_mask
 from dovetail.train_cli import build_parser
 from dovetail.train_data import Sequence, target_hidden
 from dovetail.workers.hf import CausalLM
@@ -54,6 +54,65 @@ def test_loss_parts(tiny):
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert model.head_weight.grad is None and not model.head_weight.requires_grad  # frozen
+
+
+def test_unrolled_steps_are_the_workers_chain(tiny, monkeypatch):
+    """Step k of the unrolled loss computes, for every chain start i at once, what the draft
+    worker computes at tree level k after committing pairs 0..i (float64: exact up to
+    rounding)."""
+    pieces, data, *_ = tiny
+    model = new_feature_draft(pieces, seed=2).double()
+    toks, hid = data[0].tokens[None, :10], data[0].hidden[None, :10].double()
+    n, unroll = toks.shape[1] - 1, 3
+    seen = []
+    forward = model.forward
+
+    def record(*a, **kw):
+        out = forward(*a, **kw)
+        seen.append(out[0].detach())
+        return out
+    monkeypatch.setattr(model, "forward", record)
+    with torch.no_grad():
+        draft_loss(model, toks, hid, unroll)
+    monkeypatch.undo()
+    assert [t.shape[1] for t in seen] == [n, n - 1, n - 2]
+    with torch.no_grad():
+        for i in range(n - unroll + 1):
+            cache = model.new_cache()
+            h, _ = model(hid[0, :i + 1], toks[0, 1:i + 2], cache=cache)  # committed pairs 0..i
+            h = h[-1:]
+            for k in range(2, unroll + 1):  # a chain, as grow_feature_tree feeds it
+                h, _ = model(h, toks[0, i + k:i + k + 1], torch.tensor([i + k - 1]), cache=cache)
+                torch.testing.assert_close(h[0], seen[k - 1][0, i], rtol=1e-9, atol=1e-9)
+
+
+def test_unroll_mask():
+    m = unroll_mask(4, 3)  # 2 rows; keys: 4 pairs, 3 step-2 rows, 2 step-3 rows
+    assert m.tolist() == [[1, 0, 0, 0, 1, 0, 0, 1, 0], [1, 1, 0, 0, 0, 1, 0, 0, 1]]
+
+
+def test_unrolled_loss_adds_decayed_steps(tiny):
+    pieces, data, *_ = tiny
+    model = new_feature_draft(pieces)
+    toks, hid = data[0].tokens[None, :12], data[0].hidden[None, :12]
+    one, first = draft_loss(model, toks, hid)
+    three, parts = draft_loss(model, toks, hid, unroll=3)
+    assert set(parts) == {"feat", "ce", "top1", "top1_2", "top1_3"}
+    assert parts["feat"] == pytest.approx(first["feat"]) and parts["ce"] == pytest.approx(first["ce"])
+    assert three.item() > one.item() * (1 + 1e-3)  # steps 2 and 3 add positive terms
+    three.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="unroll"):
+        TrainConfig(seq_len=4, unroll=4)
+    short, parts = draft_loss(model, toks[:, :3], hid[:, :3], unroll=3)  # 2 pairs: steps 1 and 2 only
+    assert set(parts) == {"feat", "ce", "top1", "top1_2"} and torch.isfinite(short)
+
+
+def test_unrolled_training_goes_down(tiny, tmp_path):
+    pieces, data, *_ = tiny
+    model = new_feature_draft(pieces, seed=1)
+    losses = train(model, data, TrainConfig(steps=40, save_every=1000, unroll=3, **CFG), tmp_path)
+    assert sum(losses[-8:]) < 0.8 * sum(losses[:8]), losses
 
 
 def test_resume_continues_from_the_saved_step(tiny, tmp_path):
@@ -113,6 +172,18 @@ def test_train_command_reads_the_feature_cache_and_resumes(tiny, tmp_path, capsy
     out = json.loads(capsys.readouterr().out)
     assert out["steps_run"] == 2 and out["last_loss"] > 0
     assert json.loads((tmp_path / "d" / "config.json").read_text())["num_layers"] == 2
+
+    # --init fine-tunes another checkpoint (its shape, its weights), here with unrolled steps.
+    from safetensors.torch import load_file
+    # (argparse keeps the last --out and --lr)
+    main(args + ["--out", str(tmp_path / "ft"), "--init", str(tmp_path / "d"), "--unroll", "2", "--steps", "1",
+                 "--lr", "1e-12"])
+    assert json.loads(capsys.readouterr().out)["steps_run"] == 1
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["num_layers"] == 2
+    a, b = load_file(str(tmp_path / "d" / "model.safetensors")), load_file(str(tmp_path / "ft" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # lr ~0: the same weights
+    with pytest.raises(SystemExit, match="unroll"):
+        main(args + ["--unroll", "8"])  # not below --seq-len 8
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():

@@ -194,7 +194,9 @@ def coords(launch_all, close_all, target_path, trained, random_draft, tmp_path_f
     cs = launch_all({"base": (target_path, None, {}),
                      "random": (target_path, f"feature:{rand_dir}", shape),
                      "trained": (target_path, f"feature:{trained[0]}", shape),
-                     "int8": (target_path, f"feature:{trained[0]}", dict(shape, feature_codec="int8"))})
+                     "int8": (target_path, f"feature:{trained[0]}", dict(shape, feature_codec="int8")),
+                     "int8-weights": (target_path, f"feature:{trained[0]}",
+                                      dict(shape, draft_quantize="int8", draft_device="cpu"))})
     try:
         yield cs
     finally:
@@ -262,6 +264,14 @@ def test_feature_drafts_are_lossless_and_a_trained_one_is_accepted(coords):
     assert coords["int8"].draft_info.feature_codec == "int8"
     assert accepted["trained"] / rounds["trained"] > 1.5, (accepted, rounds)
     assert accepted["trained"] / rounds["trained"] > accepted["random"] / rounds["random"]
+    # int8 draft weights: a different draft, still verified exactly; it still gets accepted.
+    assert coords["int8-weights"].draft_info.dtype.endswith("+int8")
+    quant_acc = quant_rounds = 0
+    for name, prompt in E2E_PROMPTS.items():
+        r = coords["int8-weights"].generate(prompt, max_new_tokens=MAX_NEW)
+        assert r.token_ids == coords["base"].generate(prompt, max_new_tokens=MAX_NEW).token_ids, name
+        quant_acc, quant_rounds = quant_acc + r.stats.accepted, quant_rounds + r.stats.rounds
+    assert quant_acc / quant_rounds > 0.8 * accepted["trained"] / rounds["trained"]
 
 
 def test_draft_worker_flags_for_a_feature_draft(tmp_path):
@@ -273,6 +283,39 @@ def test_draft_worker_flags_for_a_feature_draft(tmp_path):
         DraftConfig(bind="inproc://d", model="m", feature_draft=str(tmp_path), target_model="t")
     with pytest.raises(ValueError, match="either --model"):
         DraftConfig(bind="inproc://d")
+    DraftConfig(bind="inproc://d", feature_draft=str(tmp_path), target_model="t", quantize="int8")
+    with pytest.raises(ValueError, match="feature draft on the CPU"):
+        DraftConfig(bind="inproc://d", feature_draft=str(tmp_path), target_model="t", quantize="int8", device="cuda:0")
+    with pytest.raises(ValueError, match="feature draft on the CPU"):
+        DraftConfig(bind="inproc://d", model="m", quantize="int8")
+    with pytest.raises(ValueError, match="none or int8"):
+        DraftConfig(bind="inproc://d", feature_draft=str(tmp_path), target_model="t", quantize="int4")
+
+
+def test_launch_refuses_int8_weights_for_other_drafts(target_path):
+    import dovetail
+    with pytest.raises(ValueError, match="feature draft on the CPU"):
+        dovetail.launch(target_path, target_path, draft_device="cpu", draft_quantize="int8")
+    with pytest.raises(ValueError, match="'none' or 'int8'"):
+        dovetail.launch(target_path, None, draft_quantize="int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weights_keep_the_drafts_guesses(trained, pieces, dtype):
+    from dovetail.workers.feature_draft import quantize_feature_draft
+    from dovetail.workers.quant import Int8Linear
+    ref = load_feature_draft(trained[0], pieces, dtype=dtype)
+    quant = load_feature_draft(trained[0], pieces, dtype=dtype)
+    # fusion w1, w2, wz; q, k, v, o; gate, up, down; the head
+    assert quantize_feature_draft(quant) == 11 and isinstance(quant.head, Int8Linear)
+    assert not any(type(m) is torch.nn.Linear for m in quant.modules())
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(12, ref.config.target.hidden_size, generator=gen)
+    ids = torch.randint(0, ref.config.target.vocab_size, (12,), generator=gen)
+    with torch.no_grad():
+        (h_ref, l_ref), (h_q, l_q) = ref(f, ids), quant(f, ids)
+    assert torch.allclose(h_q.float(), h_ref.float(), atol=0.05 * h_ref.float().abs().max().item())
+    assert (l_q.argmax(-1) == l_ref.argmax(-1)).float().mean() >= 0.9
 
 
 @pytest.mark.timeout(120)
