@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --role draft only read for its tokenizer (default there: the draft's)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="draft: a model with the target's tokenizer, feature:CKPT_DIR (a trained feature draft), "
-                        "or auto (default): the feature draft shipped for the target when there is one, "
+                        "or auto (default): the feature draft shipped for the target and the draft's device "
+                        "when there is one (dovetail/drafts/defaults.json), "
                         f"else {DEFAULT_DRAFT_LM}")
     m.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
     m.add_argument("--target-cpus", default=None, help="CPUs for the target, e.g. '0-31' or '0,2,4' (default: all)")

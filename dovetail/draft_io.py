@@ -147,16 +147,20 @@ def read_config(folder: str | Path) -> DraftModelConfig:
     return DraftModelConfig.from_dict(json.loads((folder / CONFIG).read_text()))
 
 
-def shipped_draft(target_path: str | Path) -> Path | None:
+def shipped_draft(target_path: str | Path, device: str = "cpu") -> Path | None:
     """The shipped checkpoint that SHIPPED/defaults.json names for this target file (by file
-    name; load_feature_draft still checks the whole identity), or None.
+    name; load_feature_draft still checks the whole identity) and draft device, or None.
 
-    A target is listed there only while its feature draft beats the standalone draft model
-    on the ablation (README, "The Dovetail draft"); the other checkpoints still ship."""
+    An entry is a folder name (every device) or {"cpu": folder, "cuda": folder} (the devices
+    listed). A target is listed for a device only while its feature draft beats the
+    standalone draft model there (README, "The Dovetail draft"); the other checkpoints still ship."""
     index = SHIPPED / DEFAULTS
     if not index.is_file():
         return None
-    folder = json.loads(index.read_text()).get(Path(target_path).name)
+    entry = json.loads(index.read_text()).get(Path(target_path).name)
+    if isinstance(entry, dict) and set(entry) - {"cpu", "cuda"}:
+        raise ValueError(f"{index}: {Path(target_path).name} lists devices {sorted(entry)}; only cpu and cuda exist")
+    folder = entry.get("cuda" if device.startswith("cuda") else "cpu") if isinstance(entry, dict) else entry
     if folder is None:
         return None
     folder = SHIPPED / folder

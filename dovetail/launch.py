@@ -39,7 +39,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     ``draft="feature:CKPT_DIR"`` runs a feature draft (DGF or EAGLE, trained by dovetail-train
     for this target; refused for any other) that reads the target's hidden states.
     ``draft="auto"``: the feature draft shipped for this target (dovetail/drafts/) when there
-    is one, else the standalone draft model DEFAULT_DRAFT_LM.
+    is one for the draft's device (dovetail/drafts/defaults.json), else the standalone draft
+    model DEFAULT_DRAFT_LM.
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
     workers. ``backend``: how the target runs, "transformers", "llama.cpp" (a GGUF on
@@ -78,7 +79,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     config = CoordinatorConfig(**options)
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target)) if target is not None else None
-    draft = pick_draft(draft, target_path)
+    device = _draft_device(draft_device)
+    draft = pick_draft(draft, target_path, device)
     if not remote:
         backend = pick_backend(backend, target_path, target_quantize)
         check_backend(backend, target_path)
@@ -95,7 +97,6 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         feature = str(Path(feature).resolve())
     draft_path = (resolve_model(str(draft)) if draft is not None and replay is None and feature is None
                   else None)
-    device = _draft_device(draft_device)
     if draft_quantize != "none" and (feature is None or device != "cpu"):
         raise ValueError("draft_quantize='int8' is for a feature draft on the CPU (draft='feature:DIR' or a shipped "
                          f"one, draft_device='cpu'); got draft {draft!r} on {device!r}")
@@ -170,14 +171,14 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
                        context=ctx, run_dir=run_dir, liveness=liveness)
 
 
-def pick_draft(draft, target_path):
-    """Resolve draft="auto" (see launch())."""
+def pick_draft(draft, target_path, device: str = "cpu"):
+    """Resolve draft="auto" (see launch()) for a draft on ``device``."""
     if draft != "auto":
         return draft
     from dovetail.draft_io import shipped_draft
-    shipped = shipped_draft(target_path) if target_path is not None else None
+    shipped = shipped_draft(target_path, device) if target_path is not None else None
     if shipped is not None:
-        log.info("draft: the feature draft shipped for %s (%s)", Path(target_path).name, shipped.name)
+        log.info("draft: the feature draft shipped for %s on %s (%s)", Path(target_path).name, device, shipped.name)
         return f"feature:{shipped}"
     return DEFAULT_DRAFT_LM
 

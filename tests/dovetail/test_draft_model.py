@@ -168,6 +168,10 @@ def test_auto_draft_is_the_checkpoint_shipped_for_the_target(pieces, models, tmp
     (tmp_path / "defaults.json").write_text(json.dumps({"another.gguf": "for-target"}))
     with pytest.raises(ValueError, match="trained for"):
         pick_draft("auto", tmp_path / "another.gguf")
+    # a draft for one device only: the other gets the standalone draft model
+    (tmp_path / "defaults.json").write_text(json.dumps({models["target"].name: {"cpu": "for-target"}}))
+    assert pick_draft("auto", models["target"], "cpu") == f"feature:{tmp_path / 'for-target'}"
+    assert pick_draft("auto", models["target"], "cuda:0") == DEFAULT_DRAFT_LM
 
 
 def test_shipped_checkpoints_fit_the_size_budget():
@@ -181,5 +185,18 @@ def test_shipped_checkpoints_fit_the_size_budget():
         assert (f / WEIGHTS).is_file() and read_config(f).target.name
     index = SHIPPED / DEFAULTS
     if index.is_file():
-        for target, folder in json.loads(index.read_text()).items():
-            assert read_config(SHIPPED / folder).target.name == target
+        for target, entry in json.loads(index.read_text()).items():
+            for folder in entry.values() if isinstance(entry, dict) else [entry]:
+                assert read_config(SHIPPED / folder).target.name == target
+
+
+def test_shipped_defaults_per_device():
+    """The shipped index: the 0.5B target's draft everywhere, the 1.5B's on the CPU only
+    (on a GPU the standalone 0.5B draft model commits far more per round)."""
+    from pathlib import Path
+
+    from dovetail.draft_io import shipped_draft
+    big, small = Path("m/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"), Path("m/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+    assert shipped_draft(big, "cpu").name == "qwen2.5-coder-1.5b-dgf1"
+    assert shipped_draft(big, "cuda:0") is None
+    assert shipped_draft(small, "cpu").name == shipped_draft(small, "cuda:1").name == "qwen2.5-coder-0.5b-dgf1"
