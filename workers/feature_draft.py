@@ -151,20 +151,14 @@ def quantize_feature_draft(model) -> int:
     layers, and for the LM head: on two cores a draft level then takes ~3 ms instead of ~5
     in bf16. Only the draft's guesses can change; verification keeps the output exact.
     Returns the number of matrices replaced."""
-    from torch import nn
-
-    from dovetail.workers.quant import Int8Linear, int8pack_works, quantize_int8
-    count = 0
-    for part in (model.fusion, model.layers):
-        for parent in list(part.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, Int8Linear.from_linear(child))
-                    count += 1
+    from dovetail.workers.quant import Int8Linear, int8pack_works, linears_in, quantize_int8
+    linears = linears_in(model.fusion, model.layers)
+    for parent, name, linear in linears:
+        setattr(parent, name, Int8Linear.from_linear(linear))
     q, scales = quantize_int8(model.head_weight)
     model.head = Int8Linear(q, scales.to(model.dtype), None, fast=int8pack_works(model.dtype))
     model.head_weight = model.head_weight[:0]  # the int8 copy replaces it: free the memory
-    return count + 1
+    return len(linears) + 1
 
 
 def load_handler(cfg) -> FeatureDraftHandler:

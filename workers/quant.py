@@ -208,9 +208,14 @@ def quantized_linear(linear: nn.Linear, mode: str) -> nn.Module:
 
 def decoder_linears(model) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) for every nn.Linear inside the decoder layers."""
+    return linears_in(model.model.layers)
+
+
+def linears_in(*modules: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every nn.Linear inside ``modules``."""
     found = []
-    for layer in model.model.layers:
-        for parent in layer.modules():
+    for module in modules:
+        for parent in module.modules():
             for name, child in parent.named_children():
                 if type(child) is nn.Linear:
                     found.append((parent, name, child))
