@@ -16,6 +16,7 @@ that ``state_dict()`` holds exactly the trained weights (what a checkpoint store
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -153,6 +154,9 @@ class FeatureDraft(nn.Module):
         h = ident.hidden_size
         self.fusion = DGFusion(h, eps) if config.kind == "dgf" else ConcatFusion(h)
         self.layers = nn.ModuleList(layer_cls(self.lconfig, i) for i in range(config.num_layers))
+        # transformers renamed the layers' past_key_values -> cache (after 5.17): an unknown
+        # keyword is swallowed by **kwargs, and the layer would then silently run uncached.
+        self._cache_kw = "cache" if "cache" in inspect.signature(layer_cls.forward).parameters else "past_key_values"
         self.rotary = rotary_cls(self.lconfig)
         self.norm = nn.RMSNorm(h, eps=eps)
         # Frozen and not persistent: they come from the target, never from a checkpoint.
@@ -206,8 +210,8 @@ class FeatureDraft(nn.Module):
         x = self.fusion(f, nn.functional.embedding(ids, self.embed_weight))
         rope = self.rotary(x, pos)
         for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_ids=pos, cache=cache,
-                      use_cache=cache is not None, position_embeddings=rope)
+            x = layer(x, attention_mask=mask, position_ids=pos, use_cache=cache is not None,
+                      position_embeddings=rope, **{self._cache_kw: cache})
         hidden = self.norm(x)
         out = self.logits(hidden) if logits else None
         return (hidden, out) if batched else (hidden[0], out[0] if out is not None else None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dovetail.cpus import format_cpus, pin_process
+from dovetail.cpus import format_cpus, pin_process, tune_gpu_worker
 from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
@@ -295,6 +295,7 @@ def load_draft_model(model: str, device: str, dtype: str, layers: int | None, cp
         pinned = pin_process(cpus)
         log.info("%s on the CPU (CPUs %s, %d threads)", role, format_cpus(pinned), torch.get_num_threads())
     else:
+        tune_gpu_worker()
         log.info("%s on %s (%s)", role, device, torch.cuda.get_device_name(torch.device(device)))
     t0 = time.perf_counter()
     lm = CausalLM.load(model, device=device, dtype=choose_dtype(dtype, device), num_layers=layers)

@@ -169,9 +169,11 @@ def load_handler(cfg) -> FeatureDraftHandler:
     if device.startswith("cuda") and not torch.cuda.is_available():
         log.warning("no CUDA device is available: the feature draft runs on the CPU")
         device = "cpu"
+    from dovetail.cpus import pin_process, tune_gpu_worker
     if device == "cpu":
-        from dovetail.cpus import pin_process
         pin_process(cfg.cpus)
+    else:
+        tune_gpu_worker()
     t0 = time.perf_counter()
     pieces = load_target_pieces(cfg.target_model)
     model = load_feature_draft(cfg.feature_draft, pieces, device=device, dtype=choose_dtype(cfg.dtype, device))
