@@ -99,6 +99,11 @@ class Liveness:
                         self._beat(p)
                     next_beat = now + self.interval_s
                 wait_ms = min(STOP_POLL_MS, max(0.0, next_beat - time.monotonic()) * 1000)
+                if not peers:
+                    # An empty zmq Poller returns at once, whatever the timeout: this loop would
+                    # spin (and hold the GIL) through the workers' whole start-up.
+                    self._stop.wait(STOP_POLL_MS / 1000)
+                    continue
                 for sock, _ in poller.poll(wait_ms):
                     self._drain(by_sock[sock])
         finally:

@@ -12,45 +12,96 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("dovetail.target")
 
 CALIBRATE_KS = 16        # measure k = 1..16; the coordinator extrapolates beyond
 CALIBRATE_CONTEXT = 128  # tokens of context in the cache while measuring
-CALIBRATE_REPEATS = 3    # passes over k = 1..16; the fastest forward of each k counts
-NOISY_SPREAD = 1.3       # k = 1 this much slower in one pass than in another: not cached
+CALIBRATE_REPEATS = 3    # quiet passes over k = 1..16; the fastest forward of each k counts
+MAX_PASSES = 10          # passes before settling for what a busy machine gave (not cached then)
+EXTRA_PASSES_S = 20.0    # and no pass beyond the first `repeats` starts after this many seconds
+OTHERS_MAX_CORES = 0.25  # a pass is quiet when other processes kept at most this much of a core busy
+MIN_JUDGED_S = 0.5       # shorter passes are not judged: /proc/stat counts CPU time in 10 ms ticks
+NOISY_SPREAD = 1.3       # k = 1 this much slower in one quiet pass than in another: not cached
 CACHE_MIN_BYTES = 50 << 20  # smaller (test) models are cheaper to measure than to cache
+
+
+class OtherLoad:
+    """Cores that other processes (and other VMs: steal time) kept busy since ``start()``:
+    the machine's busy CPU time minus this process's, per second of wall time. A worker
+    calibrates while the coordinator and a draft worker are still starting up; a curve
+    measured then would be cached slow for good."""
+
+    def __init__(self):
+        import psutil
+        self._psutil, self._proc = psutil, psutil.Process()
+        self.start()
+
+    def start(self) -> None:
+        self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy(), self._own()
+
+    def cores(self) -> float:
+        wall = time.perf_counter() - self._t0
+        if wall < MIN_JUDGED_S:
+            return 0.0
+        return max(0.0, (self._busy() - self._busy0) - (self._own() - self._own0)) / wall
+
+    def _busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return t.user + t.nice + t.system + sum(getattr(t, f, 0.0) for f in ("irq", "softirq", "steal"))
+
+    def _own(self) -> float:
+        t = self._proc.cpu_times()
+        return t.user + t.system
+
+
+@dataclass
+class Pass:
+    seconds: list[float]  # one verify of k tokens, k = 1..ks
+    others: float         # cores other processes used meanwhile (OtherLoad)
+
+    @property
+    def quiet(self) -> bool:
+        return self.others <= OTHERS_MAX_CORES
 
 
 def measure_verify_us(backend, vocab_size: int, ks: int | None = None, context: int | None = None,
                       repeats: int | None = None, passes_out: list | None = None) -> list[int]:
     """Microseconds of one verify of a k-token chain, for k = 1..ks: the fastest of
-    ``repeats`` passes over all k (passes, not k after k, so that a burst of load from
-    another process slows one pass, not the few k measured during it)."""
+    ``repeats`` quiet passes over all k (passes, not k after k, so that a burst of load from
+    another process slows one pass, not the few k measured during it). Passes that other
+    processes disturbed are repeated, up to MAX_PASSES in all and EXTRA_PASSES_S; ``passes_out``
+    gets every Pass."""
     import torch
     ks, context = ks or CALIBRATE_KS, context or CALIBRATE_CONTEXT
     repeats = repeats or CALIBRATE_REPEATS
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (context + ks + 1,), generator=gen).tolist()
     seq = backend.new_sequence()
+    load = OtherLoad()
     try:
         backend.prefill(seq, ids[:context], hidden=False)
         backend.verify(seq, ids[context], [], [], hidden=False)  # warm-up
         backend.rollback(seq, context)
-        passes = []
-        for _ in range(repeats):
+        passes: list[Pass] = []
+        started = time.perf_counter()
+        while len(passes) < repeats or (sum(p.quiet for p in passes) < repeats and len(passes) < MAX_PASSES
+                                         and time.perf_counter() - started < EXTRA_PASSES_S):
             times = []
+            load.start()
             for k in range(1, ks + 1):
                 t0 = time.perf_counter()
                 backend.verify(seq, ids[context], ids[context + 1:context + k], list(range(-1, k - 2)),
                                hidden=False)
                 times.append(time.perf_counter() - t0)
                 backend.rollback(seq, context)
-            passes.append(times)
+            passes.append(Pass(times, load.cores()))
         if passes_out is not None:
             passes_out.extend(passes)
-        return [int(1e6 * min(p[k] for p in passes)) for k in range(ks)]
+        counted = [p for p in passes if p.quiet] or passes
+        return [int(1e6 * min(p.seconds[k] for p in counted)) for k in range(ks)]
     finally:
         backend.release(seq)
 
@@ -84,10 +135,15 @@ def load_or_measure(backend, model: str, backend_name: str, dtype: str, threads:
             log.warning("ignoring an unreadable verify-cost cache %s", path)
     t0, passes = time.perf_counter(), []
     curve = measure_verify_us(backend, backend.identity.vocab_size, passes_out=passes)
-    log.info("verify cost for k=1..%d measured in %.1f s: %s ms", len(curve), time.perf_counter() - t0,
-             " ".join(f"{t / 1000:.0f}" for t in curve))
-    firsts = [p[0] for p in passes]
-    if path is not None and max(firsts) > NOISY_SPREAD * min(firsts):
+    quiet = [p for p in passes if p.quiet]
+    log.info("verify cost for k=1..%d measured in %.1f s (%d of %d passes quiet): %s ms", len(curve),
+             time.perf_counter() - t0, len(quiet), len(passes), " ".join(f"{t / 1000:.0f}" for t in curve))
+    firsts = [p.seconds[0] for p in quiet]
+    if path is not None and len(quiet) < CALIBRATE_REPEATS:
+        log.warning("other processes kept up to %.1f cores busy while measuring: not caching the verify-cost "
+                    "curve, it is measured again next start", max(p.others for p in passes))
+        path = None
+    elif path is not None and max(firsts) > NOISY_SPREAD * min(firsts):
         log.warning("the machine was busy while measuring (k=1 took %.0f-%.0f ms): not caching the "
                     "verify-cost curve, it is measured again next start", 1000 * min(firsts), 1000 * max(firsts))
         path = None

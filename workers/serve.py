@@ -71,8 +71,15 @@ class RequestError(Exception):
 
 def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME_BYTES,
           keys: ServerKeys | None = None, heartbeat_timeout: float = 0.0,
-          parent_death_signal: bool = False) -> None:
+          parent_death_signal: bool = False, warmup=None) -> None:
     """Serve ``handler`` on ``bind`` until a Shutdown arrives (or the coordinator is gone).
+
+    ``warmup()``, if given, runs on the compute thread before the first message: model work
+    done before serving belongs there. OpenMP (libgomp) keeps one thread pool per thread
+    that opens parallel regions and counts all their threads against the cores: after a
+    pool on the main thread, the compute thread's pool oversubscribes two cores, and libgomp
+    then sleeps at every barrier instead of spinning (a 1.5B llama.cpp step on 2 cores:
+    36-45 ms -> 54-66 ms for the rest of the worker's life).
 
     With ``keys`` the socket is a CURVE server and a ZAP authenticator on this context
     lets in only the allowlisted client keys. ``heartbeat_timeout`` > 0: return after that
@@ -98,7 +105,7 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
                  death_signal=parent_death_signal)
     curve = f" with CurveZMQ, {len(keys.allowed)} allowed client key(s)" if keys else ""
     log.info("%s worker serving on %s%s (pid %d)", handler.role, bind, curve, os.getpid())
-    compute = Compute(handler, max_bytes)
+    compute = Compute(handler, max_bytes, warmup)
     try:
         _io_loop(sock, compute, handler.role, SilenceClock(heartbeat_timeout))
         if compute.error is not None:
@@ -118,8 +125,8 @@ _STOP = object()
 class Compute:
     """The handler on its own thread: messages in arrival order, encoded replies out."""
 
-    def __init__(self, handler, max_bytes: int):
-        self.handler, self.max_bytes = handler, max_bytes
+    def __init__(self, handler, max_bytes: int, warmup=None):
+        self.handler, self.max_bytes, self.warmup = handler, max_bytes, warmup
         self.error: BaseException | None = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -160,6 +167,8 @@ class Compute:
 
     def _run(self) -> None:
         try:
+            if self.warmup is not None:
+                self.warmup()
             self._loop()
         except BaseException as e:  # a bug outside _dispatch's net: the worker must not hang on
             log.exception("%s worker: the compute thread failed", self.handler.role)

@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 def load_backend(cfg: TargetConfig, pinned: list[int], where: str) -> TargetBackend:
     if cfg.backend == "llama.cpp":
         from dovetail.workers.llama import LlamaBackend
+        # torch only does bookkeeping on a few rows of logits here, and its OpenMP runtime is
+        # not llama.cpp's: after each op its threads spin on the cores llama.cpp's threads
+        # need (OMP_WAIT_POLICY=ACTIVE: 33 -> 70 ms per 1.5B step on 2 cores). One thread.
+        torch.set_num_threads(1)
         return LlamaBackend(cfg.model, threads=len(pinned), n_ctx=cfg.ctx,
                             n_seqs=cfg.max_requests + 16, device_label=where)
     return HFBackend(cfg.model, dtype=choose_dtype(cfg.dtype, "cpu"), device_label=where, quantize=cfg.quantize)
@@ -193,12 +197,14 @@ def main(argv=None) -> None:
     log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
              backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
     handler = TargetHandler(backend, cfg)
-    if cfg.calibrate:
+
+    def calibrate() -> None:  # on the compute thread, where every later forward runs (serve())
         from dovetail.workers.calibrate import load_or_measure
         handler.verify_us = load_or_measure(backend, cfg.model, cfg.backend, backend.identity.dtype, len(pinned))
+
     try:
-        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys,
-              heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal)
+        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys, heartbeat_timeout=cfg.heartbeat_timeout,
+              parent_death_signal=cfg.parent_death_signal, warmup=calibrate if cfg.calibrate else None)
     finally:
         backend.close()
 

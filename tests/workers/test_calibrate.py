@@ -71,9 +71,44 @@ def test_a_curve_measured_on_a_busy_machine_is_not_cached(tiny, tmp_path, monkey
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
     monkeypatch.setattr(calibrate, "CACHE_MIN_BYTES", 0)
 
-    def busy(backend, vocab, passes_out=None, **kw):  # the second pass ran 3x slower
-        passes_out.extend([[0.010, 0.020], [0.030, 0.060]])
+    def spread(backend, vocab, passes_out=None, **kw):  # quiet passes, but the second ran 3x slower
+        passes_out.extend([calibrate.Pass([0.010, 0.020], 0.0), calibrate.Pass([0.030, 0.060], 0.0)] * 2)
         return [10_000, 20_000]
-    monkeypatch.setattr(calibrate, "measure_verify_us", busy)
-    assert calibrate.load_or_measure(CountingBackend(tiny), str(tiny), "transformers", "float32", 2) == [10_000, 20_000]
-    assert not list(tmp_path.glob("verify_cost/*.json"))
+
+    def others(backend, vocab, passes_out=None, **kw):  # another process kept a core busy throughout
+        passes_out.extend([calibrate.Pass([0.010, 0.020], 1.0)] * 3)
+        return [10_000, 20_000]
+    for fake in (spread, others):
+        monkeypatch.setattr(calibrate, "measure_verify_us", fake)
+        assert calibrate.load_or_measure(CountingBackend(tiny), str(tiny), "transformers", "float32", 2) == [10_000, 20_000]
+        assert not list(tmp_path.glob("verify_cost/*.json")), fake.__name__
+
+
+def test_disturbed_passes_are_repeated_and_left_out(tiny, monkeypatch):
+    loads = iter([1.5, 0.0, 2.0, 0.0, 0.0])  # other processes' cores during each pass
+    monkeypatch.setattr(calibrate.OtherLoad, "cores", lambda self: next(loads))
+    b, passes = CountingBackend(tiny), []
+    calibrate.measure_verify_us(b, b.identity.vocab_size, ks=2, repeats=3, passes_out=passes)
+    assert [p.others for p in passes] == [1.5, 0.0, 2.0, 0.0, 0.0]  # until 3 quiet passes
+    assert b.sizes == [1] + [1, 2] * 5
+
+    monkeypatch.setattr(calibrate.OtherLoad, "cores", lambda self: 1.0)  # never quiet: MAX_PASSES
+    passes.clear()
+    calibrate.measure_verify_us(b, b.identity.vocab_size, ks=2, repeats=3, passes_out=passes)
+    assert len(passes) == calibrate.MAX_PASSES
+
+
+@pytest.mark.timeout(60)
+def test_other_processes_load_is_measured_and_ours_is_not():
+    import subprocess
+    import sys
+    import time
+    load = calibrate.OtherLoad()
+    end = time.perf_counter() + 0.8
+    while time.perf_counter() < end:  # this process's own work does not count
+        pass
+    ours = load.cores()
+    load.start()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.2\nwhile time.time() < end: pass"])
+    child.wait(timeout=30)
+    assert load.cores() > 0.6 > ours, (ours, load.cores())
