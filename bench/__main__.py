@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-device", default=None, help="Dovetail's draft device: 'cpu' or 'cuda:N' (default: GPU if any)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 for the torch systems")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (then +1 per prompt)")
+    p.add_argument("--interleave", action="store_true",
+                   help="run the systems prompt by prompt in turn, all loaded at once, so that a slow spell of a "
+                        "shared machine falls on all of them alike (default: one system after another)")
     p.add_argument("--quick", action="store_true", help="3 prompts x 48 tokens: a run of a few minutes on 2 cores")
     p.add_argument("--out", default="bench/out", help="folder for results.json, results.md and plots")
     return p
@@ -87,17 +90,17 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
                     **({"auto_tree": True} if args.auto_tree else {}), **({"gate": True} if args.gate else {}))
         tag = report.backend_tag(backend)
         if "target-only" in wanted:
-            runs.append((f"target-only{tag}", systems.run_dovetail, dict(ours, draft=None)))
+            runs.append((f"target-only{tag}", systems.dovetail_records, dict(ours, draft=None)))
         if "dovetail" in wanted:
             for d in args.draft:
                 feature = str(d).startswith("feature:")  # int8 weights are a feature draft's option
                 quant = {"draft_quantize": args.draft_quantize} if args.draft_quantize != "none" and feature else {}
-                runs.append((f"dovetail[{Path(str(d)).name}]{tag}", systems.run_dovetail,
+                runs.append((f"dovetail[{Path(str(d)).name}]{tag}", systems.dovetail_records,
                              dict(ours, draft=d, draft_device=draft_device, **quant)))
     for d in args.draft:
         name = Path(str(d)).name
         if "hf-assisted" in wanted:
-            runs.append((f"hf-assisted[{name}]", systems.run_hf_assisted,
+            runs.append((f"hf-assisted[{name}]", systems.hf_assisted_records,
                          dict(target=args.target, draft=d, dtype=args.dtype, cpus=args.target_cpus)))
     if "llama.cpp" in wanted:
         gguf = resolve_model(args.target)
@@ -105,8 +108,31 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
         if why:
             print(f"bench: skipping llama.cpp: {why}", file=sys.stderr)
         else:
-            runs.append(("llama.cpp", systems.run_llama_cpp, dict(gguf=gguf, cpus=args.target_cpus)))
+            runs.append(("llama.cpp", systems.llama_cpp_records, dict(gguf=gguf, cpus=args.target_cpus)))
     return runs
+
+
+def run_mode(runs, prompts, max_new: int, temperature: float, seed: int, interleave: bool, bar, mode: str) -> dict:
+    """{system: records} for one temperature: each system over every prompt in turn, or with
+    ``interleave`` every system on prompt 1, then on prompt 2, ... (all loaded at once)."""
+    gens = {name: records(prompts, max_new, temperature, seed, **kwargs) for name, records, kwargs in runs}
+    if not interleave:
+        out = {}
+        for name, gen in gens.items():
+            bar.set_postfix_str(f"{mode}: {name}")
+            out[name] = systems.collect(gen, lambda: bar.update(1))
+        return out
+    out = {name: [] for name in gens}
+    try:
+        for _ in prompts:
+            for name, gen in gens.items():
+                bar.set_postfix_str(f"{mode}: {name}")
+                out[name].append(next(gen))
+                bar.update(1)
+    finally:
+        for gen in gens.values():
+            gen.close()  # ends each system's `with`/`finally`: workers stopped, affinity restored
+    return out
 
 
 def main(argv=None) -> int:
@@ -133,11 +159,8 @@ def main(argv=None) -> int:
                "prompt_lengths": [len(p) for p in prompts], "modes": {}}
     with tqdm(total=len(chosen) * len(runs) * len(prompts), desc="bench", unit="prompt") as bar:
         for mode in chosen:
-            results["modes"][mode] = {}
-            for name, runner, kwargs in runs:
-                bar.set_postfix_str(f"{mode}: {name}")
-                results["modes"][mode][name] = runner(prompts, args.max_new_tokens, modes[mode], args.seed,
-                                                      lambda: bar.update(1), **kwargs)
+            results["modes"][mode] = run_mode(runs, prompts, args.max_new_tokens, modes[mode], args.seed,
+                                              args.interleave, bar, mode)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["summary"] = {mode: report.summarize(recs) for mode, recs in results["modes"].items()}

@@ -1,8 +1,9 @@
 """The systems `python -m bench` compares, each run on the same prompts the same way.
 
-Every runner takes token-id prompts and returns one record per prompt with the same
-fields, so the report can put them side by side. Each runner does one warm-up prompt
-first and leaves it out.
+Every system is a generator of one record per prompt, all with the same fields, so the
+report can put them side by side: it loads its models at the first ``next()``, does one
+warm-up prompt it leaves out, then decodes a prompt per ``next()``. Driven one after the
+other (``collect``) or in turn, prompt by prompt (``python -m bench --interleave``).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 RECORD_FIELDS = ("new_tokens", "seconds", "prefill_s", "rounds", "accept_lengths", "draft_s", "verify_s",
                  "wire_s", "target_idle_s", "draft_idle_s", "token_ids")
@@ -22,23 +23,29 @@ def _record(**fields) -> dict:
     return rec
 
 
-def run_dovetail(prompts: list[list[int]], max_new: int, temperature: float, seed: int, progress: Callable,
-                 **launch_kwargs) -> list[dict]:
+def collect(records: Iterator[dict], progress: Callable) -> list[dict]:
+    """Every record of one system, calling ``progress()`` after each prompt."""
+    out = []
+    for rec in records:
+        out.append(rec)
+        progress()
+    return out
+
+
+def dovetail_records(prompts: list[list[int]], max_new: int, temperature: float, seed: int,
+                     **launch_kwargs) -> Iterator[dict]:
     """Target-only (draft=None) or Dovetail through our workers."""
     import dovetail
-    out = []
     with dovetail.launch(**launch_kwargs) as coord:
         coord.generate(prompts[0], max_new_tokens=8, temperature=temperature, seed=seed)  # warm-up
         for i, prompt in enumerate(prompts):
             r = coord.generate(prompt, max_new_tokens=max_new, temperature=temperature, seed=seed + i)
             st = asdict(r.stats)
-            out.append(_record(**{k: st[k] for k in RECORD_FIELDS if k in st}, token_ids=r.token_ids))
-            progress()
-    return out
+            yield _record(**{k: st[k] for k in RECORD_FIELDS if k in st}, token_ids=r.token_ids)
 
 
-def run_hf_assisted(prompts: list[list[int]], max_new: int, temperature: float, seed: int, progress: Callable,
-                    *, target, draft, dtype, cpus) -> list[dict]:
+def hf_assisted_records(prompts: list[list[int]], max_new: int, temperature: float, seed: int,
+                        *, target, draft, dtype, cpus) -> Iterator[dict]:
     """Hugging Face assisted generation, in this process, with the same models and threads."""
     import torch
 
@@ -52,7 +59,6 @@ def run_hf_assisted(prompts: list[list[int]], max_new: int, temperature: float, 
         dt = choose_dtype(dtype, "cpu")
         tgt = CausalLM.load(resolve_model(str(target)), dtype=dt).model
         dft = CausalLM.load(resolve_model(str(draft)), dtype=dt).model if draft else None
-        out = []
 
         def generate(prompt, n, s):
             torch.manual_seed(s)
@@ -71,9 +77,7 @@ def run_hf_assisted(prompts: list[list[int]], max_new: int, temperature: float, 
         generate(prompts[0], 8, seed)  # warm-up
         for i, prompt in enumerate(prompts):
             ids, seconds = generate(prompt, max_new, seed + i)
-            out.append(_record(new_tokens=len(ids), seconds=seconds, token_ids=ids))
-            progress()
-        return out
+            yield _record(new_tokens=len(ids), seconds=seconds, token_ids=ids)
     finally:
         pin_process(before)
 
@@ -89,8 +93,8 @@ def llama_skip_reason(target) -> str | None:
     return None
 
 
-def run_llama_cpp(prompts: list[list[int]], max_new: int, temperature: float, seed: int, progress: Callable,
-                  *, gguf, cpus) -> list[dict]:
+def llama_cpp_records(prompts: list[list[int]], max_new: int, temperature: float, seed: int,
+                      *, gguf, cpus) -> Iterator[dict]:
     """llama.cpp's own CPU decoding of the same GGUF file, same thread count."""
     import llama_cpp
 
@@ -101,7 +105,6 @@ def run_llama_cpp(prompts: list[list[int]], max_new: int, temperature: float, se
         longest = max(len(p) for p in prompts) + max_new + 16
         llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=longest, n_threads=n_threads,
                               n_threads_batch=n_threads, seed=seed, verbose=False)
-        out = []
 
         def generate(prompt, n):
             llm.reset()
@@ -117,8 +120,6 @@ def run_llama_cpp(prompts: list[list[int]], max_new: int, temperature: float, se
         generate(prompts[0], 8)  # warm-up
         for prompt in prompts:
             ids, seconds = generate(prompt, max_new)
-            out.append(_record(new_tokens=len(ids), seconds=seconds, token_ids=ids))
-            progress()
-        return out
+            yield _record(new_tokens=len(ids), seconds=seconds, token_ids=ids)
     finally:
         pin_process(before)

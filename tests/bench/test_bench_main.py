@@ -10,7 +10,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     target = make_tiny_model(root / "target", seed=0, attention_gain=4.0)
     draft = make_tiny_model(root / "draft", seed=1, noise_from=target, noise=0.002)
@@ -18,11 +18,16 @@ def run(tmp_path_factory):
         make_tiny_tokenizer(path)
     prompts = root / "prompts.jsonl"
     prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "for i in range(3):"}\n')
+    return root, ["--target", str(target), "--draft", str(draft), "--prompts-file", str(prompts), "--prompts", "2",
+                  "--max-new-tokens", "10", "--dtype", "float64", "--draft-device", "cpu",
+                  "--depth", "3"]  # a fixed shape: tiny drafts cost as much as tiny targets, auto would not draft
+
+
+@pytest.fixture(scope="module")
+def run(models):
+    root, argv = models
     out = root / "out"
-    rc = main(["--target", str(target), "--draft", str(draft), "--prompts-file", str(prompts), "--prompts", "2",
-               "--max-new-tokens", "10", "--dtype", "float64", "--draft-device", "cpu", "--out", str(out),
-               "--depth", "3"])  # a fixed shape: tiny drafts cost as much as tiny targets, auto would not draft
-    assert rc == 0
+    assert main([*argv, "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -52,3 +57,39 @@ def test_table_and_plots_are_written(run):
     assert "| dovetail[draft] |" in table and "× hf-assisted[draft]" in table
     for name in ("tokens_per_s-greedy", "accepted_length-greedy", "round_breakdown-sample"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interleaved_systems_take_turns_and_give_the_same_tokens(run, models):
+    root, argv = models
+    out = root / "interleaved"
+    assert main([*argv, "--out", str(out), "--interleave", "--modes", "greedy",
+                 "--systems", "target-only,dovetail"]) == 0
+    turns = json.loads((out / "results.json").read_text())["modes"]["greedy"]
+    assert set(turns) == {"target-only", "dovetail[draft]"}
+    for name, recs in turns.items():
+        assert [r["token_ids"] for r in recs] == [r["token_ids"] for r in run[0]["modes"]["greedy"][name]]
+
+
+def test_run_mode_order_and_cleanup():
+    from bench.__main__ import run_mode
+    log = []
+
+    def fake(prompts, max_new, temperature, seed, *, name):
+        try:
+            for i, _ in enumerate(prompts):
+                log.append((name, i))
+                yield {"i": i}
+        finally:
+            log.append((name, "closed"))
+
+    class Bar:
+        def set_postfix_str(self, s): pass
+        def update(self, n): pass
+
+    runs = [("a", fake, {"name": "a"}), ("b", fake, {"name": "b"})]
+    out = run_mode(runs, [[1], [2]], 4, 0.0, 0, True, Bar(), "greedy")
+    assert out == {"a": [{"i": 0}, {"i": 1}], "b": [{"i": 0}, {"i": 1}]}
+    assert log[:4] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)] and set(log[4:]) == {("a", "closed"), ("b", "closed")}
+    log.clear()
+    run_mode(runs, [[1], [2]], 4, 0.0, 0, False, Bar(), "greedy")
+    assert log == [("a", 0), ("a", 1), ("a", "closed"), ("b", 0), ("b", 1), ("b", "closed")]
