@@ -285,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_draft_model(model: str, device: str, dtype: str, layers: int | None, cpus: list[int] | None,
-                     role: str = "draft") -> CausalLM:
-    """Place and load a draft model: on its GPU, or pinned on the CPU when there is none."""
+def place_draft(device: str, cpus: list[int] | None, role: str = "draft") -> str:
+    """Set this process up for a draft on ``device`` and return where it runs: pinned to
+    ``cpus`` on the CPU (also when CUDA is missing), or tuned for a GPU."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         log.warning("no CUDA device is available: the %s runs on the CPU", role)
         device = "cpu"
@@ -297,6 +297,13 @@ def load_draft_model(model: str, device: str, dtype: str, layers: int | None, cp
     else:
         tune_gpu_worker()
         log.info("%s on %s (%s)", role, device, torch.cuda.get_device_name(torch.device(device)))
+    return device
+
+
+def load_draft_model(model: str, device: str, dtype: str, layers: int | None, cpus: list[int] | None,
+                     role: str = "draft") -> CausalLM:
+    """Place and load a draft model: on its GPU, or pinned on the CPU when there is none."""
+    device = place_draft(device, cpus, role)
     t0 = time.perf_counter()
     lm = CausalLM.load(model, device=device, dtype=choose_dtype(dtype, device), num_layers=layers)
     log.info("loaded %s %s (%s, %d layers) in %.1f s", role, lm.name, lm.dtype, lm.config.num_hidden_layers,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake, decode_features
-from dovetail.workers.draft import (apply_request, dispatch_draft, expand_level, gate_score, node_mask, select_nodes,
-                                    wire_scores)
+from dovetail.workers.draft import (apply_request, dispatch_draft, expand_level, gate_score, node_mask, place_draft,
+                                    select_nodes, wire_scores)
 from dovetail.workers.hf import CausalLM
 from dovetail.workers.serve import RequestError
 
@@ -165,15 +165,7 @@ def load_handler(cfg) -> FeatureDraftHandler:
     """Load the checkpoint for cfg.target_model (refusing another target) and place it."""
     from dovetail.draft_io import load_feature_draft, load_target_pieces
     from dovetail.workers.hf import choose_dtype
-    device = cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("no CUDA device is available: the feature draft runs on the CPU")
-        device = "cpu"
-    from dovetail.cpus import pin_process, tune_gpu_worker
-    if device == "cpu":
-        pin_process(cfg.cpus)
-    else:
-        tune_gpu_worker()
+    device = place_draft(cfg.device, cfg.cpus, "feature draft")
     t0 = time.perf_counter()
     pieces = load_target_pieces(cfg.target_model)
     model = load_feature_draft(cfg.feature_draft, pieces, device=device, dtype=choose_dtype(cfg.dtype, device))
