@@ -181,3 +181,63 @@ def load_feature_draft(folder: str | Path, target: str | Path | TargetPieces, de
     weights = load_file(str(Path(folder) / WEIGHTS))
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
     return model.to(device, dtype).eval()
+
+
+def _target_layer_tensors(path: Path, prefixes: list[str]) -> dict[str, torch.Tensor]:
+    """Every target tensor whose name starts with one of ``prefixes``."""
+    folder = _hf_folder(path)
+    if folder is not None:
+        from safetensors import safe_open
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS]
+        out = {}
+        for name in files:
+            with safe_open(str(folder / name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(prefixes))})
+        return out
+    from dovetail.workers.hf import CausalLM  # a GGUF without its de-quantized copy yet: makes it
+    state = CausalLM.load(path, dtype=torch.float32).model.state_dict()
+    return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
+
+
+def ffn_channels(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` FFN channels of a gated MLP with the largest |gate_i|·|up_i|·|down_i| (row,
+    row and column norms: how much channel i can move the output), in their original order."""
+    score = gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)
+    return score.topk(keep).indices.sort().values
+
+
+@torch.no_grad()
+def init_layers_from_target(model: FeatureDraft, target: str | Path) -> list[int]:
+    """Start the draft's decoder layers as copies of the target's top layers (the issue's idea:
+    the draft then begins from the computation that produced the features it predicts).
+
+    Attention, biases and norms are copied as they are. A narrower draft FFN keeps the target
+    channels that ``ffn_channels`` ranks highest. Returns the target layer indices used."""
+    n_tgt = int(model.config.target_config["num_hidden_layers"])
+    n = model.config.num_layers
+    if n > n_tgt:
+        raise ValueError(f"the draft has {n} layers but the target only {n_tgt}")
+    ids = list(range(n_tgt - n, n_tgt))
+    src = _target_layer_tensors(Path(target), [f"model.layers.{i}." for i in ids])
+    state = model.state_dict()
+    for j, i in enumerate(ids):
+        mine = {k.removeprefix(f"layers.{j}."): v for k, v in state.items() if k.startswith(f"layers.{j}.")}
+        theirs = {k.removeprefix(f"model.layers.{i}."): v for k, v in src.items() if k.startswith(f"model.layers.{i}.")}
+        if set(mine) != set(theirs):
+            raise ValueError(f"target layer {i} and draft layer {j} hold different tensors: "
+                             f"{sorted(set(mine) ^ set(theirs))}")
+        keep = None
+        if mine["mlp.up_proj.weight"].shape != theirs["mlp.up_proj.weight"].shape:
+            keep = ffn_channels(theirs["mlp.gate_proj.weight"], theirs["mlp.up_proj.weight"],
+                                theirs["mlp.down_proj.weight"], mine["mlp.up_proj.weight"].shape[0])
+        for name, dst in mine.items():
+            t = theirs[name]
+            if keep is not None and name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                t = t[keep]
+            elif keep is not None and name == "mlp.down_proj.weight":
+                t = t[:, keep]
+            if t.shape != dst.shape:
+                raise ValueError(f"target layer {i} {name} is {tuple(t.shape)}, the draft's {tuple(dst.shape)}")
+            dst.copy_(t.to(dst.dtype))
+    return ids

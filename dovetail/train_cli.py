@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init", default=None, metavar="DIR",
                     help="start from this draft checkpoint's weights (its shape; --kind/--layers/... are "
                          "ignored), e.g. to fine-tune a shipped draft; a run already saved in --out wins")
+    tr.add_argument("--layers-from-target", action="store_true",
+                    help="start the draft's decoder layers as copies of the target's top layers (a narrower "
+                         "--intermediate-size keeps the FFN channels with the largest weight norms) instead of "
+                         "random weights; the fusion stays random")
     tr.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if --out holds a run")
     ev = sub.add_parser("eval", help="mean accepted length on held-out ShareGPT prompts, through the real pipeline")
     add_common(ev)
@@ -232,7 +236,9 @@ def training_data(sources: str, ident, cache_dir, answer_len: int) -> list:
 
 
 def run_train(args) -> dict:
-    from dovetail.draft_io import CONFIG, load_feature_draft, load_target_pieces, new_feature_draft
+    from dovetail.draft_io import (
+        CONFIG, init_layers_from_target, load_feature_draft, load_target_pieces, new_feature_draft,
+    )
     from dovetail.fetch import resolve_model
     from dovetail.train import TrainConfig, check_kind, frequent_tokens, train
     check_kind(args.kind, args.layers)
@@ -242,6 +248,8 @@ def run_train(args) -> dict:
                           unroll=args.unroll)
     except ValueError as e:
         raise SystemExit(f"dovetail-train train: {e}") from None
+    if args.layers_from_target and args.init:
+        raise SystemExit("dovetail-train train: --layers-from-target starts new layers; --init starts from a checkpoint")
     target = resolve_model(args.target)
     pieces = load_target_pieces(target)
     data = training_data(args.data, pieces.identity, args.cache_dir, args.answer_len)
@@ -254,7 +262,11 @@ def run_train(args) -> dict:
     else:
         vocab = frequent_tokens(data, args.draft_vocab) if args.draft_vocab else None
         model = new_feature_draft(pieces, args.kind, args.layers, args.intermediate_size, args.seed,
-                                  draft_vocab=vocab).to(args.device)
+                                  draft_vocab=vocab)
+        if args.layers_from_target:
+            used = init_layers_from_target(model, target)
+            log.info("draft layers start from target layers %s", used)
+        model = model.to(args.device)
     t0 = time.perf_counter()
     losses = train(model, data, cfg, out, resume=args.resume)
     secs = time.perf_counter() - t0

@@ -200,3 +200,46 @@ def test_shipped_defaults_per_device():
     assert shipped_draft(big, "cpu").name == "qwen2.5-coder-1.5b-dgf1"
     assert shipped_draft(big, "cuda:0") is None
     assert shipped_draft(small, "cpu").name == shipped_draft(small, "cuda:1").name == "qwen2.5-coder-0.5b-dgf1"
+
+
+def test_layers_from_target_copy_its_top_layers(pieces, models):
+    from transformers import AutoModelForCausalLM
+    from dovetail.draft_io import init_layers_from_target
+    hf = AutoModelForCausalLM.from_pretrained(str(models["target"]), dtype=torch.float64)  # 2 layers
+    for n in (1, 2):
+        model = new_feature_draft(pieces, "dgf", n)  # the target's FFN width
+        assert init_layers_from_target(model, models["target"]) == list(range(2 - n, 2))
+        for j, i in enumerate(range(2 - n, 2)):
+            mine, theirs = model.layers[j].state_dict(), hf.model.layers[i].state_dict()
+            assert mine.keys() == theirs.keys()
+            assert all(torch.equal(mine[k], theirs[k].float()) for k in mine)
+        # so the draft layer computes what the target's layer computes
+        x = torch.randn(1, 5, H)
+        pos = torch.arange(5)[None]
+        rope = model.rotary(x, pos)
+        mask = torch.zeros(5, 5).masked_fill_(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))[None, None]
+        ref = hf.model.layers[1].float()(x, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+        got = model.layers[-1](x, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+        ref, got = (t[0] if isinstance(t, tuple) else t for t in (ref, got))
+        torch.testing.assert_close(got, ref)
+        hf.double()
+    with pytest.raises(ValueError, match="only 2"):
+        init_layers_from_target(new_feature_draft(pieces, "dgf", 3), models["target"])
+
+
+def test_layers_from_target_keep_the_strongest_ffn_channels(pieces, models):
+    from transformers import AutoModelForCausalLM
+    from dovetail.draft_io import ffn_channels, init_layers_from_target
+    top = AutoModelForCausalLM.from_pretrained(str(models["target"]), dtype=torch.float32).model.layers[-1].mlp
+    g, u, d = top.gate_proj.weight.detach(), top.up_proj.weight.detach(), top.down_proj.weight.detach()
+    model = new_feature_draft(pieces, "eagle", 1, intermediate_size=24)  # the target's is 64
+    init_layers_from_target(model, models["target"])
+    keep = ffn_channels(g, u, d, 24)
+    score = g.norm(dim=1) * u.norm(dim=1) * d.norm(dim=0)
+    dropped = torch.ones(64, dtype=torch.bool)
+    dropped[keep] = False
+    assert len(keep) == 24 and keep.tolist() == sorted(keep.tolist())
+    assert score[keep].min() >= score[dropped].max()
+    mlp = model.layers[0].mlp
+    assert torch.equal(mlp.gate_proj.weight, g[keep]) and torch.equal(mlp.up_proj.weight, u[keep])
+    assert torch.equal(mlp.down_proj.weight, d[:, keep])

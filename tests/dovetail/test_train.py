@@ -195,3 +195,24 @@ def test_learning_rate_schedule_warms_up_then_decays_to_a_tenth():
     assert TrainConfig(steps=5, lr=2e-4).lr_at(3) == 2e-4  # no warm-up: constant
     with pytest.raises(ValueError):
         TrainConfig(steps=5, warmup=5)
+
+
+def test_train_command_starts_layers_from_the_target(tiny, tmp_path, capsys):
+    import json
+    from safetensors.torch import load_file
+    from dovetail.train_cli import main
+    from dovetail.train_data import extract_features, features_dir
+    pieces, data, path, lm = tiny
+    extract_features(lm, [s.tokens.tolist() for s in data], features_dir(pieces.identity, tmp_path), progress=False)
+    args = ["train", "--target", str(path), "--cache-dir", str(tmp_path), "--seq-len", "8", "--batch-size", "2",
+            "--lr", "1e-12", "--steps", "1"]
+    main(args + ["--out", str(tmp_path / "t"), "--layers-from-target"])
+    assert json.loads(capsys.readouterr().out)["steps_run"] == 1
+    saved = load_file(str(tmp_path / "t" / "model.safetensors"))
+    top = lm.model.model.layers[-1].self_attn.q_proj.weight.detach()
+    torch.testing.assert_close(saved["layers.0.self_attn.q_proj.weight"].float(), top, atol=1e-2, rtol=1e-2)  # bf16
+    main(args + ["--out", str(tmp_path / "r")])
+    other = load_file(str(tmp_path / "r" / "model.safetensors"))["layers.0.self_attn.q_proj.weight"].float()
+    assert not torch.allclose(other, top, atol=1e-2, rtol=1e-2)  # random layers without the flag
+    with pytest.raises(SystemExit, match="--init"):
+        main(args + ["--out", str(tmp_path / "x"), "--layers-from-target", "--init", str(tmp_path / "t")])
