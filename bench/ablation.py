@@ -68,12 +68,25 @@ def load_handler(spec: str, pieces):
     return FeatureDraftHandler(model, pieces.identity.tokenizer_hash, name=Path(spec).name)
 
 
+def recorded_answers(args, pieces) -> tuple[list, str]:
+    """(the target's recorded greedy answers to --problems, first --limit of them; "A:B"), as
+    ``dovetail-train extract --source humaneval`` cached them for --answer-len tokens."""
+    from dovetail.distill import read_answers
+    from dovetail.train_cli import answers_dir, problem_range
+    a, b = problem_range(args.problems)
+    answers = read_answers(answers_dir(pieces.identity, args.cache_dir, a, b, args.answer_len))
+    answers = answers[:getattr(args, "limit", None)]
+    if not answers:
+        raise SystemExit(f"no recorded answers: run `dovetail-train extract --target {args.target} --source humaneval "
+                         f"--problems {a}:{b} --max-new-tokens {args.answer_len}` first")
+    return answers, f"{a}:{b}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dovetail.distill import offline_tau, read_answers
+    from dovetail.distill import offline_tau
     from dovetail.draft_io import load_target_pieces
     from dovetail.fetch import resolve_model
-    from dovetail.train_cli import answers_dir, problem_range
     nodes = [int(n) for n in args.nodes.split(",")]
     if bad := [n for n in nodes if n not in SHAPES]:
         raise SystemExit(f"--nodes {bad}: choose from {sorted(SHAPES)}")
@@ -81,11 +94,7 @@ def main(argv=None) -> int:
         raise SystemExit("--depth and --top-k must be at least 1")
     target = resolve_model(args.target)
     pieces = load_target_pieces(target)
-    a, b = problem_range(args.problems)
-    answers = read_answers(answers_dir(pieces.identity, args.cache_dir, a, b, args.answer_len))[:args.limit]
-    if not answers:
-        raise SystemExit(f"no recorded answers: run `dovetail-train extract --target {args.target} --source humaneval "
-                         f"--problems {a}:{b} --max-new-tokens {args.answer_len}` first")
+    answers, problems = recorded_answers(args, pieces)
     rows = []
     for item in args.draft:
         name, _, spec = item.partition("=")
@@ -102,7 +111,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), file=sys.stderr, flush=True)
     print(table(rows))
     if args.out:
-        Path(args.out).write_text(json.dumps({"target": pieces.identity.name, "problems": f"{a}:{b}",
+        Path(args.out).write_text(json.dumps({"target": pieces.identity.name, "problems": problems,
                                               "max_new_tokens": args.max_new_tokens, "torch_threads":
                                               torch.get_num_threads(), "rows": rows}, indent=1))
     return 0

@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_verify_ms(text: str) -> list[float]:
+    """--verify-ms: the target's verify cost for k = 1, 2, ... tokens."""
+    verify_ms = [float(x) for x in text.split(",")]
+    if len(verify_ms) < 2 or any(v <= 0 for v in verify_ms):
+        raise SystemExit("--verify-ms needs the positive cost of k = 1, 2, ... tokens (at least two)")
+    return verify_ms
+
+
 def draft_cost(keep: int, depth: int, ms_per_level: float) -> float:
     """A gated draft computes one level past what it keeps (to see that it stops paying)."""
     return ms_per_level * min(keep + 1, depth)
@@ -94,22 +102,14 @@ def replay(handler, answers, depth: int, verify_ms: list[float], free: bool, max
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from bench.ablation import load_handler
-    from dovetail.distill import read_answers
+    from bench.ablation import load_handler, recorded_answers
     from dovetail.draft_io import load_target_pieces
     from dovetail.fetch import resolve_model
-    from dovetail.train_cli import answers_dir, problem_range
     if args.threads:
         torch.set_num_threads(args.threads)
-    verify_ms = [float(x) for x in args.verify_ms.split(",")]
-    if len(verify_ms) < 2 or any(v <= 0 for v in verify_ms):
-        raise SystemExit("--verify-ms needs the positive cost of k = 1, 2, ... tokens (at least two)")
+    verify_ms = parse_verify_ms(args.verify_ms)
     pieces = load_target_pieces(resolve_model(args.target))
-    a, b = problem_range(args.problems)
-    answers = read_answers(answers_dir(pieces.identity, args.cache_dir, a, b, args.answer_len))[:args.limit]
-    if not answers:
-        raise SystemExit(f"no recorded answers: run `dovetail-train extract --target {args.target} --source humaneval "
-                         f"--problems {a}:{b} --max-new-tokens {args.answer_len}` first")
+    answers, problems = recorded_answers(args, pieces)
     handler = load_handler(args.draft, pieces)
     if hasattr(handler, "model"):
         from dovetail.workers.hf import choose_dtype
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         quantize_feature_draft(handler.model)
     out = {"target": pieces.identity.name, "draft": args.draft, "draft_quantize": args.draft_quantize,
            "draft_dtype": str(getattr(getattr(handler, "model", None), "dtype", "n/a")),
-           "problems": f"{a}:{b}", "verify_ms": verify_ms,
+           "problems": problems, "verify_ms": verify_ms,
            "depth": args.depth, "torch_threads": torch.get_num_threads(),
            "measured_draft": replay(handler, answers, args.depth, verify_ms, False, args.max_new_tokens),
            "free_draft": replay(handler, answers, args.depth, verify_ms, True, args.max_new_tokens)}

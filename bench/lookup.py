@@ -111,22 +111,16 @@ def run(answers, verify_ms: list[float], max_draft: int, max_match: int, max_new
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dovetail.distill import read_answers
+    from bench.ablation import recorded_answers
+    from bench.gating import parse_verify_ms
     from dovetail.draft_io import load_target_pieces
     from dovetail.fetch import resolve_model
-    from dovetail.train_cli import answers_dir, problem_range
-    verify_ms = [float(x) for x in args.verify_ms.split(",")]
-    if len(verify_ms) < 2 or any(v <= 0 for v in verify_ms):
-        raise SystemExit("--verify-ms needs the positive cost of k = 1, 2, ... tokens (at least two)")
+    verify_ms = parse_verify_ms(args.verify_ms)
     if not 1 <= args.max_draft < len(verify_ms):
         raise SystemExit(f"--max-draft must be 1..{len(verify_ms) - 1} (one less than the --verify-ms values)")
     pieces = load_target_pieces(resolve_model(args.target))
-    a, b = problem_range(args.problems)
-    answers = read_answers(answers_dir(pieces.identity, args.cache_dir, a, b, args.answer_len))
-    if not answers:
-        raise SystemExit(f"no recorded answers: run `dovetail-train extract --target {args.target} --source humaneval "
-                         f"--problems {a}:{b} --max-new-tokens {args.answer_len}` first")
-    out = {"target": pieces.identity.name, "problems": f"{a}:{b}", "verify_ms": verify_ms,
+    answers, problems = recorded_answers(args, pieces)
+    out = {"target": pieces.identity.name, "problems": problems, "verify_ms": verify_ms,
            **run(answers, verify_ms, args.max_draft, args.max_match, args.max_new_tokens)}
     g = out["best_gated"]
     print(f"{out['tokens']} answer tokens; a suffix match at {out['positions_with_a_match']:.0%} of positions, "
