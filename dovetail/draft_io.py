@@ -46,18 +46,20 @@ def _hf_folder(path: Path) -> Path | None:
     return None
 
 
-def _read_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read only the named tensors from a (possibly sharded) safetensors checkpoint."""
+def _read_tensors(folder: Path, wanted) -> dict[str, torch.Tensor]:
+    """The tensors whose names ``wanted(name)`` accepts, from a (possibly sharded) safetensors
+    checkpoint; only the shards that hold them are opened."""
     from safetensors import safe_open
     index = folder / "model.safetensors.index.json"
-    where = (json.loads(index.read_text())["weight_map"] if index.exists()
-             else {n: WEIGHTS for n in names})
+    if index.exists():
+        where = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(folder / WEIGHTS), "pt") as f:
+            where = dict.fromkeys(f.keys(), WEIGHTS)
     out = {}
-    for name in names:
-        if name in where:
-            with safe_open(str(folder / where[name]), "pt") as f:
-                if name in f.keys():
-                    out[name] = f.get_tensor(name)
+    for shard in sorted({file for name, file in where.items() if wanted(name)}):
+        with safe_open(str(folder / shard), "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys() if wanted(name)})
     return out
 
 
@@ -73,7 +75,7 @@ def load_target_pieces(path: str | Path) -> TargetPieces:
     tensors = {}
     if folder is not None:
         cfg = json.loads((folder / CONFIG).read_text())
-        tensors = _read_tensors(folder, ["model.embed_tokens.weight", "lm_head.weight"])
+        tensors = _read_tensors(folder, lambda name: name in ("model.embed_tokens.weight", "lm_head.weight"))
     if "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors and cfg.get("tie_word_embeddings"):
         tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]  # tied: saved under one name
     if "model.embed_tokens.weight" in tensors:
@@ -187,14 +189,7 @@ def _target_layer_tensors(path: Path, prefixes: list[str]) -> dict[str, torch.Te
     """Every target tensor whose name starts with one of ``prefixes``."""
     folder = _hf_folder(path)
     if folder is not None:
-        from safetensors import safe_open
-        index = folder / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS]
-        out = {}
-        for name in files:
-            with safe_open(str(folder / name), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(prefixes))})
-        return out
+        return _read_tensors(folder, lambda name: name.startswith(tuple(prefixes)))
     from dovetail.workers.hf import CausalLM  # a GGUF without its de-quantized copy yet: makes it
     state = CausalLM.load(path, dtype=torch.float32).model.state_dict()
     return {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
