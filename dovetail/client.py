@@ -1,7 +1,9 @@
 """The coordinator's end of one worker: its process, its socket, calls with timeouts.
 
 Every wait polls in short slices so that a dead worker is noticed at once, and every
-timeout error names the setting that controls it.
+timeout error names the setting that controls it. A worker that died is reported by
+describe_exit() (dovetail/worker_log.py): the signal that killed it, what that usually means,
+and the last lines of its log.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import zmq
 
 from dovetail.protocol import Error, MAX_FRAME_BYTES, ProtocolError, Shutdown, configure_socket, decode, encode
 from dovetail.security import ClientKeys, curve_client
+from dovetail.worker_log import LOG_EOF_WAIT_S, WorkerLog, describe_exit
 
 log = logging.getLogger("dovetail")
 
@@ -30,7 +33,7 @@ class WorkerError(RuntimeError):
 
     def __init__(self, role: str, code: str, message: str):
         super().__init__(f"{role} worker: {message} [{code}]")
-        self.role, self.code = role, code
+        self.role, self.code, self.detail = role, code, message
 
 
 class WorkerDied(WorkerError):
@@ -50,11 +53,17 @@ class WorkerUnresponsive(WorkerTimeout):
 
 
 class WorkerClient:
-    """``keys``: CurveZMQ keys for a worker started with --curve-secret (None: plain)."""
+    """``keys``: CurveZMQ keys for a worker started with --curve-secret (None: plain).
+    ``stderr_log``: the local worker's WorkerLog; ``backend``: how it runs its model (both
+    only for describing its death)."""
 
     def __init__(self, ctx: zmq.Context, role: str, address: str, proc: subprocess.Popen | None,
-                 max_bytes: int = MAX_FRAME_BYTES, keys: ClientKeys | None = None):
+                 max_bytes: int = MAX_FRAME_BYTES, keys: ClientKeys | None = None,
+                 stderr_log: WorkerLog | None = None, backend: str | None = None):
         self.role, self.address, self.proc = role, address, proc
+        self.stderr_log, self.backend = stderr_log, backend
+        self._death: str | None = None
+        self._death_lock = threading.Lock()
         self.sock = ctx.socket(zmq.DEALER)
         configure_socket(self.sock, max_bytes)
         if keys is not None:
@@ -190,9 +199,25 @@ class WorkerClient:
         except ProtocolError as e:
             raise WorkerError(self.role, e.code, f"sent a bad frame: {e}") from e
 
+    def exit_description(self) -> str | None:
+        """describe_exit() of this worker's process once it ended (None while it runs, and for
+        a remote worker). Made once, when first asked: the log's tail is read while the run
+        dir still exists, and every later report says the same."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        with self._death_lock:
+            if self._death is None:
+                if self.stderr_log is not None:
+                    self.stderr_log.wait(LOG_EOF_WAIT_S)  # its last lines, the crash's stack among them
+                self._death = describe_exit(self.proc.returncode,
+                                            self.stderr_log.path if self.stderr_log is not None else None,
+                                            self.backend, pid=self.proc.pid)
+            return self._death
+
     def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise WorkerDied(self.role, "died", f"process {self.proc.pid} exited with code {self.proc.returncode} (see its log above)")
+        died = self.exit_description()
+        if died is not None:
+            raise WorkerDied(self.role, "died", died)
         reason = self.unresponsive
         if reason is not None:
             raise WorkerUnresponsive(self.role, "unresponsive", reason)
@@ -225,3 +250,5 @@ class WorkerClient:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.stderr_log is not None:
+            self.stderr_log.finish()  # its last lines shown, its log file closed

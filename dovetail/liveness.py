@@ -50,6 +50,7 @@ class _Peer:
         self.sock.connect(client.address)
         self.waiting = False  # a heartbeat is out and unanswered
         self.misses = 0
+        self.exited = False   # its local process ended (reported once; no more heartbeats)
 
 
 class Liveness:
@@ -111,7 +112,16 @@ class Liveness:
                 p.sock.close(linger=0)
 
     def _beat(self, p: _Peer) -> None:
-        """Count the last heartbeat as missed if it is still out, then send the next one."""
+        """Count the last heartbeat as missed if it is still out, then send the next one.
+        A local worker whose process ended is reported once, as its requests report it
+        (the signal, the end of its log), and gets no more heartbeats."""
+        if p.exited:
+            return
+        died = p.client.exit_description() if p.client.proc is not None else None
+        if died is not None:
+            p.exited = True
+            log.warning("%s worker: %s", p.client.role, died)
+            return
         if p.waiting:
             p.misses += 1
             if p.misses >= self.liveness and p.client.unresponsive is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 
 from dovetail.security import KEYS_COMMAND
@@ -39,6 +40,10 @@ def parse_config(config_cls, parser: argparse.ArgumentParser, argv=None):
 
 
 def setup_logging(level: str, role: str) -> None:
+    # A crash in native code (llama.cpp, torch) prints the Python stack instead of nothing
+    # (launch() also passes -X faulthandler, which covers the imports before this).
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
