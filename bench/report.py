@@ -63,8 +63,11 @@ def summarize(by_system: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def markdown(results: dict) -> str:
+    buffers = results.get("llama_extra_buffers")
     lines = [f"Machine: {results['machine']}; {results['date']}; prompts: {len(results['prompt_lengths'])}, "
-             f"{results['args']['max_new_tokens']} new tokens each; draft device: {results['draft_device']}", ""]
+             f"{results['args']['max_new_tokens']} new tokens each; draft device: {results['draft_device']}"
+             + (f"; llama.cpp extra buffers: {'on' if buffers['extra_buffers'] else 'off'} "
+                f"(--llama-extra-buffers {buffers['setting']})" if buffers else ""), ""]
     for mode, summary in results["summary"].items():
         peers = [n for n in summary if _is_peer(n)]
         lines += [f"### {mode}", "",

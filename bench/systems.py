@@ -94,17 +94,17 @@ def llama_skip_reason(target) -> str | None:
 
 
 def llama_cpp_records(prompts: list[list[int]], max_new: int, temperature: float, seed: int,
-                      *, gguf, cpus) -> Iterator[dict]:
-    """llama.cpp's own CPU decoding of the same GGUF file, same thread count."""
-    import llama_cpp
-
+                      *, gguf, cpus, extra_buffers: bool = True) -> Iterator[dict]:
+    """llama.cpp's own CPU decoding of the same GGUF file, same thread count, and the same
+    extra-buffer setting as our llama.cpp backend (``python -m bench`` resolves it)."""
     from dovetail.cpus import pin_process
+    from dovetail.workers.llama_buffers import open_llama
     before = sorted(os.sched_getaffinity(0))
     n_threads = len(pin_process(cpus))
     try:
         longest = max(len(p) for p in prompts) + max_new + 16
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=longest, n_threads=n_threads,
-                              n_threads_batch=n_threads, seed=seed, verbose=False)
+        llm = open_llama(extra_buffers, model_path=str(gguf), n_ctx=longest, n_threads=n_threads,
+                         n_threads_batch=n_threads, seed=seed, verbose=False)
 
         def generate(prompt, n):
             llm.reset()

@@ -1,6 +1,8 @@
 """The target's forward time as a function of k, the number of new tokens it verifies.
 
     python -m bench.verify_curve --target qwen2.5-coder-1.5b-instruct --ctx 256
+    python -m bench.verify_curve --backend llama.cpp --llama-extra-buffers on,off --rounds 8 \
+        --k 1,2,4,8,16 --repeats 3 --no-llama     # llama.cpp's extra buffers against plain ones
 
 Speculative decoding pays off only while verifying k tokens costs much less than k single
 steps. For each k, after a fixed prefix of --ctx random tokens, one warm-up forward and
@@ -9,6 +11,12 @@ back so the context stays the same. Measured for our target backend (once per --
 variant, back to back: "ours" is unquantized, "ours+int8" / "ours+int4" quantized) and,
 when llama-cpp-python is installed and the target is a GGUF file, for llama.cpp on the
 same file. Prints a table, writes every raw timing as JSON and a PNG plot next to it.
+
+``--backend llama.cpp`` measures our llama.cpp target backend instead (workers/llama.py),
+once per ``--llama-extra-buffers`` setting; the llama.cpp peer uses the first setting.
+``--rounds N`` measures our variants in turn, all loaded at once: N rounds, in each for every
+k each variant's --repeats forwards back to back, so that a slow spell of a shared machine
+falls on all alike; every round's timings are pooled.
 """
 from __future__ import annotations
 
@@ -34,9 +42,16 @@ def system_name(quantize: str) -> str:
     return OURS if quantize == "none" else f"{OURS}+{quantize}"
 
 
+def llama_system_name(setting: str) -> str:
+    """Our llama.cpp backend under one --llama-extra-buffers setting."""
+    return f"{OURS}@llama.cpp[extra-buffers={setting}]"
+
+
 def plot_label(name: str, dtype: str) -> str:
     if name == LLAMA:
         return LLAMA_LABEL
+    if name.startswith(f"{OURS}@"):
+        return name
     return f"{OURS} ({dtype}{name[len(OURS):]})"  # "ours (bfloat16+int8)"
 
 
@@ -55,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-cpus", default=None, help="CPUs to pin to, e.g. '0-3' (default: all); threads = cores")
     p.add_argument("--seed", type=int, default=0, help="seed of the random context and tokens (default: 0)")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp even when it is installed")
+    p.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
+                   help="our backend: transformers (--dtype, --quantize) or llama.cpp (a GGUF target, once per "
+                        "--llama-extra-buffers setting) (default: transformers)")
+    p.add_argument("--llama-extra-buffers", default="auto",
+                   help="comma list of auto, on, off: llama.cpp's extra (repacked / AMX) weight buffers for our "
+                        "llama.cpp backend, one variant each; the llama.cpp peer uses the first (default: auto)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure our variants in turn this many times, all loaded at once, pooling the timings "
+                        "(default: 1, one variant after another)")
     p.add_argument("--out", default="bench/out/verify_curve.json",
                    help="JSON output; the plot goes next to it with a .png suffix")
     return p
@@ -77,6 +101,15 @@ def parse_quantize(text: str) -> list[str]:
     if not modes or bad:
         raise ValueError(f"--quantize must be a comma list of {', '.join(QUANTIZE_CHOICES)}, got {text!r}")
     return modes
+
+
+def parse_settings(text: str) -> list[str]:
+    from dovetail.workers.llama_buffers import SETTINGS
+    settings = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    bad = [s for s in settings if s not in SETTINGS]
+    if not settings or bad:
+        raise ValueError(f"--llama-extra-buffers must be a comma list of {', '.join(SETTINGS)}, got {text!r}")
+    return settings
 
 
 def random_tokens(vocab_size: int, n: int, seed: int) -> list[int]:
@@ -112,15 +145,50 @@ def measure_curve(backend, ks, ctx, repeats, seed=0, progress=None) -> dict[int,
     if backend.length(seq) != ctx:
         raise RuntimeError(f"prefill left {backend.length(seq)} positions, expected {ctx}")
     curve = {}
-    for k in ks:
-        root, chain, parents = new[0], new[1:k], chain_parents(k - 1)
-        curve[k] = _timed_runs(lambda: backend.verify(seq, root, chain, parents),
-                               lambda: backend.rollback(seq, ctx), repeats)
-        if backend.length(seq) != ctx:
-            raise RuntimeError(f"rollback left {backend.length(seq)} positions, expected {ctx}")
-        if progress:
-            progress()
+    try:
+        for k in ks:
+            root, chain, parents = new[0], new[1:k], chain_parents(k - 1)
+            curve[k] = _timed_runs(lambda: backend.verify(seq, root, chain, parents),
+                                   lambda: backend.rollback(seq, ctx), repeats)
+            if backend.length(seq) != ctx:
+                raise RuntimeError(f"rollback left {backend.length(seq)} positions, expected {ctx}")
+            if progress:
+                progress()
+    finally:
+        backend.release(seq)  # llama.cpp: its cells would stay in the shared KV cache
     return curve
+
+
+def measure_interleaved(backends: dict, ks, ctx, repeats, rounds, seed=0, progress=None) -> dict[str, dict]:
+    """measure_curve for several backends at once, in turn: each round, for each k, every
+    backend's ``repeats`` forwards back to back (the order flips every round), so a slow
+    spell of a shared machine falls on all alike. {name: {k: every round's seconds}}."""
+    from dovetail.tree import chain_parents
+    ks = list(ks)
+    ids = {}
+    seqs = {}
+    try:
+        for name, backend in backends.items():
+            ids[name] = random_tokens(backend.identity.vocab_size, ctx + max(ks), seed)
+            seqs[name] = backend.new_sequence()
+            backend.prefill(seqs[name], ids[name][:ctx])
+        curves = {name: {k: [] for k in ks} for name in backends}
+        names = list(backends)
+        for r in range(rounds):
+            for k in ks:
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    backend, seq, new = backends[name], seqs[name], ids[name][ctx:]
+                    curves[name][k] += _timed_runs(
+                        lambda: backend.verify(seq, new[0], new[1:k], chain_parents(k - 1)),
+                        lambda: backend.rollback(seq, ctx), repeats)
+                    if backend.length(seq) != ctx:
+                        raise RuntimeError(f"rollback left {backend.length(seq)} positions, expected {ctx}")
+                if progress:
+                    progress()
+        return curves
+    finally:
+        for name, seq in seqs.items():
+            backends[name].release(seq)
 
 
 # ---- llama.cpp -------------------------------------------------------------------------------
@@ -146,13 +214,18 @@ def _kv_truncator(lib, llm):
     return cut
 
 
-def measure_llama(path, ks, ctx, repeats, threads, seed=0, progress=None) -> dict[int, list[float]]:
-    """Like measure_curve, for llama.cpp's ``Llama.eval`` on a GGUF file."""
+def measure_llama(path, ks, ctx, repeats, threads, seed=0, progress=None,
+                  extra_buffers: bool | None = None) -> dict[int, list[float]]:
+    """Like measure_curve, for llama.cpp's ``Llama.eval`` on a GGUF file; ``extra_buffers``:
+    llama.cpp's extra buffer types on or off (None: its default)."""
     import llama_cpp
+
+    from dovetail.workers.llama_buffers import open_llama
     ks = list(ks)
     # logits_all: verification needs the logits of every new row, as our backend computes.
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx + max(ks) + 8, n_threads=threads,
-                          n_threads_batch=threads, logits_all=True, verbose=False)
+    kwargs = dict(model_path=str(path), n_ctx=ctx + max(ks) + 8, n_threads=threads,
+                  n_threads_batch=threads, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(**kwargs) if extra_buffers is None else open_llama(extra_buffers, **kwargs)
     cut = _kv_truncator(llama_cpp, llm)
     if cut is None:
         raise RuntimeError("this llama-cpp-python has neither llama_memory_seq_rm nor llama_kv_cache_seq_rm")
@@ -185,6 +258,23 @@ def summarize(curve: dict[int, list[float]]) -> dict:
             "ratio_to_base": {str(k): m / med[base] for k, m in med.items()}, "base_k": base}
 
 
+def paired_ratios(curves: dict[str, dict[int, list[float]]], repeats: int) -> dict[str, dict[str, float]]:
+    """For interleaved rounds (measure_interleaved): each variant's time over the first
+    variant's, per k, as the median over rounds of the ratio of the two rounds' medians.
+    Both halves of a ratio were measured seconds apart, so drift of a shared machine cancels
+    out of it better than out of the pooled medians."""
+    first, *others = curves
+    out = {}
+    for name in others:
+        out[name] = {}
+        for k, times in curves[name].items():
+            base = curves[first][k]
+            rounds = range(0, min(len(times), len(base)), repeats)
+            out[name][str(k)] = statistics.median(
+                statistics.median(times[i:i + repeats]) / statistics.median(base[i:i + repeats]) for i in rounds)
+    return out
+
+
 def print_table(ks, systems: dict) -> None:
     """One row per k; per system its median and min ms (min: the least disturbed by other
     load on a shared machine), median ms per token and ratio to its own smallest k."""
@@ -202,8 +292,11 @@ def main(argv=None) -> int:
     try:
         ks = parse_ks(args.k)
         quantizes = parse_quantize(args.quantize)
-        if args.ctx < 1 or args.repeats < 1:
-            raise ValueError("--ctx and --repeats must be >= 1")
+        settings = parse_settings(args.llama_extra_buffers)
+        if args.ctx < 1 or args.repeats < 1 or args.rounds < 1:
+            raise ValueError("--ctx, --repeats and --rounds must be >= 1")
+        if args.backend == "llama.cpp" and quantizes != ["none"]:
+            raise ValueError("--quantize is for the transformers backend; a GGUF keeps its own quantization")
     except ValueError as e:
         build_parser().error(str(e))
     from tqdm.auto import tqdm
@@ -211,6 +304,7 @@ def main(argv=None) -> int:
     from dovetail.fetch import resolve_model
     from dovetail.workers.backend import HFBackend
     from dovetail.workers.hf import choose_dtype
+    from dovetail.workers.llama_buffers import decide
 
     cpus = pin_process(parse_cpus(args.target_cpus))
     target = resolve_model(args.target)
@@ -218,30 +312,57 @@ def main(argv=None) -> int:
     skip = "--no-llama was given" if args.no_llama else llama_skip_reason(target)
     if skip:
         print(f"llama.cpp skipped: {skip}")
+    if args.backend == "llama.cpp" and llama_skip_reason(target):
+        build_parser().error(f"--backend llama.cpp: {llama_skip_reason(target)}")
+    decisions = {}  # system -> how llama.cpp loaded its weights (llama_buffers.Decision)
+    if args.backend == "llama.cpp":
+        from dovetail.workers.llama import LlamaBackend
+        for setting in settings:
+            decisions[llama_system_name(setting)] = decide(setting, str(target), len(cpus))
+        loaders = {name: (lambda d=d: LlamaBackend(str(target), threads=len(cpus), extra_buffers=d.extra_buffers))
+                   for name, d in decisions.items()}
+    else:
+        loaders = {system_name(q): (lambda q=q: HFBackend(str(target), dtype=dtype, quantize=q)) for q in quantizes}
+    if not skip:
+        decisions[LLAMA] = decide(settings[0], str(target), len(cpus))
     started, load_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), os.getloadavg()
     curves = {}
-    with tqdm(total=(len(quantizes) + (0 if skip else 1)) * len(ks), desc="verify curve", unit="k") as bar:
-        for quantize in quantizes:  # one backend in memory at a time
-            name = system_name(quantize)
-            bar.set_postfix_str(f"{name}: loading")
-            backend = HFBackend(str(target), dtype=dtype, quantize=quantize)
-            bar.set_postfix_str(name)
-            curves[name] = measure_curve(backend, ks, args.ctx, args.repeats, args.seed,
-                                         progress=lambda: bar.update(1))
-            del backend
+    total = (len(loaders) * args.rounds + (0 if skip else 1)) * len(ks)
+    with tqdm(total=total, desc="verify curve", unit="k") as bar:
+        if args.rounds == 1:
+            for name, load in loaders.items():  # one backend in memory at a time
+                bar.set_postfix_str(f"{name}: loading")
+                backend = load()
+                bar.set_postfix_str(name)
+                curves[name] = measure_curve(backend, ks, args.ctx, args.repeats, args.seed,
+                                             progress=lambda: bar.update(1))
+                del backend
+        else:  # every variant loaded, measured in turn: drift of a shared machine hits all alike
+            bar.set_postfix_str("loading")
+            backends = {name: load() for name, load in loaders.items()}
+            bar.set_postfix_str(f"{len(backends)} variants in turn")
+            curves = measure_interleaved(backends, ks, args.ctx, args.repeats, args.rounds, args.seed,
+                                         progress=lambda: bar.update(len(backends)))
+            del backends
         if not skip:
             bar.set_postfix_str(LLAMA)
             try:
                 curves[LLAMA] = measure_llama(target, ks, args.ctx, args.repeats, len(cpus), args.seed,
-                                              progress=lambda: bar.update(1))
+                                              progress=lambda: bar.update(1),
+                                              extra_buffers=decisions[LLAMA].extra_buffers)
             except Exception as e:  # an old or odd llama-cpp-python: report, keep our figures
                 skip = f"{type(e).__name__}: {e}"
                 tqdm.write(f"llama.cpp skipped: {skip}")
     systems = {name: summarize(curve) for name, curve in curves.items()}
     desc = {**machine(cpus), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     report = {"date": started, "machine": desc, "args": vars(args), "target": str(target),
-              "dtype": str(dtype).removeprefix("torch."), "quantize": quantizes, "ctx": args.ctx, "ks": ks, "repeats": args.repeats,
-              "llama_cpp_skipped": skip, "systems": systems}
+              "dtype": "gguf" if args.backend == "llama.cpp" else str(dtype).removeprefix("torch."),
+              "quantize": quantizes, "ctx": args.ctx, "ks": ks, "repeats": args.repeats, "rounds": args.rounds,
+              "llama_cpp_skipped": skip, "systems": systems,
+              "llama_extra_buffers": {name: d.record() for name, d in decisions.items()}}
+    ours = {name: curve for name, curve in curves.items() if name != LLAMA}
+    if args.rounds > 1 and len(ours) > 1:
+        report["paired_ratio_to"] = {"base": next(iter(ours)), "ratios": paired_ratios(ours, args.repeats)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from bench.plots import save_line_plot
@@ -254,9 +375,16 @@ def main(argv=None) -> int:
     report["plot"] = str(plot) if plot else None
     out.write_text(json.dumps(report, indent=1))
     print(f"\n{desc['cpu_model']}, CPUs {format_cpus(cpus)} ({len(cpus)} threads); torch {desc['torch']}; "
-          f"{report['dtype']}; ctx {args.ctx}; {args.repeats} repeats; load average "
+          f"{report['dtype']}; ctx {args.ctx}; {args.repeats} repeats x {args.rounds} round(s); load average "
           f"{load_before[0]:.2f} before, {desc['loadavg_after'][0]:.2f} after; {started}\n")
     print_table(ks, systems)
+    for name, d in decisions.items():
+        print(f"{name}: llama.cpp extra buffers {d.describe()}")
+    if "paired_ratio_to" in report:
+        base = report["paired_ratio_to"]["base"]
+        for name, ratios in report["paired_ratio_to"]["ratios"].items():
+            print(f"{name} / {base}, median over {args.rounds} rounds of the round's ratio: "
+                  + ", ".join(f"k={k} {ratios[str(k)]:.2f}" for k in ks))
     print(f"\nraw timings in {out}" + (f", plot in {plot}" if plot else ""))
     return 0
 

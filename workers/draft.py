@@ -21,6 +21,7 @@ from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
 from dovetail.workers.hf import CausalLM, choose_dtype, load_tokenizer, tokenizer_hash
+from dovetail.workers.llama_buffers import DEFAULT_SETTING, add_extra_buffers_flag, check_setting, decide
 from dovetail.workers.serve import (
     RequestError, WorkerConfig, parse_config, serve, setup_logging, worker_parser,
 )
@@ -38,10 +39,12 @@ class DraftConfig(WorkerConfig):
     target_model: str | None = None   # the target it drafts for: embedding, LM head, identity
     feature_codec: str = "fp16"       # must match the target's (checked at the handshake)
     quantize: str = "none"            # "int8": a feature draft's weights on the CPU (its speed, not the output)
+    llama_extra_buffers: str = DEFAULT_SETTING  # a llama.cpp draft's buffers: auto | on | off (llama_buffers.py)
 
     def __post_init__(self):
         super().__post_init__()
         check_placement(self.device, self.layers)
+        check_setting(self.llama_extra_buffers, "--llama-extra-buffers")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"--quantize must be none or int8, got {self.quantize!r}")
         if self.quantize != "none" and (self.feature_draft is None or self.device != "cpu"):
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="use only the first N decoder layers (a cheaper self-draft)")
     p.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
                    help="transformers, or llama.cpp for a .gguf draft on the CPU (chains only)")
+    add_extra_buffers_flag(p)
     return p
 
 
@@ -322,7 +326,10 @@ def main(argv=None) -> None:
         return
     if cfg.backend == "llama.cpp":
         from dovetail.workers.llama_draft import LlamaDraftLM
-        lm = LlamaDraftLM(cfg.model, threads=len(pin_process(cfg.cpus)), n_seqs=cfg.max_requests + 1)
+        threads = len(pin_process(cfg.cpus))
+        # Extra buffer types crash on some CPUs: decided once per machine, in a child process.
+        extra = decide(cfg.llama_extra_buffers, cfg.model, threads)
+        lm = LlamaDraftLM(cfg.model, threads=threads, n_seqs=cfg.max_requests + 1, extra_buffers=extra.extra_buffers)
         tok_hash = lm.tokenizer_hash
     else:
         lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus)

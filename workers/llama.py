@@ -55,7 +55,9 @@ class LlamaBackend(TargetBackend):
     """Verify with llama.cpp's CPU kernels on the GGUF's own quantization."""
 
     def __init__(self, path: str, threads: int, n_ctx: int = DEFAULT_CTX, n_seqs: int = DEFAULT_SEQS,
-                 device_label: str | None = None):
+                 device_label: str | None = None, extra_buffers: bool = True):
+        """``extra_buffers=False`` loads the weights in plain CPU buffers (no repacking, no
+        AMX tiles): slower, but where extra buffers crash it decodes (llama_buffers.py)."""
         if not str(path).endswith(".gguf"):
             raise ValueError(f"the llama.cpp backend loads .gguf files, got {path}")
         ll = import_llama()
@@ -64,6 +66,8 @@ class LlamaBackend(TargetBackend):
         self.lib.llama_backend_init()
         mparams = self.lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        from dovetail.workers.llama_buffers import set_extra_buffers
+        self.extra_buffers = set_extra_buffers(self.lib, mparams, extra_buffers)  # as the model loads
         self.model = self.lib.llama_model_load_from_file(os.fsencode(path), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -88,7 +92,8 @@ class LlamaBackend(TargetBackend):
             model=os.path.basename(str(path)), arch=self._meta("general.architecture"),
             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             tokenizer_hash=tokenizer_hash(tok, self.vocab_size),
-            dtype="gguf:" + self._describe(), device=(device_label or "cpu") + ", llama.cpp")
+            dtype="gguf:" + self._describe(),
+            device=(device_label or "cpu") + ", llama.cpp" + ("" if self.extra_buffers else ", plain buffers"))
 
     # ---- TargetBackend ------------------------------------------------------------------
     def new_sequence(self) -> LlamaSeq:

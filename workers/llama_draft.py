@@ -19,11 +19,12 @@ DRAFT_CTX = 8192
 class LlamaDraftLM:
     """The slice of CausalLM's interface that DraftHandler and grow_tree use."""
 
-    def __init__(self, path: str, threads: int, n_seqs: int = 64, n_ctx: int = DRAFT_CTX):
-        self.backend = LlamaBackend(path, threads=threads, n_ctx=n_ctx, n_seqs=n_seqs)
+    def __init__(self, path: str, threads: int, n_seqs: int = 64, n_ctx: int = DRAFT_CTX,
+                 extra_buffers: bool = True):
+        self.backend = LlamaBackend(path, threads=threads, n_ctx=n_ctx, n_seqs=n_seqs, extra_buffers=extra_buffers)
         ident = self.backend.identity
         self.name, self.dtype = ident.model, ident.dtype
-        self.device = f"cpu ({threads} threads, llama.cpp)"
+        self.device = f"cpu ({threads} threads, llama.cpp{'' if extra_buffers else ', plain buffers'})"
         self.vocab_size, self.hidden_size = ident.vocab_size, ident.hidden_size
         self.tokenizer_hash = ident.tokenizer_hash
 

@@ -21,6 +21,7 @@ from dovetail.protocol import (
 from dovetail.verify import accept_greedy, accept_sampled, target_probs
 from dovetail.workers.backend import HFBackend, TargetBackend
 from dovetail.workers.hf import choose_dtype
+from dovetail.workers.llama_buffers import DEFAULT_SETTING, add_extra_buffers_flag, check_setting, decide, decode_probe
 from dovetail.workers.quant import check_quantize
 from dovetail.workers.serve import (
     RequestError, WorkerConfig, parse_config, serve, setup_logging, worker_parser,
@@ -39,6 +40,7 @@ class TargetConfig(WorkerConfig):
     ctx: int = 8192
     calibrate: bool = True  # measure (or read the cached) verify-cost curve at start-up
     quantize: str = "none"
+    llama_extra_buffers: str = DEFAULT_SETTING  # auto | on | off (workers/llama_buffers.py)
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,6 +55,7 @@ class TargetConfig(WorkerConfig):
         if self.feature_codec not in FEATURE_CODECS:
             raise ValueError(f"feature codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
         check_quantize(self.quantize)
+        check_setting(self.llama_extra_buffers, "--llama-extra-buffers")
         if self.max_requests < 1:
             raise ValueError("max_requests must be at least 1")
 
@@ -168,18 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                    help="int8 / int4: weight-only int8 or 4-bit (groups of 32) decoder layers, a faster, "
                         "slightly different target; embeddings and LM head stay in --dtype (default: none)")
+    add_extra_buffers_flag(p)
     return p
 
 
-def load_backend(cfg: TargetConfig, pinned: list[int], where: str) -> TargetBackend:
+def load_backend(cfg: TargetConfig, pinned: list[int], where: str, probe_child=decode_probe) -> TargetBackend:
+    """``probe_child``: the entry point of the extra-buffer probe's child (llama_buffers.py)."""
     if cfg.backend == "llama.cpp":
-        from dovetail.workers.llama import LlamaBackend
+        from dovetail.workers.llama import LlamaBackend, import_llama
+        import_llama()  # a missing library says so before any probe
         # torch only does bookkeeping on a few rows of logits here, and its OpenMP runtime is
         # not llama.cpp's: after each op its threads spin on the cores llama.cpp's threads
         # need (OMP_WAIT_POLICY=ACTIVE: 33 -> 70 ms per 1.5B step on 2 cores). One thread.
         torch.set_num_threads(1)
+        # Extra buffer types crash on some CPUs: decided once per machine, in a child process.
+        extra = decide(cfg.llama_extra_buffers, cfg.model, len(pinned), child=probe_child)
         return LlamaBackend(cfg.model, threads=len(pinned), n_ctx=cfg.ctx,
-                            n_seqs=cfg.max_requests + 16, device_label=where)
+                            n_seqs=cfg.max_requests + 16, device_label=where, extra_buffers=extra.extra_buffers)
     return HFBackend(cfg.model, dtype=choose_dtype(cfg.dtype, "cpu"), device_label=where, quantize=cfg.quantize)
 
 

@@ -93,3 +93,28 @@ def test_run_mode_order_and_cleanup():
     log.clear()
     run_mode(runs, [[1], [2]], 4, 0.0, 0, False, Bar(), "greedy")
     assert log == [("a", 0), ("a", 1), ("a", "closed"), ("b", 0), ("b", 1), ("b", "closed")]
+
+
+def test_the_llama_cpp_extra_buffer_setting_is_shared_and_recorded(tmp_path):
+    """--llama-extra-buffers: resolved once for the llama.cpp peer, passed to our llama.cpp
+    workers, and said in results.json and the table's first line."""
+    import os
+
+    from bench import report
+    from bench.__main__ import build_parser, llama_buffers, plan
+    if os.environ.get("DOVETAIL_REQUIRE_LLAMA") != "1":
+        pytest.importorskip("llama_cpp")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    args = build_parser().parse_args(["--target", str(gguf), "--draft", "d", "--systems", "target-only,llama.cpp",
+                                      "--backends", "llama.cpp", "--llama-extra-buffers", "off"])
+    buffers = llama_buffers(args)  # forced: no probe
+    assert buffers.record() == {"setting": "off", "extra_buffers": False, "verdict": None}
+    runs = {name: kwargs for name, _, kwargs in plan(args, "cpu", buffers)}
+    assert runs["llama.cpp"]["extra_buffers"] is False
+    assert runs["target-only @llama.cpp"]["llama_extra_buffers"] == "off"
+    args.backends, args.systems = "transformers", "target-only"
+    assert llama_buffers(args) is None  # nothing on llama.cpp: nothing to record
+    results = {"machine": "m", "date": "d", "prompt_lengths": [1], "args": {"max_new_tokens": 1},
+               "draft_device": "cpu", "summary": {}, "llama_extra_buffers": buffers.record()}
+    assert "llama.cpp extra buffers: off (--llama-extra-buffers off)" in report.markdown(results)

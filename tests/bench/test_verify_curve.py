@@ -135,3 +135,41 @@ def test_unknown_quantize_variant_is_a_usage_error():
     assert verify_curve.parse_quantize(" int8,none,int8") == ["int8", "none"]
     with pytest.raises(SystemExit):
         verify_curve.main(["--quantize", "none,fp8"])
+
+
+def test_extra_buffer_settings_are_a_comma_list_of_auto_on_off():
+    assert verify_curve.parse_settings("on, off,on") == ["on", "off"]
+    with pytest.raises(ValueError, match="auto, on, off"):
+        verify_curve.parse_settings("on,maybe")
+    with pytest.raises(SystemExit):
+        verify_curve.main(["--llama-extra-buffers", "yes"])
+    with pytest.raises(SystemExit):
+        verify_curve.main(["--backend", "llama.cpp", "--quantize", "int8"])
+
+
+@pytest.mark.real_model
+@pytest.mark.timeout(600)
+def test_llama_backend_extra_buffers_on_and_off_in_rounds(tmp_path, capsys):
+    """The README's extra-buffer measurement, small: our llama.cpp backend with extra buffers
+    forced on and off, loaded together, measured in turn for 2 rounds."""
+    import os
+    if os.environ.get("DOVETAIL_REQUIRE_LLAMA") != "1":
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
+    out = tmp_path / "eb.json"
+    assert verify_curve.main(["--target", "smollm2-135m-instruct", "--backend", "llama.cpp", "--k", "1,4",
+                              "--ctx", "16", "--repeats", "2", "--rounds", "2", "--llama-extra-buffers", "on,off",
+                              "--no-llama", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    on, off = (verify_curve.llama_system_name(s) for s in ("on", "off"))
+    assert list(report["systems"]) == [on, off] and report["rounds"] == 2 and report["dtype"] == "gguf"
+    assert all(len(report["systems"][n]["seconds"][k]) == 4 for n in (on, off) for k in ("1", "4"))  # 2 x 2
+    assert report["llama_extra_buffers"][on]["extra_buffers"] is True
+    assert report["llama_extra_buffers"][off] == {"setting": "off", "extra_buffers": False, "verdict": None}
+    assert report["paired_ratio_to"]["base"] == on and set(report["paired_ratio_to"]["ratios"][off]) == {"1", "4"}
+    text = capsys.readouterr().out
+    assert f"{off}: llama.cpp extra buffers off (forced)" in text and f"{off} / {on}, median over 2 rounds" in text
+
+
+def test_paired_ratios_take_the_median_of_each_rounds_ratio():
+    curves = {"a": {1: [1.0, 1.0, 2.0, 2.0, 1.0, 1.0]}, "b": {1: [1.5, 1.5, 2.0, 2.0, 1.2, 1.2]}}
+    assert verify_curve.paired_ratios(curves, repeats=2) == {"b": {"1": 1.2}}  # rounds: 1.5, 1.0, 1.2
