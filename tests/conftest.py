@@ -26,6 +26,11 @@ import pytest
 # they start by hand) so their speed does not hang on that default.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
+# How long a worker process may take to exit once told to (or once its parent is gone): a torch
+# process's teardown takes well under a second on an idle machine, and a 2-core box that other
+# processes keep busy can be 3-5x slower. wait_gone() returns as soon as they are gone.
+EXIT_S = 15.0
+
 
 # ---- pid helpers ---------------------------------------------------------------------------
 def _proc(pid: int):
@@ -50,7 +55,7 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
-def wait_gone(pids, timeout: float) -> list[int]:
+def wait_gone(pids, timeout: float = EXIT_S) -> list[int]:
     """Wait until none of ``pids`` runs; return those still running after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -155,14 +160,14 @@ def launch_tracked(pids):
 
 def _close_all(coords) -> list[int]:
     """Close coordinators concurrently (each waits for its workers to exit); return the pids
-    of workers still running 5 s later (expected: none)."""
+    of workers still running EXIT_S later (expected: none)."""
     coords = [c for c in coords if c is not None]
     worker_pids = [p for c in coords for p in c.worker_pids.values() if p is not None]
     if coords:
         with ThreadPoolExecutor(len(coords)) as ex:
             for f in [ex.submit(c.close) for c in coords]:
                 f.result()
-    return wait_gone(worker_pids, 5.0)
+    return wait_gone(worker_pids, EXIT_S)
 
 
 @pytest.fixture(scope="session")

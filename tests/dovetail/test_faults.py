@@ -14,6 +14,10 @@ import dovetail
 
 N = 8
 MAX_NEW = 40
+# A target fault ends every request within this many seconds: the heartbeats' window (3 x 1 s)
+# plus one interval for a hung one, and slack for a 2-core box that other processes keep busy
+# (3-5x slower); still far below verify_timeout_s (120 s), which must not be what ends them.
+FAULT_END_S = 10.0
 
 
 def prompts():
@@ -44,15 +48,15 @@ def terminal_kinds(events):
 
 def assert_each_ended_with_one_error(handles, events, fault_times: list[float], error: type) -> None:
     """A target fault: every request raises ``error`` naming the target, has exactly one
-    terminal event, an error, and the last of them came within 5 s of the fault (its time
-    is in ``fault_times`` once the first chunk has triggered it)."""
+    terminal event, an error, and the last of them came within FAULT_END_S of the fault (its
+    time is in ``fault_times`` once the first chunk has triggered it)."""
     for h in handles:
         with pytest.raises(error, match="target"):
             h.result(timeout=30)
     assert terminal_kinds(events) == [["error"]] * N
     fault_at = fault_times[0]
     ended = max(t for ev in events for k, t in ev if k == "error")
-    assert ended - fault_at < 5.0, f"last request ended {ended - fault_at:.1f} s after the fault"
+    assert ended - fault_at < FAULT_END_S, f"last request ended {ended - fault_at:.1f} s after the fault"
 
 
 @pytest.mark.timeout(180)
@@ -74,7 +78,7 @@ def test_draft_fault_mid_run_every_request_completes_identically(launch_tracked,
         if fault == "SIGSTOP":
             os.kill(draft, signal.SIGCONT)
         coord.close()
-    assert not pids.wait_gone(list(coord.worker_pids.values()), 5.0)
+    assert not pids.wait_gone(list(coord.worker_pids.values()))
 
 
 @pytest.mark.timeout(180)
@@ -87,14 +91,17 @@ def test_target_killed_mid_run_every_request_ends_with_one_error_fast(launch_tra
         handles, events = submit_all(coord, lambda: (os.kill(target, signal.SIGKILL),
                                                      killed.append(time.monotonic())), max_new=400)
         assert_each_ended_with_one_error(handles, events, killed, dovetail.WorkerDied)
+        for h in handles:  # each names the signal and its usual cause (describe_exit)
+            with pytest.raises(dovetail.WorkerDied, match="killed by SIGKILL .*out-of-memory killer"):
+                h.result(timeout=1)
         t0 = time.monotonic()
-        with pytest.raises(dovetail.WorkerDied):
+        with pytest.raises(dovetail.WorkerDied, match="killed by SIGKILL"):
             coord.generate([1, 2, 3], max_new_tokens=4)  # new requests fail fast
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0  # known dead: no heartbeat window, no timeout
         assert coord.in_flight == 0
     finally:
         coord.close()
-    assert not pids.wait_gone(list(coord.worker_pids.values()), 5.0)  # no orphan draft
+    assert not pids.wait_gone(list(coord.worker_pids.values()))  # no orphan draft
 
 
 @pytest.mark.timeout(180)
@@ -102,7 +109,7 @@ def test_target_killed_mid_run_every_request_ends_with_one_error_fast(launch_tra
 def test_remote_target_fault_ends_every_request_and_frees_the_port(launch_tracked, tiny_target,
                                                                    tiny_draft_near, pids, fault):
     """A target worker on tcp:// (as on another host): killed or hung mid-run, every request
-    ends with one error within 5 s, nothing is left running, and its port binds again."""
+    ends with one error within FAULT_END_S, nothing is left running, and its port binds again."""
     import socket
     import subprocess
     import sys
@@ -125,7 +132,7 @@ def test_remote_target_fault_ends_every_request_and_frees_the_port(launch_tracke
             assert_each_ended_with_one_error(handles, events, faulted, dovetail.WorkerError)
         finally:
             coord.close()
-        assert not pids.wait_gone([coord.worker_pids["draft"]], 5.0)
+        assert not pids.wait_gone([coord.worker_pids["draft"]])
     finally:
         worker.kill()
         worker.wait(10)

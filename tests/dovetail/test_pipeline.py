@@ -395,7 +395,10 @@ def test_hung_draft_is_not_waited_for_by_every_request(weak, reference):
         os.kill(draft, signal.SIGCONT)
     assert first.token_ids == second.token_ids == reference["short"]
     assert first.stats.draft_fallback and second.stats.draft_fallback
-    assert elapsed < WEAK_DRAFT_TIMEOUT_S / 2, f"the second request waited {elapsed:.2f} s for a hung draft"
+    # Waiting for the hung draft would cost a whole draft timeout on top of the request's own
+    # work; the request itself (40 target-only steps of a tiny model and one short probe) takes
+    # a fraction of a second, a few times that on a busy 2-core box.
+    assert elapsed < WEAK_DRAFT_TIMEOUT_S, f"the second request waited {elapsed:.2f} s for a hung draft"
 
 
 @pytest.mark.timeout(60)
@@ -405,11 +408,12 @@ def test_draft_killed_between_requests_falls_back_to_target(weak, reference, pid
     assert r.token_ids == reference["short"] and not r.stats.draft_fallback
 
     os.kill(draft, signal.SIGKILL)
-    assert not pids.wait_gone([draft], 5.0)
+    assert not pids.wait_gone([draft])
     for name in ("short", "long", "one-token"):
         t0 = time.monotonic()
         r = weak.generate(PROMPTS[name], max_new_tokens=MAX_NEW)
-        assert time.monotonic() - t0 < 5.0  # a dead draft is noticed at once, not after a timeout
+        # A dead draft is noticed at once: waiting a draft timeout each round would take MAX_NEW x 2 s.
+        assert time.monotonic() - t0 < 15.0
         assert r.token_ids == reference[name]
         assert r.stats.draft_fallback
         assert r.stats.drafted == 0 and r.stats.accept_lengths == [1] * MAX_NEW

@@ -45,5 +45,5 @@ def test_oversize_message_is_dropped_by_libzmq(pair):
     assert rx.poll(300) == 0  # dropped (and that connection reset) before reaching us
     # The peer reconnects, and frames under the limit still go through.
     tx.send_multipart(encode(Close(1)))
-    assert rx.poll(3000) == zmq.POLLIN
+    assert rx.poll(10_000) == zmq.POLLIN  # reconnects take ms; a busy machine is slower
     assert decode(rx.recv_multipart(copy=False), max_bytes=LIMIT) == Close(1)  # zmq.Frame ok

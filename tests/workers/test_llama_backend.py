@@ -2,7 +2,8 @@
 
 llama.cpp's kernels give slightly different numbers for a row depending on how many rows
 share the decode call (the batched and single-row matmul paths sum in different orders),
-so tree and chain logits are compared by argmax and to a stated tolerance, not bit for bit.
+so tree and chain logits are compared to a stated tolerance, not bit for bit, and by argmax
+up to a near tie (dovetail.testing: the top two closer than that drift may swap).
 CI installs llama-cpp-python and sets DOVETAIL_REQUIRE_LLAMA=1, so a missing library fails
 there instead of skipping.
 """
@@ -13,6 +14,7 @@ import torch
 
 from dovetail.fetch import fetch_model
 from dovetail.prompts import load_humaneval
+from dovetail.testing import LLAMA_DRIFT_LOGITS, near_tie, same_argmax_or_near_tie
 from dovetail.verify import accept_greedy
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(900)]
@@ -21,7 +23,7 @@ if os.environ.get("DOVETAIL_REQUIRE_LLAMA") != "1":
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
-LOGIT_TOL = 1.0  # observed <= 0.6 between 1-row and k-row decodes; logits span ~30
+LOGIT_TOL = LLAMA_DRIFT_LOGITS  # per logit, 1-row against k-row decodes (dovetail.testing); logits span ~30
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,11 @@ def test_tree_verify_matches_chain_by_chain(backend, prompt):
     seq = open_seq(backend, prompt)
     tree = backend.verify(seq, prompt[-1], tokens, parents, hidden=False)
     path, nxt = accept_greedy(tree.logits, tokens, parents)
-    assert [tokens[i] for i in path] + [nxt] == g[:4]  # the target's own chain, found in the tree
+    found = [tokens[i] for i in path] + [nxt]
+    if found != g[:4]:  # the target's own chain, found in the tree, up to a near tie where they part
+        j = next(j for j, (a, b) in enumerate(zip(found, g)) if a != b)
+        near_tie(tree.logits[0 if j == 0 else path[j - 1] + 1], found[j], g[j])
+        print(f"tree and single-row decodes part at a near tie, token {j}")
 
     for node in range(len(tokens)):  # each node against a chain of its own path, fresh cache
         chain, i = [], node
@@ -81,7 +87,7 @@ def test_tree_verify_matches_chain_by_chain(backend, prompt):
         ref = backend.verify(ref_seq, prompt[-1], chain, list(range(-1, len(chain) - 1)), hidden=False)
         backend.release(ref_seq)
         for row_ref, row_tree in ((0, 0), (len(chain), node + 1)):
-            assert int(ref.logits[row_ref].argmax()) == int(tree.logits[row_tree].argmax())
+            same_argmax_or_near_tie(tree.logits[row_tree], int(ref.logits[row_ref].argmax()))
             assert (ref.logits[row_ref] - tree.logits[row_tree]).abs().max() < LOGIT_TOL
     backend.rollback(seq, 0)
     backend.release(seq)
@@ -107,9 +113,10 @@ def test_keep_and_rollback_leave_the_cache_at_the_right_length(backend, prompt):
     backend.rollback(seq, start + 1)
     assert backend.length(seq) == start + 1
     assert lib.llama_memory_seq_pos_max(backend.mem, seq.seq_id) == start
-    # After the rollback the cache holds prompt + g0, so the next token is g1.
+    # After the rollback the cache holds prompt + g0, so the next token is g1 (its cache rows
+    # came from a 5-row verify, g's from 1-row decodes: up to a near tie).
     nxt = backend.verify(seq, g[0], [], [], hidden=False)
-    assert int(nxt.logits[0].argmax()) == g[1]
+    same_argmax_or_near_tie(nxt.logits[0], g[1])
     backend.release(seq)
     assert len(backend.free_ids) == free
 
@@ -124,8 +131,13 @@ def test_features_match_the_dequantized_model(backend, prompt, gguf):
     ref = lm.forward(lm.new_cache(), prompt[:48], logit_rows=[]).hidden
     cos = torch.nn.functional.cosine_similarity(ours, ref.float(), dim=-1)
     rel = (ours - ref).norm(dim=-1) / ref.norm(dim=-1)
-    # llama.cpp quantizes activations to 8 bits inside its matmuls; the transformers copy
-    # does not. Measured on this prompt: cosine >= 0.9989, relative error <= 0.048 per row.
+    # llama.cpp quantizes activations to 8 bits inside its matmuls (Q8_K blocks against this
+    # Q4_K_M file's weights) and keeps the KV cache in f16; the transformers copy does neither.
+    # That is the format, the same on every x86 kernel (AVX2, AVX-512, AMX); kernels, thread
+    # counts and batch sizes move rows far less (logits by ~2% of their span: dovetail.testing).
+    # So this is no exact agreement: measured on this prompt (AMD EPYC, 2 threads) cosine
+    # >= 0.9989 and relative error <= 0.048 per row; the bounds leave ~2x (rel) and ~4x
+    # (1 - cosine) of margin, and features from a wrong layer or position miss them by far.
     print(f"cosine min {cos.min():.4f}, relative error max {rel.max():.4f}")
     assert cos.min() > 0.995, cos.min()
     assert rel.max() < 0.1, rel.max()
@@ -147,8 +159,9 @@ def test_step_many_advances_each_sequence_with_its_own_rows(backend, gguf):
         fwd = backend.step_many(seqs, roots, hidden=True)
         assert fwd.logits.shape == (3, backend.vocab_size) and fwd.hidden.shape == (3, backend.hidden_size)
         assert [backend.length(s) for s in seqs] == [b + 1 for b in before]
-        roots = [int(row.argmax()) for row in fwd.logits]
-        assert roots == [r[step] for r in refs]
+        for row, ref in zip(fwd.logits, refs):  # a 3-row decode against 1-row ones: up to a near tie
+            same_argmax_or_near_tie(row, ref[step])
+        roots = [r[step] for r in refs]  # and each sequence goes on along its reference
     for s in seqs:
         assert backend.lib.llama_memory_seq_pos_max(backend.mem, s.seq_id) == backend.length(s) - 1
         backend.release(s)
