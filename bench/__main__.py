@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a draft model for Dovetail and HF assisted generation; repeat for several "
                         "(default: qwen2.5-coder-0.5b-instruct)")
     p.add_argument("--prompts-file", default=None, help="JSONL of {'prompt': ...} or {'messages': [...]} (default: HumanEval)")
+    p.add_argument("--prompt-set", default="humaneval", choices=("humaneval", "sharegpt"),
+                   help="without --prompts-file: HumanEval problems, or first user turns of ShareGPT chats held "
+                        "out from draft training (default: humaneval)")
     p.add_argument("--prompts", type=int, default=10, help="how many prompts (default: 10; --quick: 3)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt (default: 128; --quick: 48)")
     p.add_argument("--modes", default="greedy,sample", help="comma list of greedy (T=0) and sample (T=1)")
@@ -45,9 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size Dovetail's drafts automatically even with --depth/--max-nodes (they cap it)")
     p.add_argument("--gate", action="store_true",
                    help="Dovetail proposes only draft tokens whose probability pays for verifying them (needs auto sizing)")
+    p.add_argument("--force-draft", action="store_true",
+                   help="Dovetail starts its draft even where the target's curve says no draft can pay (default: "
+                        "it decodes with the target alone there, as dovetail-launch does)")
     p.add_argument("--draft-quantize", default="none", choices=("none", "int8"),
                    help="int8 weights for the feature drafts (--draft feature:DIR) on the CPU; other drafts run as they are")
     p.add_argument("--target-cpus", default=None, help="CPUs for every system's target, e.g. '0-31' (default: all)")
+    p.add_argument("--llama-extra-buffers", default="auto", choices=("auto", "on", "off"),
+                   help="llama.cpp's extra (repacked / AMX) weight buffers, the same for our llama.cpp workers and "
+                        "the llama.cpp peer: auto (default) keeps them unless a test decode with them crashed on "
+                        "this machine (probed once, cached); results.json records what was used")
     p.add_argument("--draft-device", default=None, help="Dovetail's draft device: 'cpu' or 'cuda:N' (default: GPU if any)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 for the torch systems")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (then +1 per prompt)")
@@ -61,13 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_prompt_ids(args) -> list[list[int]]:
     from dovetail.fetch import resolve_model
-    from dovetail.prompts import load_humaneval, load_prompts_jsonl
+    from dovetail.prompts import load_humaneval, load_prompts_jsonl, load_sharegpt_chats
     from dovetail.workers.hf import load_tokenizer
     tok = load_tokenizer(resolve_model(args.target))
     if tok is None:
         raise SystemExit("the target has no tokenizer: give prompts as token ids in code instead")
-    raw = load_prompts_jsonl(args.prompts_file) if args.prompts_file else \
-        [p["prompt"] for p in load_humaneval(limit=args.prompts)]
+    if args.prompts_file:
+        raw = load_prompts_jsonl(args.prompts_file)
+    elif args.prompt_set == "sharegpt":
+        raw = load_sharegpt_chats(limit=args.prompts)
+    else:
+        raw = [p["prompt"] for p in load_humaneval(limit=args.prompts)]
     ids = []
     for p in raw[:args.prompts]:
         if isinstance(p, str):
@@ -78,8 +93,24 @@ def load_prompt_ids(args) -> list[list[int]]:
     return ids
 
 
-def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
-    """(name, runner, kwargs) for every system that will run, in order."""
+def llama_buffers(args):
+    """How llama.cpp loads the target's weights in this run (a llama_buffers.Decision), or None
+    where nothing runs the target on llama.cpp. Our workers, given the same setting, read
+    the same cached verdict."""
+    from dovetail.fetch import resolve_model
+    from dovetail.workers.llama_buffers import decide
+    if "llama.cpp" not in args.backends.split(",") and "llama.cpp" not in args.systems.split(","):
+        return None
+    gguf = resolve_model(args.target)
+    if systems.llama_skip_reason(gguf):
+        return None
+    threads = len(args.target_cpus) if args.target_cpus else len(os.sched_getaffinity(0))
+    return decide(args.llama_extra_buffers, str(gguf), threads)
+
+
+def plan(args, draft_device: str, buffers=None) -> list[tuple[str, callable, dict]]:
+    """(name, runner, kwargs) for every system that will run, in order; ``buffers``: the
+    llama.cpp peer's extra-buffer decision (``llama_buffers``; None: llama.cpp's default)."""
     from dovetail.fetch import resolve_model
     wanted = set(args.systems.split(","))
     runs = []
@@ -87,7 +118,9 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
         ours = dict(target=args.target, target_cpus=args.target_cpus, dtype=args.dtype, stop_token_ids=[],
                     backend=backend, **{k: getattr(args, k) for k in ("depth", "top_k", "max_nodes")
                                         if getattr(args, k) is not None},
-                    **({"auto_tree": True} if args.auto_tree else {}), **({"gate": True} if args.gate else {}))
+                    **({"auto_tree": True} if args.auto_tree else {}), **({"gate": True} if args.gate else {}),
+                    **({"force_draft": True} if args.force_draft else {}),
+                    **({"llama_extra_buffers": args.llama_extra_buffers} if args.llama_extra_buffers != "auto" else {}))
         tag = report.backend_tag(backend)
         if "target-only" in wanted:
             runs.append((f"target-only{tag}", systems.dovetail_records, dict(ours, draft=None)))
@@ -108,7 +141,8 @@ def plan(args, draft_device: str) -> list[tuple[str, callable, dict]]:
         if why:
             print(f"bench: skipping llama.cpp: {why}", file=sys.stderr)
         else:
-            runs.append(("llama.cpp", systems.llama_cpp_records, dict(gguf=gguf, cpus=args.target_cpus)))
+            extra = {"extra_buffers": buffers.extra_buffers} if buffers is not None else {}
+            runs.append(("llama.cpp", systems.llama_cpp_records, dict(gguf=gguf, cpus=args.target_cpus, **extra)))
     return runs
 
 
@@ -153,9 +187,11 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"unknown backend(s) {sorted(bad)}: use transformers and/or llama.cpp")
     prompts = load_prompt_ids(args)
-    runs = plan(args, draft_device)
+    buffers = llama_buffers(args)
+    runs = plan(args, draft_device, buffers)
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": report.machine(args.target_cpus),
                "args": {k: v for k, v in vars(args).items()}, "draft_device": draft_device,
+               "llama_extra_buffers": buffers.record() if buffers is not None else None,
                "prompt_lengths": [len(p) for p in prompts], "modes": {}}
     with tqdm(total=len(chosen) * len(runs) * len(prompts), desc="bench", unit="prompt") as bar:
         for mode in chosen:

@@ -133,5 +133,29 @@ class TreeSizer:
                 "depth": self.last_choice}
 
 
+def skip_draft_reason(verify_us: list[int], max_depth: int, top_k: int, max_nodes: int,
+                      overlap: bool) -> str | None:
+    """Why no draft can pay on this target's curve, or None when one might.
+
+    Decided before the draft starts, with what is known then: the target's measured curve,
+    the prior acceptance per level, and a draft and wire that cost nothing. Those last two
+    are optimistic, so None means only that drafting *might* pay (the sizer then judges it
+    round by round); a reason means that not even a free draft at the prior acceptance
+    beats decoding alone: then there is no draft at all, no draft prefill and no probes.
+    """
+    sizer = TreeSizer(verify_us, max_depth, top_k, max_nodes, overlap)
+    sizer.draft_ms_per_level, sizer.wire_ms = 0.0, 0.0
+    alone = sizer.tokens_per_ms(0)
+    depth = max(range(1, max_depth + 1), key=sizer.tokens_per_ms)
+    if sizer.tokens_per_ms(depth) > alone:
+        return None
+    n = sizer.nodes(depth) + 1
+    return (f"no draft: on this target's measured curve, verifying {n} tokens costs {sizer.verify_ms(n):.0f} ms "
+            f"against {sizer.verify_ms(1):.0f} ms for one, so even a free draft accepted at the prior rate "
+            f"({PRIOR_ALPHA} per level) would commit {1000 * sizer.tokens_per_ms(depth):.1f} tokens/s against "
+            f"{1000 * alone:.1f} decoding alone; decoding with the target alone "
+            "(force a draft with --force-draft, or launch(..., force_draft=True))")
+
+
 def _ema(old: float | None, new: float) -> float:
     return new if old is None else (1 - EMA) * old + EMA * new

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "when there is one (dovetail/drafts/defaults.json), "
                         f"else {DEFAULT_DRAFT_LM}")
     m.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
+    m.add_argument("--force-draft", action="store_true",
+                   help="start the draft even where the target's measured verify cost says no draft can pay "
+                        "(by default the draft is then skipped, with a line that says why)")
     m.add_argument("--target-cpus", default=None, help="CPUs for the target, e.g. '0-31' or '0,2,4' (default: all)")
     m.add_argument("--draft-gpu", default=None,
                    help="GPU index for the draft, or 'cpu' (default: GPU 0 when there is one, else the CPU)")
@@ -65,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: int8 weights for a feature draft on the CPU, a faster draft step; only its "
                         "guesses can change, never the output (default: none)")
     m.add_argument("--draft-layers", type=int, default=None, help="use only the first N layers of the draft model")
+    m.add_argument("--llama-extra-buffers", default="auto", choices=("auto", "on", "off"),
+                   help="llama.cpp's extra (repacked / AMX) weight buffers for the workers on llama.cpp: auto "
+                        "(default) keeps them unless a test decode with them, run once per machine in a child "
+                        "process and cached, crashed (as AMX buffers do on some Intel Xeons); on / off force them")
     d = p.add_argument_group("drafting")
     d.add_argument("--depth", type=int, default=None, help="draft tokens along a path; fixes the tree shape (default: sized automatically, at most 3 on a CPU draft, 8 on a GPU)")
     d.add_argument("--top-k", type=int, default=None, help="children per tree node; 1 drafts a chain (default: 2 CPU, 12 GPU)")
@@ -189,8 +196,8 @@ def start_coordinator(args):
                            target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
                            backend=args.backend, draft_backend=args.draft_backend,
                            target_quantize=args.target_quantize, draft_quantize=args.draft_quantize,
-                           depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
-                           auto_tree=args.auto_tree, gate=args.gate,
+                           llama_extra_buffers=args.llama_extra_buffers, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
+                           auto_tree=args.auto_tree, gate=args.gate, force_draft=args.force_draft,
                            overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,
                            heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness)
 
@@ -217,6 +224,7 @@ def serve_target(args) -> int:
     from dovetail.workers import target as target_worker
     argv = ["--bind", args.listen, "--model", str(model), "--dtype", args.dtype, "--backend", backend,
             "--quantize", args.target_quantize,
+            *(["--llama-extra-buffers", args.llama_extra_buffers] if backend == "llama.cpp" else []),
             "--heartbeat-timeout", str(window), "--log-level", "info" if args.log_level == "warning" else args.log_level,
             *(["--cpus", args.target_cpus] if args.target_cpus else []),
             *(["--curve-secret", args.curve_secret, "--curve-allow", args.curve_allow] if args.curve_secret else [])]

@@ -35,6 +35,8 @@ class CoordinatorConfig:
                                    # (None: on unless depth or max_nodes is given); depth caps it
     gate: bool = False             # with auto_tree: propose only draft tokens whose path probability
                                    # pays for their verification (autotree.TreeSizer.min_prob)
+    force_draft: bool = False      # start the draft even where the target's curve says no draft can pay
+                                   # (autotree.skip_draft_reason; only asked when auto_tree is on)
     draft_layers: int | None = None  # run only the first N layers of the draft model
     draft_cpus: list[int] | None = None  # CPUs for a CPU draft (default: the target's)
     feature_codec: str = "fp16"

@@ -14,12 +14,14 @@ from pathlib import Path
 import zmq
 
 from dovetail.client import WorkerClient, WorkerError
+from dovetail.worker_log import WorkerLog
 from dovetail.config import DEFAULT_DRAFT_LM, QUANTIZE_CHOICES, CoordinatorConfig
 from dovetail.coordinator import Coordinator
 from dovetail.cpus import format_cpus, parse_cpus
 from dovetail.liveness import Liveness
 from dovetail.protocol import Handshake, HandshakeMismatch, check_compatible
 from dovetail.security import ClientKeys
+from dovetail.workers.llama_buffers import check_setting
 
 log = logging.getLogger("dovetail")
 
@@ -29,7 +31,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 def launch(target=None, draft=None, *, target_address: str | None = None, client_keys: ClientKeys | None = None,
            target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "auto",
            draft_backend: str | None = None, target_quantize: str = "none", draft_quantize: str = "none",
-           **options) -> Coordinator:
+           llama_extra_buffers: str = "auto", **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -53,6 +55,10 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     different model, and output stays identical to that quantized target decoding alone.
     ``draft_quantize="int8"``: int8 weights for a feature draft on the CPU (a faster draft
     step; only its guesses can change, never the output).
+    ``llama_extra_buffers``: llama.cpp's extra (repacked, AMX) weight buffers for the workers
+    that run on llama.cpp: "auto" (the default) keeps them unless a test decode with them,
+    run once per machine in a child process and cached, crashed (workers/llama_buffers.py);
+    "on" / "off" force them. Ignored by transformers workers.
     Other keyword options are fields of :class:`CoordinatorConfig`.
 
     ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
@@ -71,6 +77,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         raise ValueError(f"target_quantize must be one of {QUANTIZE_CHOICES}, got {target_quantize!r}")
     if draft_quantize not in ("none", "int8"):
         raise ValueError(f"draft_quantize must be 'none' or 'int8', got {draft_quantize!r}")
+    check_setting(llama_extra_buffers)
     remote = target_address is not None
     if remote:
         check_remote(target_address, client_keys, target_cpus)
@@ -126,27 +133,39 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
             tgt = _spawn(ctx, "target", run_dir, [
                 "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
                 "--backend", backend, "--quantize", target_quantize,
+                *(["--llama-extra-buffers", llama_extra_buffers] if backend == "llama.cpp" else []),
                 *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
+        hs_tgt, starts_draft = None, True
+        if (feature is not None or draft_path is not None) and config.auto_tree and not config.force_draft:
+            # Ask the target's curve first: where no draft can pay, none is started at all.
+            hs_tgt = _handshake(tgt, config, remote=remote)
+            liveness.watch(tgt)
+            reason = _skip_draft_reason(hs_tgt, config, overlap)
+            if reason is not None:
+                log.warning(reason)
+                starts_draft = False
         dft = None
         draft_cpus = parse_cpus(config.draft_cpus) or cpus
         cpu_flags = ["--cpus", format_cpus(draft_cpus)] if draft_cpus and device == "cpu" else []
-        if feature is not None:
+        if starts_draft and feature is not None:
             dft = _spawn(ctx, "draft", run_dir, [
                 "--feature-draft", feature, "--target-model", str(target_path), "--dtype", dtype,
                 "--device", device, "--feature-codec", config.feature_codec, "--quantize", draft_quantize,
                 *cpu_flags], config)
             clients.append(dft)
-        elif draft_path is not None:
+        elif starts_draft and draft_path is not None:
             dft = _spawn(ctx, "draft", run_dir, [
                 "--model", str(draft_path), "--dtype", dtype, "--device", device, "--backend", draft_backend,
+                *(["--llama-extra-buffers", llama_extra_buffers] if draft_backend == "llama.cpp" else []),
                 *(["--layers", str(config.draft_layers)] if config.draft_layers else []), *cpu_flags], config)
             clients.append(dft)
         elif replay is not None and config.replay_model:  # identity from its own model
             dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device), config)
             clients.append(dft)
-        hs_tgt = _handshake(tgt, config, remote=remote)
-        liveness.watch(tgt)  # only now: a worker binds its socket after loading its model
+        if hs_tgt is None:
+            hs_tgt = _handshake(tgt, config, remote=remote)
+            liveness.watch(tgt)  # only now: a worker binds its socket after loading its model
         if replay is not None and dft is None:  # no model: it takes the target's identity
             dft = _spawn(ctx, "replay", run_dir, _replay_args(replay, config, dtype, device) + [
                 "--vocab-size", str(hs_tgt.vocab_size), "--tokenizer-hash", hs_tgt.tokenizer_hash], config)
@@ -169,6 +188,13 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
              hs_dft.model if hs_dft else "none", hs_dft.device if hs_dft else "-", overlap)
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
                        context=ctx, run_dir=run_dir, liveness=liveness)
+
+
+def _skip_draft_reason(hs_target: Handshake, config: CoordinatorConfig, overlap: bool) -> str | None:
+    from dovetail.autotree import skip_draft_reason
+    if not hs_target.verify_us:  # not measured: nothing to judge by
+        return None
+    return skip_draft_reason(hs_target.verify_us, config.depth, config.top_k, config.max_nodes, overlap)
 
 
 def pick_draft(draft, target_path, device: str = "cpu"):
@@ -241,7 +267,9 @@ def _draft_device(spec) -> str:
 
 def _spawn(ctx, role: str, run_dir: Path, args: list[str], config: CoordinatorConfig) -> WorkerClient:
     address = f"ipc://{run_dir}/{role}.sock"
-    cmd = [sys.executable, "-m", f"dovetail.workers.{role}", "--bind", address,
+    # -X faulthandler: a crash in native code (llama.cpp, torch) prints the Python stack
+    # into the worker's log instead of nothing.
+    cmd = [sys.executable, "-X", "faulthandler", "-m", f"dovetail.workers.{role}", "--bind", address,
            "--parent-pid", str(os.getpid()), "--log-level", config.log_level,
            "--max-requests", str(config.worker_max_requests), *args]
     # The kernel's parent-death signal follows the spawning *thread* (workers/lifeline.py):
@@ -254,11 +282,15 @@ def _spawn(ctx, role: str, run_dir: Path, args: list[str], config: CoordinatorCo
     # llama.cpp is the exception: it opens one parallel region per graph and its threads
     # would fall asleep between layers' barriers (a 1.5B step: 35 ms -> 50 ms on 2 cores),
     # while OpenMP's default (spin briefly, then sleep) already frees the cores between steps.
-    llama = "--backend" in args and args[args.index("--backend") + 1] == "llama.cpp"
+    backend = args[args.index("--backend") + 1] if "--backend" in args else None
+    llama = backend == "llama.cpp"
     env = {**({} if llama else {"OMP_WAIT_POLICY": "PASSIVE"}), **os.environ, **config.env}
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    # Its stderr is shown live here and kept in run_dir/<role>.log (WorkerLog), whose last
+    # lines go into the error if the worker dies: a notebook or a service may lose the live copy.
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr_log = WorkerLog(proc.stderr, run_dir / f"{role}.log", role)
     log.info("started %s worker pid %d", role, proc.pid)
-    return WorkerClient(ctx, role, address, proc)
+    return WorkerClient(ctx, role, address, proc, stderr_log=stderr_log, backend=backend)
 
 
 def _handshake(client: WorkerClient, config: CoordinatorConfig, remote: bool = False) -> Handshake:
@@ -272,7 +304,7 @@ def _handshake(client: WorkerClient, config: CoordinatorConfig, remote: bool = F
     try:
         hs = client.call(hello, Handshake, timeout, knob)
     except WorkerError as e:
-        raise WorkerError(client.role, e.code, _remote_failure(client, e) if remote else f"did not start: {e}") from e
+        raise WorkerError(client.role, e.code, _remote_failure(client, e) if remote else f"did not start: {e.detail}") from e
     client.vocab_size = hs.vocab_size
     return hs
 

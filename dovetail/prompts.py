@@ -1,4 +1,4 @@
-"""Prompt sets for benchmarks: HumanEval (from its PyPI wheel) and user JSONL files."""
+"""Prompt sets for benchmarks: HumanEval and ShareGPT chats (from their PyPI wheels) and user JSONL files."""
 
 from __future__ import annotations
 
@@ -38,6 +38,23 @@ def load_humaneval(
             if line.strip():
                 problems.append(json.loads(line))
     return problems
+
+
+def load_sharegpt_chats(limit: int, max_chars: int = 1500, cache_dir: str | Path | None = None,
+                        progress: bool = True) -> list[Messages]:
+    """Chat prompts that are not HumanEval: the first user turn of ShareGPT conversations held
+    out from draft training (dovetail.train_data.is_heldout), in file order, each at most
+    ``max_chars`` long (long pastes make prefill, not decoding, the measurement)."""
+    from dovetail.train_data import is_heldout, read_sharegpt, sharegpt_path, to_messages
+    out: list[Messages] = []
+    for record in read_sharegpt(sharegpt_path(cache_dir, progress)):
+        msgs = to_messages(record)
+        if (msgs and msgs[0]["role"] == "user" and len(msgs[0]["content"]) <= max_chars
+                and is_heldout(str(record.get("id", "")))):
+            out.append(msgs[:1])
+            if len(out) == limit:
+                break
+    return out
 
 
 def load_prompts_jsonl(path: str | os.PathLike) -> list[Prompt]:

@@ -110,3 +110,37 @@ def test_the_gate_prices_a_token_by_the_curves_slope():
     assert steep.min_prob() == pytest.approx((25 + 5) / (37 + 3), rel=0.02)
     assert TreeSizer([1000, 900_000], max_depth=2, top_k=1, max_nodes=2, overlap=True).min_prob() == 0.9
     assert TreeSizer([1000], max_depth=2, top_k=1, max_nodes=2, overlap=True).min_prob() == 0.0
+
+
+# ---- before the draft starts: can any draft pay on this curve? ------------------------------
+# Curves measured on 2-core machines (design notes): the AMD EPYC's Q4_K_M 1.5B on llama.cpp
+# and the Intel Xeon's Q8_0 and BF16 files.
+EPYC_Q4K = [36000, 60000, 81000, 98000, 119000, 142000, 162000]
+XEON_Q8_0 = [122000, 124000, 143000, 162000, 200000, 238000]
+XEON_BF16 = [163000, 165000, 188000, 212000, 246000, 281000]
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 6), (3, 1, 3), (8, 12, 16)])  # CPU and GPU defaults, a chain
+def test_no_draft_where_verifying_one_more_token_costs_more_than_it_can_bring(shape):
+    depth, top_k, nodes = shape
+    from dovetail.autotree import skip_draft_reason
+    reason = skip_draft_reason(EPYC_Q4K, depth, top_k, nodes, overlap=False)
+    assert reason is not None and "no draft" in reason and "--force-draft" in reason
+    assert "36 ms for one" in reason  # it quotes the curve it judged by
+
+
+@pytest.mark.parametrize("curve", [XEON_Q8_0, XEON_BF16, FLAT])
+def test_drafting_may_pay_where_verifying_two_costs_about_one(curve):
+    from dovetail.autotree import skip_draft_reason
+    assert skip_draft_reason(curve, 3, 2, 6, overlap=False) is None
+    assert skip_draft_reason(curve, 3, 1, 3, overlap=False) is None
+
+
+def test_the_decision_is_the_sizers_own_at_the_prior():
+    """Skipped exactly when the sizer, with a free draft at the prior acceptance, picks depth 0."""
+    from dovetail.autotree import skip_draft_reason
+    for slope in range(0, 40, 2):
+        curve = [int(1000 * (37 + slope * (k - 1))) for k in range(1, 17)]
+        s = TreeSizer(curve, max_depth=3, top_k=1, max_nodes=3, overlap=False)
+        s.draft_ms_per_level, s.wire_ms = 0.0, 0.0
+        assert (skip_draft_reason(curve, 3, 1, 3, overlap=False) is None) == (s.choose() > 0), slope

@@ -1,9 +1,12 @@
 """Dovetail end to end through the llama.cpp target backend, on real Qwen2.5-Coder-0.5B weights.
 
-Target-only decoding through our worker must give llama.cpp's own greedy tokens (the same
-single-row decodes), and adding a draft must not change them. The draft here is the same
-model cut to 20 of its 24 layers (transformers, float32, CPU): it agrees with the target
-often, not always, so rounds both accept and reject.
+Target-only decoding through our worker must give llama.cpp's own greedy tokens, and adding
+a draft must not change them, up to a near tie: llama.cpp's logits for a row depend on how
+many rows share its decode call (bench.batch_drift), so where the target's top two tokens are
+closer than that drift, the draft's k-row verifies may pick the other one
+(dovetail.testing.greedy_divergence checks that this is all that happened). The draft here is
+the same model cut to 20 of its 24 layers (transformers, float32, CPU): it agrees with the
+target often, not always, so rounds both accept and reject.
 """
 import os
 
@@ -13,7 +16,7 @@ import torch
 import dovetail
 from dovetail.fetch import fetch_model
 from dovetail.prompts import load_humaneval
-from dovetail.testing import make_tiny_model, make_tiny_tokenizer
+from dovetail.testing import NextLogits, divergence_summary, greedy_divergence, make_tiny_model, make_tiny_tokenizer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1200)]
 
@@ -51,13 +54,19 @@ def test_greedy_identical_to_llama_cpp_and_with_a_draft(gguf, prompts):
         assert "llama.cpp" in base.target_info.device and base.target_info.dtype.startswith("gguf:")
         reference = [base.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]
         prompt_ids = [base.encode_prompt(p) for p in prompts]
-    for ids, ref in zip(prompt_ids, reference):
-        assert ref.token_ids == llama_cpp_greedy(gguf, ids, NEW_TOKENS)
     with dovetail.launch(gguf, gguf, backend="llama.cpp", dtype="float32", draft_device="cpu",
                          draft_layers=20, depth=4, top_k=2, max_nodes=6) as coord:
         results = [coord.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]
-    for ref, res in zip(reference, results):
-        assert res.token_ids == ref.token_ids
+    # llama-cpp-python decodes the prompt's last token inside the prompt's batch, our worker
+    # alone; with a draft, tokens are verified k at a time. Equal up to a near tie each.
+    plain = [llama_cpp_greedy(gguf, ids, NEW_TOKENS) for ids in prompt_ids]
+    with NextLogits(gguf) as next_logits:
+        vs_llama_cpp = [greedy_divergence(next_logits, ids, lc, ref.token_ids)
+                        for ids, lc, ref in zip(prompt_ids, plain, reference)]
+        vs_draft = [greedy_divergence(next_logits, ids, ref.token_ids, res.token_ids)
+                    for ids, ref, res in zip(prompt_ids, reference, results)]
+    print("\n" + divergence_summary("target-only vs llama-cpp-python's own greedy", vs_llama_cpp))
+    print(divergence_summary("with the draft vs target-only", vs_draft))
     committed = sum(r.stats.accepted for r in results)
     rounds = sum(r.stats.rounds for r in results)
     assert committed / rounds > 1.2, f"mean accepted length {committed / rounds:.2f}"  # drafts were used
@@ -67,7 +76,8 @@ def test_refuses_a_draft_for_another_target(gguf, tmp_path):
     draft = make_tiny_model(tmp_path / "tiny", vocab_size=64, dtype=torch.float32)
     make_tiny_tokenizer(draft)
     with pytest.raises(Exception, match="tokenizer"):
-        dovetail.launch(gguf, draft, backend="llama.cpp", draft_device="cpu")
+        # forced: where the target's curve says no draft can pay, none would start to be refused
+        dovetail.launch(gguf, draft, backend="llama.cpp", draft_device="cpu", force_draft=True)
 
 
 def test_backend_errors_are_clear(tmp_path):
