@@ -94,22 +94,23 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
+def parse_choices(text: str, choices, flag: str) -> list[str]:
+    """A comma list of distinct ``choices``, in the order given."""
+    picked = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    bad = [c for c in picked if c not in choices]
+    if not picked or bad:
+        raise ValueError(f"{flag} must be a comma list of {', '.join(choices)}, got {text!r}")
+    return picked
+
+
 def parse_quantize(text: str) -> list[str]:
     from dovetail.config import QUANTIZE_CHOICES
-    modes = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    bad = [m for m in modes if m not in QUANTIZE_CHOICES]
-    if not modes or bad:
-        raise ValueError(f"--quantize must be a comma list of {', '.join(QUANTIZE_CHOICES)}, got {text!r}")
-    return modes
+    return parse_choices(text, QUANTIZE_CHOICES, "--quantize")
 
 
 def parse_settings(text: str) -> list[str]:
     from dovetail.workers.llama_buffers import SETTINGS
-    settings = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    bad = [s for s in settings if s not in SETTINGS]
-    if not settings or bad:
-        raise ValueError(f"--llama-extra-buffers must be a comma list of {', '.join(SETTINGS)}, got {text!r}")
-    return settings
+    return parse_choices(text, SETTINGS, "--llama-extra-buffers")
 
 
 def random_tokens(vocab_size: int, n: int, seed: int) -> list[int]:
