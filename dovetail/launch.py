@@ -14,13 +14,13 @@ from pathlib import Path
 import zmq
 
 from dovetail.client import WorkerClient, WorkerError
-from dovetail.worker_log import WorkerLog
 from dovetail.config import DEFAULT_DRAFT_LM, QUANTIZE_CHOICES, CoordinatorConfig
 from dovetail.coordinator import Coordinator
 from dovetail.cpus import format_cpus, parse_cpus
 from dovetail.liveness import Liveness
 from dovetail.protocol import Handshake, HandshakeMismatch, check_compatible
 from dovetail.security import ClientKeys
+from dovetail.worker_log import WorkerLog
 from dovetail.workers.llama_buffers import check_setting
 
 log = logging.getLogger("dovetail")
