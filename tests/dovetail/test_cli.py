@@ -34,6 +34,8 @@ def reference(models):
 
 
 def run_cli(capsys, *args):
+    """dovetail-launch in this process. Tests that need the draft started pass --force-draft: a
+    tiny target's measured verify curve could otherwise make it skip the draft."""
     rc = main(["--dtype", "float64", "--draft-gpu", "cpu", "--max-new-tokens", "12", *map(str, args)])
     out, err = capsys.readouterr()
     return rc, out, err
@@ -41,7 +43,7 @@ def run_cli(capsys, *args):
 
 def test_prompt_streams_the_target_only_text(models, reference, capsys):
     target, draft, _ = models
-    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft, "--prompt", PROMPT)
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft, "--force-draft", "--prompt", PROMPT)
     assert rc == 0, err
     assert out.strip("\n") == reference  # text with a draft is the target's own
     assert "tok/s" in err and "accepted per round" in err
@@ -50,7 +52,7 @@ def test_prompt_streams_the_target_only_text(models, reference, capsys):
 def test_prompts_from_stdin_one_per_line(models, reference, capsys, monkeypatch):
     target, draft, _ = models
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPT}\n\n{PROMPT}\n"))
-    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft)
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft, "--force-draft")
     assert rc == 0, err
     assert out.count(reference) == 2  # the blank line is skipped
     assert err.count("tok/s") == 2
@@ -65,7 +67,7 @@ def test_no_draft_is_the_baseline(models, reference, capsys):
 
 def test_a_draft_with_another_tokenizer_is_refused(models, capsys):
     target, _, other = models
-    rc, out, err = run_cli(capsys, "--target", target, "--draft", other, "--prompt", PROMPT)
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", other, "--force-draft", "--prompt", PROMPT)
     assert rc == 1
     assert "tokenizer" in err and "target" in err and "draft" in err
     assert out == ""
@@ -109,7 +111,7 @@ def test_target_and_draft_roles_on_two_ports_give_the_same_text(models, referenc
         stdin=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     try:
         me = keys["coordinator"]
-        rc, out, err = run_cli(capsys, "--role", "draft", "--connect", address, "--draft", draft,
+        rc, out, err = run_cli(capsys, "--role", "draft", "--connect", address, "--draft", draft, "--force-draft",
                                "--curve-client-secret", me["secret"], "--curve-server-public", me["server_public"],
                                "--prompt", PROMPT)
         assert rc == 0, err

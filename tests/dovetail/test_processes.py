@@ -88,7 +88,7 @@ def test_target_and_draft_cpu_lists_pin_the_workers(pinned):
 KILLED_COORDINATOR = textwrap.dedent("""
     import json, sys, time
     import dovetail
-    coord = dovetail.launch(sys.argv[1], sys.argv[2], dtype="float64", draft_device="cpu",
+    coord = dovetail.launch(sys.argv[1], sys.argv[2], dtype="float64", draft_device="cpu", force_draft=True,
                             target_cpus=sys.argv[3], env={"OMP_WAIT_POLICY": "PASSIVE"})
     coord.generate([1, 2, 3], max_new_tokens=4)
     print(json.dumps({"pids": coord.worker_pids, "run_dir": str(coord._run_dir)}), flush=True)
@@ -252,7 +252,7 @@ def test_describe_exit_names_signals_and_hints(tmp_path):
 def test_draft_with_another_vocabulary_is_refused(tiny_target, tiny_draft_vocab80, pids):
     before = live_children()
     with pytest.raises(HandshakeMismatch) as caught:
-        dovetail.launch(tiny_target, tiny_draft_vocab80, dtype="float64", draft_device="cpu",
+        dovetail.launch(tiny_target, tiny_draft_vocab80, dtype="float64", draft_device="cpu", force_draft=True,
                         env={"OMP_WAIT_POLICY": "PASSIVE"})
     msg = str(caught.value)
     assert caught.value.code == "handshake_mismatch"

@@ -50,7 +50,7 @@ COORDINATOR = textwrap.dedent("""
     from dovetail.security import ClientKeys
     address, draft, secret, server_public, host, echo_port, interval, liveness, prompts, max_new = sys.argv[1:]
     coord = dovetail.launch(None, draft, target_address=address, client_keys=ClientKeys(secret, server_public),
-                            dtype="float64", draft_device="cpu", env={"OMP_WAIT_POLICY": "PASSIVE"},
+                            dtype="float64", draft_device="cpu", force_draft=True, env={"OMP_WAIT_POLICY": "PASSIVE"},
                             heartbeat_interval_s=float(interval), heartbeat_liveness=int(liveness))
 
     echo = socket.create_connection((host, int(echo_port)))
