@@ -10,7 +10,7 @@ interactive: one prompt per line, Ctrl-D to quit.
 
 writes CurveZMQ key pairs for workers served over tcp:// (see `dovetail-launch keys --help`).
 
-Two machines (README, "Running on two machines"):
+Two machines (docs/deployment.md):
 
     dovetail-launch --role target --listen tcp://ADDR:PORT --target-cpus 0-31 \
         --curve-secret keys/worker/server.key_secret --curve-allow keys/worker/allow

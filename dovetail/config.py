@@ -7,10 +7,10 @@ from dataclasses import dataclass, field, replace
 # target's cores, so each draft step costs about half a target step (0.5B vs 1.5B on the
 # 2-core machine): a shallow, narrow tree won there (python -m bench.pipeline). A GPU
 # draft step is ~50x cheaper than CPU verification, so the tree grows until the CPU's
-# cost of verifying more tokens bites (design notes: 7B verify cost is flat to k ~ 16).
+# cost of verifying more tokens bites (measured on a 16-core machine: 7B verify cost is flat to k ~ 16).
 # There, growing wide and deep and keeping the 16 best paths costs the draft a few ms and
 # picks better nodes: with the shipped 1.5B DGF draft, depth 8 x top-12 committed 3.02
-# tokens per round against 2.93 for depth 6 x top-4 (README, ablation).
+# tokens per round against 2.93 for depth 6 x top-4 (docs/training.md, ablation).
 TREE_DEFAULTS = {"cpu": (3, 2, 6), "cuda": (8, 12, 16)}
 
 # Weight-only quantizations of the CPU target (workers/quant.py). Here, not there, so the

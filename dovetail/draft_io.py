@@ -155,7 +155,7 @@ def shipped_draft(target_path: str | Path, device: str = "cpu") -> Path | None:
 
     An entry is a folder name (every device) or {"cpu": folder, "cuda": folder} (the devices
     listed). A target is listed for a device only while its feature draft beats the
-    standalone draft model there (README, "The Dovetail draft"); the other checkpoints still ship."""
+    standalone draft model there (docs/training.md, the ablation); the other checkpoints still ship."""
     index = SHIPPED / DEFAULTS
     if not index.is_file():
         return None
@@ -204,7 +204,7 @@ def ffn_channels(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep:
 
 @torch.no_grad()
 def init_layers_from_target(model: FeatureDraft, target: str | Path) -> list[int]:
-    """Start the draft's decoder layers as copies of the target's top layers (the issue's idea:
+    """Start the draft's decoder layers as copies of the target's top layers (an idea from the ablation plan:
     the draft then begins from the computation that produced the features it predicts).
 
     Attention, biases and norms are copied as they are. A narrower draft FFN keeps the target

@@ -6,7 +6,7 @@ guess of f_{t+1} (after its own final RMSNorm) and the logits of the frozen targ
 head on it, i.e. a guess of token t+2. Deeper tree levels feed the draft's own hidden
 state back in as the feature, as EAGLE does.
 
-Dynamic Gating Fusion (design notes, "The Dovetail draft model"), no biases:
+Dynamic Gating Fusion (the Dovetail paper, arXiv 2412.18934), no biases:
     h1 = f W1,  h2 = SiLU(RMSNorm(e) W2),  z = sigmoid([h1; h2] Wz),  x = z*h1 + (1-z)*h2
 The EAGLE baseline (ablations) is x = [f; e] W + b with one layer.
 

@@ -1,6 +1,6 @@
 """Train a feature draft for one target: ``dovetail-train extract | train | eval``.
 
-Loss (design notes): SmoothL1(draft hidden, target hidden of the next position)
+Loss (as in the Dovetail paper): SmoothL1(draft hidden, target hidden of the next position)
 + 0.1 x cross-entropy of the draft's logits against the target's own token distribution
 (softmax of the target LM head on its hidden state). AdamW. The draft at pair t sees
 (f_t, x_{t+1}) and must produce f_{t+1}: exactly what the draft worker feeds it.

@@ -38,7 +38,7 @@ ERROR = "error"          # the probe's own Python code failed: no verdict, nothi
 HARNESS_EXIT = 86        # the child's exit code for that
 
 # What plain buffers cost where extra buffers had to go: measured on the 2-core Intel Xeon
-# (Sapphire Rapids, AMX) in the design notes (shared/docs/design.md, 2026-11-29; llama-cpp-python
+# (Sapphire Rapids, AMX) on 2026-11-29 (llama-cpp-python
 # 0.3.36 built with AMX off so that extra buffers could run at all), 1.5B Q4_K_M, decode
 # after 256 tokens: extra buffers 91 / 133 ms for k = 1 / 4 rows, plain 104 / 206 ms.
 PLAIN_COST_K1 = 0.12

@@ -150,7 +150,7 @@ def test_extra_buffer_settings_are_a_comma_list_of_auto_on_off():
 @pytest.mark.real_model
 @pytest.mark.timeout(600)
 def test_llama_backend_extra_buffers_on_and_off_in_rounds(tmp_path, capsys):
-    """The README's extra-buffer measurement, small: our llama.cpp backend with extra buffers
+    """docs/performance.md's extra-buffer measurement, small: our llama.cpp backend with extra buffers
     forced on and off, loaded together, measured in turn for 2 rounds."""
     import os
     if os.environ.get("DOVETAIL_REQUIRE_LLAMA") != "1":

@@ -113,7 +113,7 @@ def test_the_gate_prices_a_token_by_the_curves_slope():
 
 
 # ---- before the draft starts: can any draft pay on this curve? ------------------------------
-# Curves measured on 2-core machines (design notes): the AMD EPYC's Q4_K_M 1.5B on llama.cpp
+# Curves measured on 2-core machines (docs/performance.md and a Xeon on 2026-11-29): the AMD EPYC's Q4_K_M 1.5B on llama.cpp
 # and the Intel Xeon's Q8_0 and BF16 files.
 EPYC_Q4K = [36000, 60000, 81000, 98000, 119000, 142000, 162000]
 XEON_Q8_0 = [122000, 124000, 143000, 162000, 200000, 238000]
