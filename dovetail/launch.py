@@ -21,7 +21,6 @@ from dovetail.liveness import Liveness
 from dovetail.protocol import Handshake, HandshakeMismatch, check_compatible
 from dovetail.security import ClientKeys
 from dovetail.worker_log import WorkerLog
-from dovetail.workers.llama_buffers import check_setting
 
 log = logging.getLogger("dovetail")
 
@@ -77,6 +76,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         raise ValueError(f"target_quantize must be one of {QUANTIZE_CHOICES}, got {target_quantize!r}")
     if draft_quantize not in ("none", "int8"):
         raise ValueError(f"draft_quantize must be 'none' or 'int8', got {draft_quantize!r}")
+    from dovetail.workers.llama_buffers import check_setting
     check_setting(llama_extra_buffers)
     remote = target_address is not None
     if remote:

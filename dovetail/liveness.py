@@ -29,7 +29,7 @@ import zmq
 
 from dovetail.protocol import Heartbeat, ProtocolError, configure_socket, decode, encode
 from dovetail.security import curve_client
-from dovetail.workers.serve import HEARTBEAT_ID_PREFIX
+from dovetail.protocol import HEARTBEAT_ID_PREFIX
 
 log = logging.getLogger("dovetail")
 

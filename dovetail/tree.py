@@ -8,8 +8,6 @@ and the first child of every node is the draft's best guess (its "main path").
 """
 from __future__ import annotations
 
-import torch
-
 
 def chain_parents(k: int) -> list[int]:
     return list(range(-1, k - 1))
@@ -59,6 +57,7 @@ def with_root(parents: list[int]) -> list[int]:
 
 def ancestor_mask(row_parents: list[int]) -> torch.Tensor:
     """Boolean [n, n] mask: row i sees itself and its ancestors among the n input rows."""
+    import torch  # here, not at the top: the coordinator imports this module and needs no torch
     n = len(row_parents)
     mask = torch.zeros(n, n, dtype=torch.bool)
     for i, p in enumerate(row_parents):

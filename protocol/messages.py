@@ -28,7 +28,7 @@ from typing import ClassVar
 __all__ = [
     "PROTOCOL_TAG", "PROTOCOL_VERSION", "HEADER",
     "MAX_FRAME_BYTES", "MAX_TOKENS", "MAX_TREE_NODES", "MAX_STRING", "MAX_FEATURE_DIMS",
-    "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES",
+    "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES", "HEARTBEAT_ID_PREFIX",
     "Feature", "Handshake", "OpenRequest", "Opened", "DraftRequest", "DraftProposal",
     "VerifyRequest", "VerifyResult", "Close", "Closed", "Heartbeat", "Error", "Shutdown",
     "MESSAGE_TYPES",
@@ -54,6 +54,9 @@ DEFAULT_FEATURE_CODEC = "fp16"
 FEATURE_DTYPES = {"fp16": ("float16", 2), "int8": ("int8", 1)}
 
 ROLES = ("coordinator", "target", "draft")
+# Routing ids of the coordinator's heartbeat sockets start with this: a worker answers their
+# Heartbeats on its I/O thread, never queued behind a long compute (workers/serve.py).
+HEARTBEAT_ID_PREFIX = b"dvt-hb:"
 
 
 @dataclass(slots=True)

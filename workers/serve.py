@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from dovetail.protocol import (
-    MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
+    HEARTBEAT_ID_PREFIX, MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
     configure_socket, decode, encode,
 )
 from dovetail.cpus import parse_cpus
@@ -35,7 +35,6 @@ POLL_MS = 100             # how often the loop wakes to check for a stop request
 COMPUTE_JOIN_S = 3.0      # on exit, how long the request in progress may take to finish
 MAX_BACKLOG = 1000        # messages queued for the compute thread before reading pauses (ZeroMQ's own HWM)
 LOOPBACK_NAMES = ("localhost",)  # besides 127.0.0.0/8 and ::1
-HEARTBEAT_ID_PREFIX = b"dvt-hb:"  # routing ids of the coordinator's heartbeat sockets
 
 
 @dataclass(kw_only=True)
