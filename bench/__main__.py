@@ -104,7 +104,8 @@ def llama_buffers(args):
     gguf = resolve_model(args.target)
     if systems.llama_skip_reason(gguf):
         return None
-    threads = len(args.target_cpus) if args.target_cpus else len(os.sched_getaffinity(0))
+    from dovetail.cpus import parse_cpus
+    threads = len(parse_cpus(args.target_cpus) or os.sched_getaffinity(0))
     return decide(args.llama_extra_buffers, str(gguf), threads)
 
 
