@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from bench import report, systems
+from dovetail.workers.llama_buffers import SETTINGS as EXTRA_BUFFER_SETTINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-quantize", default="none", choices=("none", "int8"),
                    help="int8 weights for the feature drafts (--draft feature:DIR) on the CPU; other drafts run as they are")
     p.add_argument("--target-cpus", default=None, help="CPUs for every system's target, e.g. '0-31' (default: all)")
-    p.add_argument("--llama-extra-buffers", default="auto", choices=("auto", "on", "off"),
+    p.add_argument("--llama-extra-buffers", default="auto", choices=EXTRA_BUFFER_SETTINGS,
                    help="llama.cpp's extra (repacked / AMX) weight buffers, the same for our llama.cpp workers and "
                         "the llama.cpp peer: auto (default) keeps them unless a test decode with them crashed on "
                         "this machine (probed once, cached); results.json records what was used")

@@ -44,10 +44,7 @@ def describe_exit(returncode: int, log_path: str | Path | None = None, backend: 
     who = f"process {pid}" if pid is not None else "the process"
     name = None
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
+        name = signal_name(-returncode)
         text = f"{who} was killed by {name}"
         if name in SIGNAL_HINTS:
             text += f" ({SIGNAL_HINTS[name]})"
@@ -61,6 +58,14 @@ def describe_exit(returncode: int, log_path: str | Path | None = None, backend: 
     if log_path is not None and os.path.isfile(log_path):
         return f"{text}; it wrote nothing to its log"
     return f"{text} (see its log above)"
+
+
+def signal_name(number: int) -> str:
+    """"SIGSEGV" for 11; "signal N" for a number with no name here."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def log_tail(path: str | Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 256 * 1024) -> str | None:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -213,17 +212,11 @@ def run_probe(model: str, threads: int, *, child: Callable = decode_probe,
         return Verdict(ERROR, f"failed in Python ({last[0]})", returncode=rc, seconds=seconds,
                        stderr_tail=_tail(done.stderr))
     if rc < 0:
-        name = _signal_name(-rc)
+        from dovetail.worker_log import signal_name  # here: this module's top stays stdlib-only (the child)
+        name = signal_name(-rc)
         return Verdict(CRASH, f"died with {name}", signal=name, returncode=rc, seconds=seconds,
                        stderr_tail=_tail(done.stderr))
     return Verdict(CRASH, f"exited with code {rc}", returncode=rc, seconds=seconds, stderr_tail=_tail(done.stderr))
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
 
 
 def _tail(raw) -> str:
