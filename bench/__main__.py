@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from bench import report, systems
-from dovetail.workers.llama_buffers import SETTINGS as EXTRA_BUFFER_SETTINGS
+from dovetail.models.options import LLAMA_EXTRA_BUFFERS as EXTRA_BUFFER_SETTINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_prompt_ids(args) -> list[list[int]]:
-    from dovetail.fetch import resolve_model
-    from dovetail.prompts import load_humaneval, load_prompts_jsonl, load_sharegpt_chats
-    from dovetail.workers.hf import load_tokenizer
+    from dovetail.models.fetch import resolve_model
+    from dovetail.models.prompts import load_humaneval, load_prompts_jsonl, load_sharegpt_chats
+    from dovetail.models.loading import load_tokenizer
     tok = load_tokenizer(resolve_model(args.target))
     if tok is None:
         raise SystemExit("the target has no tokenizer: give prompts as token ids in code instead")
@@ -98,14 +98,14 @@ def llama_buffers(args):
     """How llama.cpp loads the target's weights in this run (a llama_buffers.Decision), or None
     where nothing runs the target on llama.cpp. Our workers, given the same setting, read
     the same cached verdict."""
-    from dovetail.fetch import resolve_model
+    from dovetail.models.fetch import resolve_model
     from dovetail.workers.llama_buffers import decide
     if "llama.cpp" not in args.backends.split(",") and "llama.cpp" not in args.systems.split(","):
         return None
     gguf = resolve_model(args.target)
     if systems.llama_skip_reason(gguf):
         return None
-    from dovetail.cpus import parse_cpus
+    from dovetail.system.cpus import parse_cpus
     threads = len(parse_cpus(args.target_cpus) or os.sched_getaffinity(0))
     return decide(args.llama_extra_buffers, str(gguf), threads)
 
@@ -113,7 +113,7 @@ def llama_buffers(args):
 def plan(args, draft_device: str, buffers=None) -> list[tuple[str, callable, dict]]:
     """(name, runner, kwargs) for every system that will run, in order; ``buffers``: the
     llama.cpp peer's extra-buffer decision (``llama_buffers``; None: llama.cpp's default)."""
-    from dovetail.fetch import resolve_model
+    from dovetail.models.fetch import resolve_model
     wanted = set(args.systems.split(","))
     runs = []
     for backend in args.backends.split(","):
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.prompts, args.max_new_tokens = min(args.prompts, 3), min(args.max_new_tokens, 48)
     args.draft = args.draft or ["qwen2.5-coder-0.5b-instruct"]
-    from dovetail.cpus import parse_cpus
-    from dovetail.launch import _draft_device
+    from dovetail.system.cpus import parse_cpus
+    from dovetail.runtime.launch import _draft_device
     args.target_cpus = parse_cpus(args.target_cpus)
     draft_device = _draft_device(args.draft_device)
     modes = {"greedy": 0.0, "sample": 1.0}

@@ -6,7 +6,7 @@
 
 Greedy tau comes from replaying the target's recorded greedy answers to problems 0..39
 (``dovetail-train extract --source humaneval --problems 0:40``) through each draft worker's
-own handler (dovetail/distill.py): for greedy decoding that is what the live pipeline
+own handler (dovetail/training/distill.py): for greedy decoding that is what the live pipeline
 commits, with no target running, so every draft and tree size is measured on exactly the
 same text. ``dovetail-train eval`` and ``python -m bench`` run the live pipeline.
 """
@@ -50,14 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 def load_handler(spec: str, pieces):
     """A draft worker's handler, in this process, on the CPU."""
     if spec.startswith("lm:"):
-        from dovetail.fetch import resolve_model
+        from dovetail.models.fetch import resolve_model
         from dovetail.workers.draft import DraftConfig, DraftHandler
-        from dovetail.workers.hf import CausalLM, load_tokenizer, tokenizer_hash
+        from dovetail.models.loading import load_tokenizer, tokenizer_hash
+        from dovetail.workers.hf import CausalLM
         path = str(resolve_model(spec.removeprefix("lm:")))
         lm = CausalLM.load(path, dtype=torch.bfloat16)
         cfg = DraftConfig(bind="ipc:///unused", model=path)
         return DraftHandler(lm, cfg, tokenizer_hash(load_tokenizer(path), lm.vocab_size))
-    from dovetail.draft_io import load_feature_draft
+    from dovetail.draft.checkpoint import load_feature_draft
     from dovetail.workers.feature_draft import FeatureDraftHandler
     full = spec.startswith("full:")  # the trained draft with the target's whole vocabulary as its head
     spec = spec.removeprefix("full:")
@@ -71,8 +72,8 @@ def load_handler(spec: str, pieces):
 def recorded_answers(args, pieces) -> tuple[list, str]:
     """(the target's recorded greedy answers to --problems, first --limit of them; "A:B"), as
     ``dovetail-train extract --source humaneval`` cached them for --answer-len tokens."""
-    from dovetail.distill import read_answers
-    from dovetail.train_cli import answers_dir, problem_range
+    from dovetail.training.distill import read_answers
+    from dovetail.training.cli import answers_dir, problem_range
     a, b = problem_range(args.problems)
     answers = read_answers(answers_dir(pieces.identity, args.cache_dir, a, b, args.answer_len))
     answers = answers[:getattr(args, "limit", None)]
@@ -84,9 +85,9 @@ def recorded_answers(args, pieces) -> tuple[list, str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dovetail.distill import offline_tau
-    from dovetail.draft_io import load_target_pieces
-    from dovetail.fetch import resolve_model
+    from dovetail.training.distill import offline_tau
+    from dovetail.draft.checkpoint import load_target_pieces
+    from dovetail.models.fetch import resolve_model
     nodes = [int(n) for n in args.nodes.split(",")]
     if bad := [n for n in nodes if n not in SHAPES]:
         raise SystemExit(f"--nodes {bad}: choose from {sorted(SHAPES)}")

@@ -48,14 +48,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import os
 
-    from dovetail.fetch import resolve_model
+    from dovetail.models.fetch import resolve_model
     target = str(resolve_model(args.target))
     if args.backend == "llama.cpp":
         from dovetail.workers.llama import LlamaBackend
         backend = LlamaBackend(target, threads=args.threads or len(os.sched_getaffinity(0)))
     else:
         from dovetail.workers.backend import HFBackend
-        from dovetail.workers.hf import choose_dtype
+        from dovetail.models.loading import choose_dtype
         backend = HFBackend(target, dtype=choose_dtype(args.dtype, "cpu"))
     ks = [int(k) for k in args.k.split(",")]
     for context in (int(c) for c in args.contexts.split(",")):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import dovetail
-from dovetail.testing import make_tiny_model
+from tests.helpers import make_tiny_model
 
 
 def run(target, draft, active: int, prompts: list[list[int]], max_new: int) -> dict:

@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def random_pieces(name: str):
-    from dovetail.draft_io import TargetPieces
-    from dovetail.draft_model import TargetIdentity
+    from dovetail.draft.checkpoint import TargetPieces
+    from dovetail.draft.model import TargetIdentity
     hidden, layers, heads, kv, inter, vocab, _ = TARGETS[name]
     config = {"model_type": "qwen2", "hidden_size": hidden, "num_hidden_layers": layers,
               "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter,
@@ -66,8 +66,8 @@ def random_pieces(name: str):
 
 
 def build_handler(args):
-    from dovetail.draft_io import new_feature_draft
-    from dovetail.workers.hf import choose_dtype
+    from dovetail.draft.checkpoint import new_feature_draft
+    from dovetail.models.loading import choose_dtype
     from dovetail.workers.feature_draft import FeatureDraftHandler, quantize_feature_draft
     pieces = random_pieces(args.target_shape)
     head_rows = TARGETS[args.target_shape][-1]
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.device.startswith("cuda"):
-        from dovetail.cpus import tune_gpu_worker
+        from dovetail.system.cpus import tune_gpu_worker
         tune_gpu_worker()  # as the draft worker does on a GPU
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     if any(len(s) != 3 or min(s) < 1 for s in shapes):

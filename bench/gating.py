@@ -1,6 +1,6 @@
 """What a CPU draft could gain on a compute-bound CPU verifier, from its own confidence.
 
-    python -m bench.gating --target qwen2.5-coder-1.5b-instruct --draft dovetail/drafts/qwen2.5-coder-1.5b-dgf1 \\
+    python -m bench.gating --target qwen2.5-coder-1.5b-instruct --draft dovetail/draft/shipped/qwen2.5-coder-1.5b-dgf1 \\
         --verify-ms 37,60,85,96,118,140,160
 
 Where verifying k tokens costs nearly k single steps (llama.cpp on two cores: every extra
@@ -72,7 +72,7 @@ def replay(handler, answers, depth: int, verify_ms: list[float], free: bool, max
     Each round is charged the levels it computed at the draft's measured time per level
     (its chain's time / depth; a prompt's first round includes the prompt), or nothing
     when ``free``."""
-    from dovetail.distill import accepted_length, replay_rounds
+    from dovetail.training.distill import accepted_length, replay_rounds
     kept = ms = draft_s = 0.0
     calib: dict[int, list[int]] = {}  # probability decile -> [tokens, accepted]
 
@@ -103,8 +103,8 @@ def replay(handler, answers, depth: int, verify_ms: list[float], free: bool, max
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from bench.ablation import load_handler, recorded_answers
-    from dovetail.draft_io import load_target_pieces
-    from dovetail.fetch import resolve_model
+    from dovetail.draft.checkpoint import load_target_pieces
+    from dovetail.models.fetch import resolve_model
     if args.threads:
         torch.set_num_threads(args.threads)
     verify_ms = parse_verify_ms(args.verify_ms)
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     answers, problems = recorded_answers(args, pieces)
     handler = load_handler(args.draft, pieces)
     if hasattr(handler, "model"):
-        from dovetail.workers.hf import choose_dtype
+        from dovetail.models.loading import choose_dtype
         handler.model.to(choose_dtype(args.dtype, "cpu"))
     if args.draft_quantize == "int8":
         from dovetail.workers.feature_draft import quantize_feature_draft

@@ -146,7 +146,8 @@ def run_size(name: str, args, workdir: Path, device: str) -> dict:
     import numpy as np
 
     import dovetail
-    from dovetail.workers.replay import record_with, expected_tau, save_script
+    from dovetail.runtime.recording import record_with
+    from dovetail.spec.replay import expected_tau, save_script
 
     shape = SIZES[name]
     t0 = time.perf_counter()

@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from bench.ablation import recorded_answers
     from bench.gating import parse_verify_ms
-    from dovetail.draft_io import load_target_pieces
-    from dovetail.fetch import resolve_model
+    from dovetail.draft.checkpoint import load_target_pieces
+    from dovetail.models.fetch import resolve_model
     verify_ms = parse_verify_ms(args.verify_ms)
     if not 1 <= args.max_draft < len(verify_ms):
         raise SystemExit(f"--max-draft must be 1..{len(verify_ms) - 1} (one less than the --verify-ms values)")

@@ -65,7 +65,7 @@ def run_config(name, launch_kwargs, prompts, max_new, bar) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dovetail.prompts import load_humaneval
+    from dovetail.models.prompts import load_humaneval
     prompts = [p["prompt"] for p in load_humaneval(limit=args.prompts)]
     common = dict(target=args.target, target_cpus=args.target_cpus, dtype=args.dtype)
     if args.no_stop:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def decode(backend, prompt: list[int], n: int) -> tuple[list[int], float]:
     """Target-only greedy tokens and decode seconds (after the prefill)."""
-    from dovetail.testing import HandlerSession
+    from tests.helpers import HandlerSession
     from dovetail.workers.target import TargetConfig, TargetHandler
     handler = TargetHandler(backend, TargetConfig(bind="inproc://match", model="-"))
     session = HandlerSession(handler, 1, prompt)
@@ -48,11 +48,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dovetail.cpus import parse_cpus, pin_process
-    from dovetail.fetch import resolve_model
-    from dovetail.prompts import load_humaneval
+    from dovetail.system.cpus import parse_cpus, pin_process
+    from dovetail.models.fetch import resolve_model
+    from dovetail.models.prompts import load_humaneval
     from dovetail.workers.backend import HFBackend
-    from dovetail.workers.hf import choose_dtype, load_tokenizer
+    from dovetail.models.loading import choose_dtype, load_tokenizer
 
     cpus = pin_process(parse_cpus(args.target_cpus))
     target = resolve_model(args.target)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import dovetail
-from dovetail.testing import make_tiny_model
+from tests.helpers import make_tiny_model
 
 N_REQUESTS = 8
 MAX_NEW = 48

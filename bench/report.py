@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dovetail.cpus import cpu_model
+from dovetail.system.cpus import cpu_model
 
 BASELINE = "target-only"
 

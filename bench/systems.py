@@ -49,9 +49,10 @@ def hf_assisted_records(prompts: list[list[int]], max_new: int, temperature: flo
     """Hugging Face assisted generation, in this process, with the same models and threads."""
     import torch
 
-    from dovetail.cpus import pin_process
-    from dovetail.fetch import resolve_model
-    from dovetail.workers.hf import CausalLM, choose_dtype
+    from dovetail.system.cpus import pin_process
+    from dovetail.models.fetch import resolve_model
+    from dovetail.models.loading import choose_dtype
+    from dovetail.workers.hf import CausalLM
 
     before = sorted(os.sched_getaffinity(0))
     pin_process(cpus)
@@ -97,7 +98,7 @@ def llama_cpp_records(prompts: list[list[int]], max_new: int, temperature: float
                       *, gguf, cpus, extra_buffers: bool = True) -> Iterator[dict]:
     """llama.cpp's own CPU decoding of the same GGUF file, same thread count, and the same
     extra-buffer setting as our llama.cpp backend (``python -m bench`` resolves it)."""
-    from dovetail.cpus import pin_process
+    from dovetail.system.cpus import pin_process
     from dovetail.workers.llama_buffers import open_llama
     before = sorted(os.sched_getaffinity(0))
     n_threads = len(pin_process(cpus))

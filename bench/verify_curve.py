@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from dovetail.cpus import cpu_model
+from dovetail.system.cpus import cpu_model
 from bench.systems import llama_skip_reason
 
 DEFAULT_KS = "1,2,3,4,6,8,12,16,24,32,48,64"
@@ -104,13 +104,13 @@ def parse_choices(text: str, choices, flag: str) -> list[str]:
 
 
 def parse_quantize(text: str) -> list[str]:
-    from dovetail.config import QUANTIZE_CHOICES
+    from dovetail.models.options import QUANTIZE_CHOICES
     return parse_choices(text, QUANTIZE_CHOICES, "--quantize")
 
 
 def parse_settings(text: str) -> list[str]:
-    from dovetail.workers.llama_buffers import SETTINGS
-    return parse_choices(text, SETTINGS, "--llama-extra-buffers")
+    from dovetail.models.options import LLAMA_EXTRA_BUFFERS
+    return parse_choices(text, LLAMA_EXTRA_BUFFERS, "--llama-extra-buffers")
 
 
 def random_tokens(vocab_size: int, n: int, seed: int) -> list[int]:
@@ -135,7 +135,7 @@ def _timed_runs(run, undo, repeats: int) -> list[float]:
 def measure_curve(backend, ks, ctx, repeats, seed=0, progress=None) -> dict[int, list[float]]:
     """Seconds per verify forward of k new tokens after ``ctx`` prefilled ones, for each k.
     ``progress`` (optional) is called once after each k."""
-    from dovetail.tree import chain_parents
+    from dovetail.spec.tree import chain_parents
     if ctx < 1 or repeats < 1:
         raise ValueError(f"ctx and repeats must be >= 1, got ctx={ctx}, repeats={repeats}")
     ks = list(ks)
@@ -164,7 +164,7 @@ def measure_interleaved(backends: dict, ks, ctx, repeats, rounds, seed=0, progre
     """measure_curve for several backends at once, in turn: each round, for each k, every
     backend's ``repeats`` forwards back to back (the order flips every round), so a slow
     spell of a shared machine falls on all alike. {name: {k: every round's seconds}}."""
-    from dovetail.tree import chain_parents
+    from dovetail.spec.tree import chain_parents
     ks = list(ks)
     ids = {}
     seqs = {}
@@ -301,10 +301,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         build_parser().error(str(e))
     from tqdm.auto import tqdm
-    from dovetail.cpus import format_cpus, parse_cpus, pin_process
-    from dovetail.fetch import resolve_model
+    from dovetail.system.cpus import format_cpus, parse_cpus, pin_process
+    from dovetail.models.fetch import resolve_model
     from dovetail.workers.backend import HFBackend
-    from dovetail.workers.hf import choose_dtype
+    from dovetail.models.loading import choose_dtype
     from dovetail.workers.llama_buffers import decide
 
     cpus = pin_process(parse_cpus(args.target_cpus))

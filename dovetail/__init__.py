@@ -5,12 +5,12 @@
                          target_cpus="0-31", draft_device=0) as coord:
         print(coord.generate("def fib(n):", max_new_tokens=64).text)
 """
-from dovetail.config import CoordinatorConfig
-from dovetail.coordinator import Coordinator
-from dovetail.results import Chunk, GenerationResult, Stats
-from dovetail.client import WorkerDied, WorkerError, WorkerTimeout, WorkerUnresponsive
-from dovetail.launch import launch
-from dovetail.requests import CoordinatorBusy, Request
+from dovetail.runtime.config import CoordinatorConfig
+from dovetail.runtime.coordinator import Coordinator
+from dovetail.runtime.results import Chunk, GenerationResult, Stats
+from dovetail.runtime.client import WorkerDied, WorkerError, WorkerTimeout, WorkerUnresponsive
+from dovetail.runtime.launch import launch
+from dovetail.runtime.requests import CoordinatorBusy, Request
 
 __all__ = ["launch", "Coordinator", "CoordinatorConfig", "GenerationResult", "Stats", "Chunk",
            "WorkerError", "WorkerDied", "WorkerTimeout", "WorkerUnresponsive", "CoordinatorBusy", "Request"]

@@ -24,7 +24,8 @@ import argparse
 import logging
 import sys
 
-from dovetail.config import DEFAULT_DRAFT_LM, QUANTIZE_CHOICES
+from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES
+from dovetail.runtime.config import DEFAULT_DRAFT_LM
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "auto"
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="draft: a model with the target's tokenizer, feature:CKPT_DIR (a trained feature draft), "
                         "or auto (default): the feature draft shipped for the target and the draft's device "
-                        "when there is one (dovetail/drafts/defaults.json), "
+                        "when there is one (dovetail/draft/shipped/defaults.json), "
                         f"else {DEFAULT_DRAFT_LM}")
     m.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
     m.add_argument("--force-draft", action="store_true",
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: int8 weights for a feature draft on the CPU, a faster draft step; only its "
                         "guesses can change, never the output (default: none)")
     m.add_argument("--draft-layers", type=int, default=None, help="use only the first N layers of the draft model")
-    m.add_argument("--llama-extra-buffers", default="auto", choices=("auto", "on", "off"),
+    m.add_argument("--llama-extra-buffers", default=DEFAULT_LLAMA_EXTRA_BUFFERS, choices=LLAMA_EXTRA_BUFFERS,
                    help="llama.cpp's extra (repacked / AMX) weight buffers for the workers on llama.cpp: auto "
                         "(default) keeps them unless a test decode with them, run once per machine in a child "
                         "process and cached, crashed (as AMX buffers do on some Intel Xeons); on / off force them")
@@ -137,8 +138,8 @@ def main(argv=None) -> int:
         return serve_target(args)  # before basicConfig: the worker sets up its own log format
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s coordinator %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from dovetail.client import WorkerError
-    from dovetail.fetch import FetchError
+    from dovetail.runtime.client import WorkerError
+    from dovetail.models.fetch import FetchError
 
     print("dovetail: starting workers (the first run fetches and converts the models)...", file=sys.stderr)
     try:
@@ -183,7 +184,7 @@ def check_role_flags(args) -> None:
 def start_coordinator(args):
     """--role local: both workers here; --role draft: the draft here, the target at --connect."""
     import dovetail
-    from dovetail.security import ClientKeys
+    from dovetail.system.security import ClientKeys
 
     draft_device = None if args.draft_gpu is None else ("cpu" if args.draft_gpu == "cpu" else f"cuda:{args.draft_gpu}")
     remote = {}
@@ -204,10 +205,9 @@ def start_coordinator(args):
 
 def serve_target(args) -> int:
     """--role target: the target worker in the foreground, until its coordinator is gone."""
-    from dovetail.config import CoordinatorConfig
-    from dovetail.fetch import FetchError, resolve_model
-    from dovetail.security import server_keys
-    from dovetail.workers.serve import check_bind
+    from dovetail.runtime.config import CoordinatorConfig
+    from dovetail.models.fetch import FetchError, resolve_model
+    from dovetail.system.security import check_bind, server_keys
 
     try:
         # the same knobs as the coordinator's, so both hosts agree on the window
@@ -215,7 +215,7 @@ def serve_target(args) -> int:
                                    heartbeat_liveness=args.liveness).liveness_window_s
         check_bind(args.listen, server_keys(args.curve_secret, args.curve_allow))
         model = resolve_model(args.target or DEFAULT_TARGET)
-        from dovetail.launch import check_backend, pick_backend
+        from dovetail.runtime.launch import check_backend, pick_backend
         backend = pick_backend(args.backend, model, args.target_quantize)
         check_backend(backend, model)
     except (FetchError, ValueError, RuntimeError) as e:
@@ -238,7 +238,7 @@ def serve_target(args) -> int:
 
 
 def build_keys_parser() -> argparse.ArgumentParser:
-    from dovetail.security import DEFAULT_CLIENT
+    from dovetail.system.security import DEFAULT_CLIENT
     p = argparse.ArgumentParser(
         prog=f"dovetail-launch {KEYS_SUBCOMMAND}",
         description="Create CurveZMQ key pairs for a worker served over tcp:// and for the clients it lets in. "
@@ -251,7 +251,7 @@ def build_keys_parser() -> argparse.ArgumentParser:
 
 
 def keys_main(argv) -> int:
-    from dovetail.security import DEFAULT_CLIENT, write_keys
+    from dovetail.system.security import DEFAULT_CLIENT, write_keys
     args = build_keys_parser().parse_args(argv)
     try:
         paths = write_keys(args.out, args.name or [DEFAULT_CLIENT])
@@ -268,7 +268,7 @@ def keys_main(argv) -> int:
 
 
 def _run(coord, prompt, args):
-    from dovetail.results import Stats
+    from dovetail.runtime.results import Stats
     stats = Stats()
     for chunk in coord.stream(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, stats=stats):
         sys.stdout.write(chunk.text)

@@ -109,28 +109,28 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_target(model_dir) -> Path:
     """A tiny random Qwen2 (vocab 64, float64, no tokenizer): prompts are token-id lists."""
-    from dovetail.testing import make_tiny_model
+    from tests.helpers import make_tiny_model
     return make_tiny_model(model_dir / "tiny-target", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_draft_near(model_dir, tiny_target) -> Path:
     """The target plus noise 0.005: agrees often, not always (mixed accept/reject rounds)."""
-    from dovetail.testing import make_tiny_model
+    from tests.helpers import make_tiny_model
     return make_tiny_model(model_dir / "tiny-draft-near", seed=1, noise_from=tiny_target, noise=0.005)
 
 
 @pytest.fixture(scope="session")
 def tiny_draft_weak(model_dir) -> Path:
     """An unrelated random model with the same vocabulary: almost every draft is rejected."""
-    from dovetail.testing import make_tiny_model
+    from tests.helpers import make_tiny_model
     return make_tiny_model(model_dir / "tiny-draft-weak", seed=7)
 
 
 @pytest.fixture(scope="session")
 def tiny_draft_vocab80(model_dir) -> Path:
     """A model whose vocabulary (80) differs from the target's (64): an incompatible draft."""
-    from dovetail.testing import make_tiny_model
+    from tests.helpers import make_tiny_model
     return make_tiny_model(model_dir / "tiny-draft-vocab80", seed=2, vocab_size=80)
 
 

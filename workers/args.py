@@ -5,7 +5,8 @@ import argparse
 import faulthandler
 import logging
 
-from dovetail.security import KEYS_COMMAND
+from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_EXTRA_BUFFERS
+from dovetail.system.security import KEYS_COMMAND
 
 
 def worker_parser(role: str, description: str) -> argparse.ArgumentParser:
@@ -47,3 +48,10 @@ def setup_logging(level: str, role: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+
+
+def add_extra_buffers_flag(parser) -> None:
+    """--llama-extra-buffers, for every worker that may run a model on llama.cpp."""
+    parser.add_argument("--llama-extra-buffers", default=DEFAULT_LLAMA_EXTRA_BUFFERS, choices=LLAMA_EXTRA_BUFFERS,
+                        help="llama.cpp only: its extra (repacked / AMX) weight buffers; auto (default): on unless "
+                             "a test decode with them, run once per machine in a child process, failed")

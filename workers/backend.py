@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dovetail.tree import is_chain, with_root
-from dovetail.workers.hf import CausalLM, Forward, load_tokenizer, tokenizer_hash
+from dovetail.spec.tree import is_chain, with_root
+from dovetail.models.loading import load_tokenizer, tokenizer_hash
+from dovetail.workers.hf import CausalLM, Forward
 from dovetail.workers.quant import check_quantize, quantize_model
 
 

@@ -113,7 +113,7 @@ def cache_key(model: str, backend: str, dtype: str, threads: int) -> str | None:
         p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else 0
     if size < CACHE_MIN_BYTES:
         return None
-    from dovetail.cpus import cpu_model
+    from dovetail.system.cpus import cpu_model
     mtime = int(path.stat().st_mtime)
     raw = json.dumps([str(path.resolve()), size, mtime, backend, dtype, threads, cpu_model(),
                       CALIBRATE_KS, CALIBRATE_CONTEXT, os.environ.get("OMP_WAIT_POLICY", "")])
@@ -121,7 +121,7 @@ def cache_key(model: str, backend: str, dtype: str, threads: int) -> str | None:
 
 
 def cache_dir() -> Path:
-    from dovetail.fetch import default_cache_dir
+    from dovetail.models.fetch import default_cache_dir
     return default_cache_dir() / "verify_cost"
 
 

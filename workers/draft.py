@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dovetail.cpus import format_cpus, pin_process, tune_gpu_worker
+from dovetail.system.cpus import format_cpus, pin_process, tune_gpu_worker
 from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
-from dovetail.workers.hf import CausalLM, choose_dtype, load_tokenizer, tokenizer_hash
-from dovetail.workers.llama_buffers import DEFAULT_SETTING, add_extra_buffers_flag, check_setting, decide
+from dovetail.models.loading import choose_dtype, load_tokenizer, tokenizer_hash
+from dovetail.workers.hf import CausalLM
+from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, check_llama_extra_buffers
+from dovetail.workers.args import add_extra_buffers_flag
+from dovetail.workers.llama_buffers import decide
 from dovetail.workers.serve import (
     RequestError, WorkerConfig, parse_config, serve, setup_logging, worker_parser,
 )
@@ -39,12 +42,12 @@ class DraftConfig(WorkerConfig):
     target_model: str | None = None   # the target it drafts for: embedding, LM head, identity
     feature_codec: str = "fp16"       # must match the target's (checked at the handshake)
     quantize: str = "none"            # "int8": a feature draft's weights on the CPU (its speed, not the output)
-    llama_extra_buffers: str = DEFAULT_SETTING  # a llama.cpp draft's buffers: auto | on | off (llama_buffers.py)
+    llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS  # a llama.cpp draft's buffers: auto | on | off (llama_buffers.py)
 
     def __post_init__(self):
         super().__post_init__()
         check_placement(self.device, self.layers)
-        check_setting(self.llama_extra_buffers, "--llama-extra-buffers")
+        check_llama_extra_buffers(self.llama_extra_buffers, "--llama-extra-buffers")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"--quantize must be none or int8, got {self.quantize!r}")
         if self.quantize != "none" and (self.feature_draft is None or self.device != "cpu"):

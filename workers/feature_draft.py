@@ -1,6 +1,6 @@
 """Draft worker side of a feature draft (DGF / EAGLE): target hidden states in, trees out.
 
-Feature alignment (see also dovetail/drafter.py): the target's hidden state of committed
+Feature alignment (see also dovetail/runtime/drafter.py): the target's hidden state of committed
 position p, f_p, is known once the target has processed token p, i.e. for every committed
 position but the last (that token is pending on the target: the root of the next verify).
 ``DraftRequest.features`` therefore holds rows for committed positions
@@ -43,7 +43,7 @@ class FeatureState:
 
 @dataclass
 class FeatureDraftHandler:
-    model: object            # dovetail.draft_model.FeatureDraft
+    model: object            # dovetail.draft.model.FeatureDraft
     tok_hash: str
     feature_codec: str = "fp16"
     max_requests: int = 256
@@ -163,8 +163,8 @@ def quantize_feature_draft(model) -> int:
 
 def load_handler(cfg) -> FeatureDraftHandler:
     """Load the checkpoint for cfg.target_model (refusing another target) and place it."""
-    from dovetail.draft_io import load_feature_draft, load_target_pieces
-    from dovetail.workers.hf import choose_dtype
+    from dovetail.draft.checkpoint import load_feature_draft, load_target_pieces
+    from dovetail.models.loading import choose_dtype
     device = place_draft(cfg.device, cfg.cpus, "feature draft")
     t0 = time.perf_counter()
     pieces = load_target_pieces(cfg.target_model)

@@ -12,7 +12,7 @@ Locally (started by launch() with --parent-pid) two mechanisms, for different ga
 
 Remotely there is no parent to watch: ``--heartbeat-timeout S`` makes the worker exit when
 no coordinator has sent it anything (the coordinator heartbeats every
-heartbeat_interval_s, dovetail/liveness.py) for S seconds. The clock starts at the first
+heartbeat_interval_s, dovetail/runtime/liveness.py) for S seconds. The clock starts at the first
 message, so a worker waits for its first coordinator as long as that takes.
 """
 from __future__ import annotations

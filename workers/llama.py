@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dovetail.tree import children, row_positions, with_root
+from dovetail.models.options import LLAMA_MISSING
+from dovetail.spec.tree import children, row_positions, with_root
 from dovetail.workers.backend import Identity, TargetBackend
-from dovetail.workers.hf import Forward, load_tokenizer, tokenizer_hash
+from dovetail.models.loading import load_tokenizer, tokenizer_hash
+from dovetail.workers.hf import Forward
 
 log = logging.getLogger("dovetail.target")
 
-MISSING = ("the llama.cpp backend needs llama-cpp-python: pip install -e \".[llama]\" "
-           "(it compiles llama.cpp, a few minutes), or use the transformers backend")
 DEFAULT_CTX = 8192       # KV cells shared by all open requests (tokens in all of them)
 DEFAULT_SEQS = 64        # sequence ids: one per open request plus scratch ids for tree leaves
 MAX_BATCH = 512          # rows per llama_decode call; longer prompts go in chunks
@@ -36,7 +36,7 @@ def import_llama():
     try:
         import llama_cpp
     except ImportError as e:
-        raise RuntimeError(MISSING) from e
+        raise RuntimeError(LLAMA_MISSING) from e
     return llama_cpp
 
 

@@ -30,8 +30,6 @@ from typing import Callable
 
 log = logging.getLogger("dovetail.llama")
 
-SETTINGS = ("auto", "on", "off")
-DEFAULT_SETTING = "auto"
 OK, CRASH, HANG = "ok", "crash", "hang"
 ERROR = "error"          # the probe's own Python code failed: no verdict, nothing cached
 HARNESS_EXIT = 86        # the child's exit code for that
@@ -52,19 +50,6 @@ PROBE_SINGLE_STEPS = 3   # then this many one-token decodes
 PROBE_BATCH_ROWS = 4     # then one decode of this many rows (a verification's shape)
 STDERR_TAIL = 2000       # characters of the child's stderr kept with a failed verdict
 CACHE_VERSION = 1        # bump when the probe changes what it checks
-
-
-def check_setting(value, name: str = "llama_extra_buffers") -> str:
-    if value not in SETTINGS:
-        raise ValueError(f"{name} must be one of {', '.join(SETTINGS)}, got {value!r}")
-    return value
-
-
-def add_extra_buffers_flag(parser) -> None:
-    """--llama-extra-buffers, for every worker that may run a model on llama.cpp."""
-    parser.add_argument("--llama-extra-buffers", default=DEFAULT_SETTING, choices=SETTINGS,
-                        help="llama.cpp only: its extra (repacked / AMX) weight buffers; auto (default): on unless "
-                             "a test decode with them, run once per machine in a child process, failed")
 
 
 @dataclass
@@ -212,7 +197,7 @@ def run_probe(model: str, threads: int, *, child: Callable = decode_probe,
         return Verdict(ERROR, f"failed in Python ({last[0]})", returncode=rc, seconds=seconds,
                        stderr_tail=_tail(done.stderr))
     if rc < 0:
-        from dovetail.worker_log import signal_name  # here: this module's top stays stdlib-only (the child)
+        from dovetail.system.worker_log import signal_name  # here: this module's top stays stdlib-only (the child)
         name = signal_name(-rc)
         return Verdict(CRASH, f"died with {name}", signal=name, returncode=rc, seconds=seconds,
                        stderr_tail=_tail(done.stderr))
@@ -278,14 +263,14 @@ def model_file(model: str) -> list:
 def cache_key(model: str) -> tuple[str, dict]:
     """The cache file's name and what it was derived from: the CPU (model name and
     flags), the llama.cpp build and the model file (``model_file``)."""
-    from dovetail.cpus import cpu_model
+    from dovetail.system.cpus import cpu_model
     parts = {"cpu": cpu_model(), "cpu_flags": hashlib.sha256(cpu_flags().encode()).hexdigest()[:16],
              "llama_cpp": llama_build(), "model": model_file(model), "probe": CACHE_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20], parts
 
 
 def cache_dir() -> Path:
-    from dovetail.fetch import default_cache_dir
+    from dovetail.models.fetch import default_cache_dir
     return default_cache_dir() / "llama_extra_buffers"
 
 
@@ -340,7 +325,8 @@ def decide(setting: str, model: str, threads: int, *, child: Callable = decode_p
            timeout_s: float | None = None, folder: Path | None = None) -> Decision:
     """Resolve ``setting`` for ``model``; where the verdict is a failure, log why extra
     buffers are off, what that costs and how to force them, in one warning line."""
-    check_setting(setting)
+    from dovetail.models.options import check_llama_extra_buffers  # here: the top stays stdlib-only
+    check_llama_extra_buffers(setting)
     if setting != "auto":
         return Decision(setting, setting == "on")
     verdict = cached_verdict(model, threads, child=child, timeout_s=timeout_s, folder=folder)
@@ -354,7 +340,7 @@ def decide(setting: str, model: str, threads: int, *, child: Callable = decode_p
 
 
 def warning_text(verdict: Verdict) -> str:
-    from dovetail.cpus import cpu_model
+    from dovetail.system.cpus import cpu_model
     return (f"llama.cpp extra buffer types are off: a test decode with them {verdict.reason} on this CPU "
             f"({cpu_model()}; verdict cached in {verdict.cache_path}, delete it to probe again). Plain buffers "
             f"cost ~{PLAIN_COST_K1:.0%} at k=1 and ~{PLAIN_COST_K4:.0%} at k=4 ({PLAIN_COST_MODEL}); "

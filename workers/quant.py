@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dovetail.config import QUANTIZE_CHOICES
+from dovetail.models.options import QUANTIZE_CHOICES
 
 log = logging.getLogger(__name__)
 

@@ -18,69 +18,19 @@ one token at a time) on its own KV cache, so the draft time it reports is realis
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake
+from dovetail.spec.replay import load_script
 from dovetail.workers.draft import apply_request, check_placement, dispatch_draft, load_draft_model
 from dovetail.workers.serve import WorkerConfig, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.replay")
-SCRIPT_VERSION = 1
-
-
-def expected_tau(depth: int, corrupt: float) -> float:
-    """Tokens committed per round for a chain of ``depth``: token i survives with (1-c)^i."""
-    return 1.0 + sum((1.0 - corrupt) ** i for i in range(1, depth + 1))
-
-
-def load_script(path: str | Path) -> dict:
-    script = json.loads(Path(path).read_text())
-    if script.get("version") != SCRIPT_VERSION or not isinstance(script.get("entries"), list):
-        raise ValueError(f"{path}: expected a replay script {{'version': {SCRIPT_VERSION}, 'entries': [...]}}")
-    for e in script["entries"]:
-        if not e.get("prompt") or not isinstance(e.get("continuation"), list):
-            raise ValueError(f"{path}: every entry needs a non-empty 'prompt' and a 'continuation'")
-    return script
-
-
-def save_script(script: dict, path: str | Path) -> None:
-    """Write atomically: a worker re-reading the file never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(script))
-    os.replace(tmp, path)
-
-
-def record_script(coord_or_target, prompts: list[list[int]], max_new_tokens: int, **launch_kwargs) -> dict:
-    """The target's greedy continuation of each prompt, target-only, as a replay script.
-
-    ``coord_or_target``: a running Coordinator (its draft is not used) or a target model
-    path, launched here with ``launch_kwargs`` and closed again.
-    """
-    import dovetail
-    if isinstance(coord_or_target, dovetail.Coordinator):
-        return record_with(coord_or_target, prompts, max_new_tokens)
-    with dovetail.launch(coord_or_target, None, **launch_kwargs) as coord:
-        return record_with(coord, prompts, max_new_tokens)
-
-
-def record_with(coord, prompts, max_new_tokens) -> dict:
-    draft, coord.draft = coord.draft, None  # no draft: a plain target-only decode
-    try:
-        outs = [coord.generate(list(p), max_new_tokens=max_new_tokens).token_ids for p in prompts]
-    finally:
-        coord.draft = draft
-    return {"version": SCRIPT_VERSION, "entries": [{"prompt": list(p), "continuation": o}
-                                                   for p, o in zip(prompts, outs)]}
-
-
 @dataclass
 class ReplayConfig(WorkerConfig):
     script: str
@@ -243,7 +193,7 @@ def main(argv=None) -> None:
     setup_logging(cfg.log_level, "replay")
     lm, vocab, tok_hash = None, cfg.vocab_size, cfg.tokenizer_hash
     if cfg.model is not None:
-        from dovetail.workers.hf import load_tokenizer, tokenizer_hash
+        from dovetail.models.loading import load_tokenizer, tokenizer_hash
         lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus, role="replay draft")
         vocab = vocab or lm.vocab_size
         tok_hash = tok_hash or tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)

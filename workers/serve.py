@@ -10,7 +10,6 @@ failing requests are answered with an Error and the loop goes on serving.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import queue
@@ -24,8 +23,10 @@ from dovetail.protocol import (
     HEARTBEAT_ID_PREFIX, MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
     configure_socket, decode, encode,
 )
-from dovetail.cpus import parse_cpus
-from dovetail.security import KEYS_COMMAND, ServerKeys, curve_server, server_keys, start_authenticator
+from dovetail.system.cpus import parse_cpus
+from dovetail.system.security import (
+    ServerKeys, check_bind, curve_server, server_keys, start_authenticator,
+)
 from dovetail.workers.args import parse_config, setup_logging, worker_parser  # noqa: F401 (the roles import them from here)
 from dovetail.workers.lifeline import SilenceClock, check_heartbeat_timeout, exit_on_sigterm, watch_parent
 
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 POLL_MS = 100             # how often the loop wakes to check for a stop request or silence
 COMPUTE_JOIN_S = 3.0      # on exit, how long the request in progress may take to finish
 MAX_BACKLOG = 1000        # messages queued for the compute thread before reading pauses (ZeroMQ's own HWM)
-LOOPBACK_NAMES = ("localhost",)  # besides 127.0.0.0/8 and ::1
 
 
 @dataclass(kw_only=True)
@@ -284,29 +284,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def check_bind(bind: str, keys: ServerKeys | None = None) -> None:
-    """Refuse addresses we cannot serve on, and tcp:// off loopback without CURVE keys."""
-    if not bind.startswith(("ipc://", "tcp://", "inproc://")):
-        raise ValueError(f"--bind must be an ipc:// or tcp:// address, got {bind!r}")
-    if bind.startswith("tcp://") and keys is None and not is_loopback(bind):
-        raise ValueError(
-            f"--bind {bind} is reachable from other machines, and without keys anyone there could "
-            f"drive this worker. Create keys with `{KEYS_COMMAND}` and pass --curve-secret "
-            f"DIR/worker/server.key_secret --curve-allow DIR/worker/allow (or bind to 127.0.0.1)")
-
-
-def is_loopback(tcp_address: str) -> bool:
-    """True for tcp://127.x.x.x:PORT, tcp://[::1]:PORT and tcp://localhost:PORT only.
-
-    Wildcards (*, 0.0.0.0), interface names and every other host count as reachable.
-    """
-    host = tcp_address[len("tcp://"):].rsplit(":", 1)[0]
-    host = host.removeprefix("[").removesuffix("]")
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

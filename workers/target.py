@@ -12,16 +12,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dovetail.config import QUANTIZE_CHOICES
-from dovetail.cpus import format_cpus, numa_nodes, pin_process
+from dovetail.models.options import (
+    BACKENDS, DEFAULT_LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, check_llama_extra_buffers,
+)
+from dovetail.system.cpus import format_cpus, numa_nodes, pin_process
 from dovetail.protocol import (
     FEATURE_CODECS, Close, Closed, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
     encode_features,
 )
-from dovetail.verify import accept_greedy, accept_sampled, target_probs
+from dovetail.spec.verify import accept_greedy, accept_sampled, target_probs
 from dovetail.workers.backend import HFBackend, TargetBackend
-from dovetail.workers.hf import choose_dtype
-from dovetail.workers.llama_buffers import DEFAULT_SETTING, add_extra_buffers_flag, check_setting, decide, decode_probe
+from dovetail.models.loading import choose_dtype
+from dovetail.workers.args import add_extra_buffers_flag
+from dovetail.workers.llama_buffers import decide, decode_probe
 from dovetail.workers.quant import check_quantize
 from dovetail.workers.serve import (
     RequestError, WorkerConfig, parse_config, serve, setup_logging, worker_parser,
@@ -29,7 +32,6 @@ from dovetail.workers.serve import (
 
 log = logging.getLogger("dovetail.target")
 
-BACKENDS = ("transformers", "llama.cpp")
 
 
 @dataclass
@@ -40,7 +42,7 @@ class TargetConfig(WorkerConfig):
     ctx: int = 8192
     calibrate: bool = True  # measure (or read the cached) verify-cost curve at start-up
     quantize: str = "none"
-    llama_extra_buffers: str = DEFAULT_SETTING  # auto | on | off (workers/llama_buffers.py)
+    llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS  # auto | on | off (workers/llama_buffers.py)
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,7 +57,7 @@ class TargetConfig(WorkerConfig):
         if self.feature_codec not in FEATURE_CODECS:
             raise ValueError(f"feature codec must be one of {FEATURE_CODECS}, got {self.feature_codec!r}")
         check_quantize(self.quantize)
-        check_setting(self.llama_extra_buffers, "--llama-extra-buffers")
+        check_llama_extra_buffers(self.llama_extra_buffers, "--llama-extra-buffers")
         if self.max_requests < 1:
             raise ValueError("max_requests must be at least 1")
 

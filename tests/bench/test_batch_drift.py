@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench import batch_drift
-from dovetail.testing import make_tiny_model
+from tests.helpers import make_tiny_model
 from dovetail.workers.backend import HFBackend
 
 

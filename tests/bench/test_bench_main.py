@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bench.__main__ import main
-from dovetail.testing import make_tiny_model, make_tiny_tokenizer
+from tests.helpers import make_tiny_model, make_tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.gating import best_length, replay
-from dovetail.distill import Answered
+from dovetail.training.distill import Answered
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake
 
 pytestmark = pytest.mark.timeout(30)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.lookup import accepted, answer_proposals, gated_ms, lookup, oracle_ms, run
-from dovetail.distill import Answered
+from dovetail.training.distill import Answered
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import plots, verify_curve
-from dovetail.testing import make_tiny_model
+from tests.helpers import make_tiny_model
 
 PNG = b"\x89PNG"
 

@@ -6,7 +6,7 @@ import pytest
 
 import dovetail
 from dovetail.cli import main
-from dovetail.testing import make_tiny_model, make_tiny_tokenizer
+from tests.helpers import make_tiny_model, make_tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,7 +98,7 @@ def test_target_and_draft_roles_on_two_ports_give_the_same_text(models, referenc
     import socket
     import subprocess
 
-    from dovetail.security import write_keys
+    from dovetail.system.security import write_keys
     target, draft, _ = models
     keys = write_keys(tmp_path / "keys")
     with socket.socket() as s:

@@ -1,7 +1,14 @@
-"""`import dovetail` and `dovetail-launch --help` stay light: no torch, no transformers and no
-worker module is loaded until a worker or a model is needed, and no module of the dovetail
-package imports dovetail.workers at its top (the workers import dovetail, not the reverse)."""
+"""`import dovetail` and `dovetail-launch --help` stay light (no torch, no transformers, no
+worker module), and the packages import each other in one direction only: every import in
+every module, lazy ones included, follows the layers below, so there is no import cycle.
+
+    protocol                          wire messages; imports nothing else of Dovetail
+    spec, system, models, draft       pure rules, the machine, model files, the draft model
+    workers | runtime                 the worker processes | the coordinator (never each other)
+    training, cli, dovetail           applications: may import any of the above
+"""
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -35,12 +42,62 @@ def test_launch_help_loads_no_torch():
     assert loaded_after(code) == "[]"
 
 
-def test_no_top_level_import_of_the_workers_from_the_dovetail_package():
-    package = Path(dovetail.__file__).parent
+LAYERS = {  # layer -> the layers its modules may import
+    "protocol": {"protocol"},
+    "base": {"protocol", "base"},
+    "workers": {"protocol", "base", "workers"},
+    "runtime": {"protocol", "base", "runtime"},
+    "app": {"protocol", "base", "workers", "runtime", "app"},
+}
+SUBPACKAGE_LAYER = {"protocol": "protocol", "spec": "base", "system": "base", "models": "base", "draft": "base",
+                    "workers": "workers", "runtime": "runtime", "training": "app", "cli": "app"}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return "app" if len(parts) == 1 else SUBPACKAGE_LAYER[parts[1]]
+
+
+def source_modules():
+    """(dotted name, file) of every module installed under the dovetail namespace."""
+    roots = {"dovetail": Path(dovetail.__file__).parent}
+    for sub in ("workers", "protocol"):
+        roots[f"dovetail.{sub}"] = Path(importlib.import_module(f"dovetail.{sub}").__file__).parent
+    for package, root in roots.items():
+        for path in sorted(root.rglob("*.py")):
+            parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
+            yield ".".join([package, *parts]), path
+
+
+def dovetail_imports(path: Path):
+    """(line, module) of every absolute import of a dovetail module in ``path``, lazy ones included."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        yield from ((node.lineno, n) for n in names if n == "dovetail" or n.startswith("dovetail."))
+
+
+def test_every_subpackage_has_a_layer():
+    subpackages = {name.split(".")[1] for name, _ in source_modules() if name.count(".") >= 1}
+    assert subpackages <= set(SUBPACKAGE_LAYER), subpackages - set(SUBPACKAGE_LAYER)
+
+
+def test_imports_follow_the_layers():
     offenders = []
-    for path in sorted(package.glob("*.py")):
-        for node in ast.parse(path.read_text()).body:  # module level only: lazy imports are the point
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.name}: {n}" for n in names if n.startswith("dovetail.workers")]
-    assert not offenders, offenders
+    for module, path in source_modules():
+        for line, name in dovetail_imports(path):
+            if layer_of(name) not in LAYERS[layer_of(module)]:
+                offenders.append(f"{path.name}:{line} {module} ({layer_of(module)}) imports {name} ({layer_of(name)})")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_layer_check_sees_lazy_imports(tmp_path):
+    """The check must catch an import inside a function, the kind that hid the old cycle."""
+    f = tmp_path / "m.py"
+    f.write_text("def load():\n    from dovetail.workers.hf import CausalLM\n")
+    assert [n for _, n in dovetail_imports(f)] == ["dovetail.workers.hf"]
+    assert layer_of("dovetail.workers.hf") not in LAYERS[layer_of("dovetail.runtime.launch")]

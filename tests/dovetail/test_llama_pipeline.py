@@ -4,7 +4,7 @@ Target-only decoding through our worker must give llama.cpp's own greedy tokens,
 a draft must not change them, up to a near tie: llama.cpp's logits for a row depend on how
 many rows share its decode call (bench.batch_drift), so where the target's top two tokens are
 closer than that drift, the draft's k-row verifies may pick the other one
-(dovetail.testing.greedy_divergence checks that this is all that happened). The draft here is
+(greedy_divergence in tests/helpers.py checks that this is all that happened). The draft here is
 the same model cut to 20 of its 24 layers (transformers, float32, CPU): it agrees with the
 target often, not always, so rounds both accept and reject.
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import dovetail
-from dovetail.fetch import fetch_model
-from dovetail.prompts import load_humaneval
-from dovetail.testing import NextLogits, divergence_summary, greedy_divergence, make_tiny_model, make_tiny_tokenizer
+from dovetail.models.fetch import fetch_model
+from dovetail.models.prompts import load_humaneval
+from tests.helpers import NextLogits, divergence_summary, greedy_divergence, make_tiny_model, make_tiny_tokenizer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1200)]
 
@@ -81,7 +81,7 @@ def test_refuses_a_draft_for_another_target(gguf, tmp_path):
 
 
 def test_backend_errors_are_clear(tmp_path):
-    from dovetail.launch import check_backend
+    from dovetail.runtime.launch import check_backend
     with pytest.raises(ValueError, match="backend must be one of"):
         check_backend("onnx", "x.gguf")
     with pytest.raises(ValueError, match=".gguf"):
@@ -91,7 +91,7 @@ def test_backend_errors_are_clear(tmp_path):
 def test_auto_backend_picks_llama_cpp_for_a_gguf_only_when_installed(tmp_path, monkeypatch):
     import importlib.util
 
-    from dovetail.launch import pick_backend
+    from dovetail.runtime.launch import pick_backend
     assert pick_backend("transformers", "m.gguf") == "transformers"
     assert pick_backend("auto", tmp_path) == "transformers"  # a HF folder
     assert pick_backend("auto", "m.gguf") == "llama.cpp"

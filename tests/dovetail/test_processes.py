@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 import dovetail
-from dovetail.client import WorkerUnresponsive
-from dovetail.worker_log import LLAMA_KNOB, describe_exit
+from dovetail.runtime.client import WorkerUnresponsive
+from dovetail.system.worker_log import LLAMA_KNOB, describe_exit
 from dovetail.protocol import HandshakeMismatch
 
 pytestmark = pytest.mark.timeout(90)

@@ -7,14 +7,14 @@ sides: bf16 can flip near-tied argmaxes between a 1-token and a k-token forward.
 The target runs on the default backend: llama.cpp where llama-cpp-python is installed. Its
 logits for a row depend on how many rows share the decode call (bench.batch_drift), so output
 verified k tokens at a time equals target-only output up to a near tie
-(dovetail.testing.greedy_divergence checks that this is all that differs).
+(greedy_divergence in tests/helpers.py checks that this is all that differs).
 """
 import pytest
 
 import dovetail
-from dovetail.fetch import fetch_model
-from dovetail.prompts import load_humaneval
-from dovetail.testing import NextLogits, divergence_summary, greedy_divergence
+from dovetail.models.fetch import fetch_model
+from dovetail.models.prompts import load_humaneval
+from tests.helpers import NextLogits, divergence_summary, greedy_divergence
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1200)]
 
@@ -70,7 +70,7 @@ def test_greedy_identical_with_and_without_draft(model_path, prompts):
 def test_shipped_feature_draft_is_the_default_and_lossless(model_path, prompts):
     """draft="auto" (dovetail-launch's default) picks the DGF draft shipped for this target;
     through the default backend its greedy output is the target's own, and it is accepted."""
-    from dovetail.draft_io import shipped_draft
+    from dovetail.draft.checkpoint import shipped_draft
     assert shipped_draft(model_path) is not None, "no feature draft ships for the 0.5B target"
     with dovetail.launch(model_path, None) as base:
         reference = [base.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]

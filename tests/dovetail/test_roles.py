@@ -3,8 +3,8 @@ import pytest
 
 import dovetail
 from dovetail.cli import build_parser, check_role_flags, main
-from dovetail.config import CoordinatorConfig
-from dovetail.launch import check_remote
+from dovetail.runtime.config import CoordinatorConfig
+from dovetail.runtime.launch import check_remote
 from dovetail.workers.lifeline import SilenceClock, check_heartbeat_timeout
 
 pytestmark = pytest.mark.timeout(30)

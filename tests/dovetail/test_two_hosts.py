@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from dovetail.security import write_keys
+from dovetail.system.security import write_keys
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,7 +47,7 @@ ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 COORDINATOR = textwrap.dedent("""
     import json, socket, statistics, sys, time
     import dovetail
-    from dovetail.security import ClientKeys
+    from dovetail.system.security import ClientKeys
     address, draft, secret, server_public, host, echo_port, interval, liveness, prompts, max_new = sys.argv[1:]
     coord = dovetail.launch(None, draft, target_address=address, client_keys=ClientKeys(secret, server_public),
                             dtype="float64", draft_device="cpu", force_draft=True, env={"OMP_WAIT_POLICY": "PASSIVE"},

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dovetail.testing import make_tiny_model
+from tests.helpers import make_tiny_model
 from dovetail.workers import calibrate
 from dovetail.workers.backend import HFBackend
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dovetail.draft_io import load_feature_draft, load_target_pieces, new_feature_draft, save_checkpoint
+from dovetail.draft.checkpoint import load_feature_draft, load_target_pieces, new_feature_draft
 from dovetail.protocol import DraftRequest, OpenRequest, encode_features
-from dovetail.testing import make_tiny_model, plain_greedy
-from dovetail.train import TrainConfig, train
-from dovetail.train_data import Sequence, target_hidden
+from tests.helpers import make_tiny_model, plain_greedy
+from dovetail.training.train import TrainConfig, train
+from dovetail.training.data import Sequence, target_hidden
 from dovetail.workers.feature_draft import FeatureDraftHandler
 from dovetail.workers.hf import CausalLM
 

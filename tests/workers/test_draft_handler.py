@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dovetail.protocol import Close, Closed, DraftRequest, OpenRequest, Opened
-from dovetail.testing import make_tiny_model
-from dovetail.tree import chain_parents, check_parents, children, depths, main_path
+from tests.helpers import make_tiny_model
+from dovetail.spec.tree import chain_parents, check_parents, children, depths, main_path
 from dovetail.workers.draft import DraftConfig, DraftHandler
 from dovetail.workers.hf import CausalLM
 from dovetail.workers.serve import RequestError

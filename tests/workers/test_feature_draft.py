@@ -11,12 +11,12 @@ import dataclasses
 import pytest
 import torch
 
-from dovetail.draft_io import load_feature_draft, load_target_pieces, new_feature_draft, save_checkpoint
+from dovetail.draft.checkpoint import load_feature_draft, load_target_pieces, new_feature_draft, save_checkpoint
 from dovetail.protocol import DraftRequest, OpenRequest, decode_features, encode_features
-from dovetail.testing import make_tiny_model
-from dovetail.train import TrainConfig, train
-from dovetail.train_data import Sequence, target_hidden
-from dovetail.tree import check_parents, depths
+from tests.helpers import make_tiny_model
+from dovetail.training.train import TrainConfig, train
+from dovetail.training.data import Sequence, target_hidden
+from dovetail.spec.tree import check_parents, depths
 from dovetail.workers.feature_draft import FeatureDraftHandler
 from dovetail.workers.hf import CausalLM
 from dovetail.workers.serve import RequestError
@@ -327,9 +327,9 @@ def test_sampling_with_a_feature_draft_is_deterministic_per_seed(coords):
         assert not a.stats.draft_fallback
 
 
-# ---- offline replay (dovetail/distill.py) ---------------------------------------------------
+# ---- offline replay (dovetail/training/distill.py) ---------------------------------------------------
 def test_accepted_length_follows_matching_paths_only():
-    from dovetail.distill import accepted_length
+    from dovetail.training.distill import accepted_length
     # root children 5 and 6; 5 -> 7 -> 8; 6 -> 9
     tokens, parents = [5, 6, 7, 9, 8], [-1, -1, 0, 1, 2]
     assert accepted_length(tokens, parents, [5, 7, 8, 1]) == 3
@@ -344,7 +344,7 @@ def test_accepted_length_follows_matching_paths_only():
 def test_offline_replay_reproduces_the_pipelines_rounds(coords, trained, pieces, target_path):
     """Greedy rounds replayed from recorded answers commit exactly what the live pipeline
     (target and feature-draft processes, same tree shape) committed, round by round."""
-    from dovetail.distill import greedy_with_hidden, offline_tau
+    from dovetail.training.distill import greedy_with_hidden, offline_tau
     from dovetail.workers.backend import HFBackend
     backend = HFBackend(str(target_path), dtype=torch.float64)
     answers = [greedy_with_hidden(backend, p, MAX_NEW, stop_ids=set()) for p in E2E_PROMPTS.values()]
@@ -365,7 +365,7 @@ def test_offline_replay_reproduces_the_pipelines_rounds(coords, trained, pieces,
 def test_a_gated_draft_is_lossless_and_drafts_less(coords):
     """gate=True: the sizer prices a token from a steep verify curve (llama.cpp on two cores)
     and the draft proposes only tokens above that path probability."""
-    from dovetail.autotree import TreeSizer
+    from dovetail.runtime.autotree import TreeSizer
     coord = coords["trained"]
     saved_cfg, saved_sizer = coord.config, coord.sizer
     try:

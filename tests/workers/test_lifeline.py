@@ -1,6 +1,6 @@
 """serve()'s I/O thread and the coordinator's heartbeats, in-process (no model, no root).
 
-A busy handler must not look hung: liveness heartbeats (from dovetail/liveness.py's sockets)
+A busy handler must not look hung: liveness heartbeats (from dovetail/runtime/liveness.py's sockets)
 are answered at once, while everything else keeps its order behind the model's work. A
 worker with --heartbeat-timeout leaves after that much silence, counted from the first
 message. A Liveness monitor marks a silent worker unresponsive and clears it again.
@@ -16,8 +16,8 @@ import time
 import pytest
 import zmq
 
-from dovetail.client import WorkerClient, WorkerUnresponsive
-from dovetail.liveness import Liveness
+from dovetail.runtime.client import WorkerClient, WorkerUnresponsive
+from dovetail.runtime.liveness import Liveness
 from dovetail.protocol import Close, Closed, Handshake, Heartbeat, Shutdown, configure_socket, decode, encode
 from dovetail.workers.serve import HEARTBEAT_ID_PREFIX, serve
 

@@ -3,7 +3,7 @@
 llama.cpp's kernels give slightly different numbers for a row depending on how many rows
 share the decode call (the batched and single-row matmul paths sum in different orders),
 so tree and chain logits are compared to a stated tolerance, not bit for bit, and by argmax
-up to a near tie (dovetail.testing: the top two closer than that drift may swap).
+up to a near tie (tests/helpers.py: the top two closer than that drift may swap).
 CI installs llama-cpp-python and sets DOVETAIL_REQUIRE_LLAMA=1, so a missing library fails
 there instead of skipping.
 """
@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from dovetail.fetch import fetch_model
-from dovetail.prompts import load_humaneval
-from dovetail.testing import LLAMA_DRIFT_LOGITS, near_tie, same_argmax_or_near_tie
-from dovetail.verify import accept_greedy
+from dovetail.models.fetch import fetch_model
+from dovetail.models.prompts import load_humaneval
+from tests.helpers import LLAMA_DRIFT_LOGITS, near_tie, same_argmax_or_near_tie
+from dovetail.spec.verify import accept_greedy
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(900)]
 
@@ -23,7 +23,7 @@ if os.environ.get("DOVETAIL_REQUIRE_LLAMA") != "1":
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
-LOGIT_TOL = LLAMA_DRIFT_LOGITS  # per logit, 1-row against k-row decodes (dovetail.testing); logits span ~30
+LOGIT_TOL = LLAMA_DRIFT_LOGITS  # per logit, 1-row against k-row decodes (tests/helpers.py); logits span ~30
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def backend(gguf):
 
 @pytest.fixture(scope="module")
 def prompt(gguf):
-    from dovetail.workers.hf import load_tokenizer
+    from dovetail.models.loading import load_tokenizer
     tok = load_tokenizer(gguf)
     return tok.encode(load_humaneval(limit=1)[0]["prompt"], add_special_tokens=False)
 
@@ -134,7 +134,7 @@ def test_features_match_the_dequantized_model(backend, prompt, gguf):
     # llama.cpp quantizes activations to 8 bits inside its matmuls (Q8_K blocks against this
     # Q4_K_M file's weights) and keeps the KV cache in f16; the transformers copy does neither.
     # That is the format, the same on every x86 kernel (AVX2, AVX-512, AMX); kernels, thread
-    # counts and batch sizes move rows far less (logits by ~2% of their span: dovetail.testing).
+    # counts and batch sizes move rows far less (logits by ~2% of their span: tests/helpers.py).
     # So this is no exact agreement: measured on this prompt (AMD EPYC, 2 threads) cosine
     # >= 0.9989 and relative error <= 0.048 per row; the bounds leave ~2x (rel) and ~4x
     # (1 - cosine) of margin, and features from a wrong layer or position miss them by far.
@@ -146,7 +146,7 @@ def test_features_match_the_dequantized_model(backend, prompt, gguf):
 def test_step_many_advances_each_sequence_with_its_own_rows(backend, gguf):
     """Self-distillation decodes many answers side by side: every row must be its own
     sequence's next step (same argmax as a one-row step, within the batched-kernel tolerance)."""
-    from dovetail.workers.hf import load_tokenizer
+    from dovetail.models.loading import load_tokenizer
     tok = load_tokenizer(gguf)
     prompts = [tok.encode(p["prompt"], add_special_tokens=False)[:40] for p in load_humaneval(limit=3)]
     refs = [greedy_chain(backend, p, 3) for p in prompts]

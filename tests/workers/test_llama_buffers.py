@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from dovetail.workers import llama_buffers
+from dovetail.models.options import check_llama_extra_buffers
 from dovetail.workers.llama_buffers import CRASH, HANG, OK, decide
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,7 +68,7 @@ def need_llama() -> None:
 @pytest.fixture(scope="module")
 def small_gguf():
     need_llama()
-    from dovetail.fetch import fetch_model
+    from dovetail.models.fetch import fetch_model
     return str(fetch_model(SMALL_GGUF))
 
 
@@ -166,7 +167,7 @@ def test_the_child_must_be_a_module_level_function(model):
 # ---- the setting: validated before anything starts, passed to the workers ----------------------
 def test_bad_settings_are_refused_with_the_choices(model):
     with pytest.raises(ValueError, match="auto, on, off"):
-        llama_buffers.check_setting("yes")
+        check_llama_extra_buffers("yes")
     import psutil
 
     import dovetail
@@ -186,7 +187,7 @@ def test_the_setting_reaches_the_workers_command_lines(model, monkeypatch):
     need_llama()  # launch() refuses the llama.cpp backend without it
     import dovetail
     from dovetail import cli
-    launch_mod = sys.modules["dovetail.launch"]  # the module; dovetail.launch is the function
+    launch_mod = sys.modules["dovetail.runtime.launch"]  # the module; dovetail.launch is the function
     spawned = []
 
     class Stop(Exception):

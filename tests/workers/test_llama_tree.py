@@ -2,13 +2,13 @@
 
 Pure functions, no llama.cpp needed. The attention rule they rely on (a row sees the cells
 that carry its first sequence id at positions up to its own) must give exactly the
-ancestor mask of dovetail.tree, which these tests check by brute force.
+ancestor mask of dovetail.spec.tree, which these tests check by brute force.
 """
 import random
 
 import pytest
 
-from dovetail.tree import ancestor_mask, row_positions, with_root
+from dovetail.spec.tree import ancestor_mask, row_positions, with_root
 from dovetail.workers.llama import _leaves, _row_seq_ids, _subtree_leaf
 
 pytestmark = pytest.mark.timeout(30)

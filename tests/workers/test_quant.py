@@ -13,7 +13,7 @@ from torch import nn
 
 import dovetail
 from dovetail import cli
-from dovetail.testing import HandlerSession, make_tiny_model, plain_greedy
+from tests.helpers import HandlerSession, make_tiny_model, plain_greedy
 from dovetail.workers import target as target_worker
 from dovetail.workers.backend import HFBackend
 from dovetail.workers.quant import (

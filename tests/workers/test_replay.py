@@ -12,9 +12,9 @@ import json
 import pytest
 
 from dovetail.protocol import Close, DraftRequest, OpenRequest
-from dovetail.workers.replay import (
-    ReplayConfig, ReplayHandler, expected_tau, load_script, record_script, save_script,
-)
+from dovetail.runtime.recording import record_script
+from dovetail.spec.replay import expected_tau, load_script, save_script
+from dovetail.workers.replay import ReplayConfig, ReplayHandler
 
 pytestmark = pytest.mark.timeout(120)
 

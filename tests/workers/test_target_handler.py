@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dovetail.protocol import Close, Closed, VerifyRequest, decode_features
-from dovetail.testing import HandlerSession, make_tiny_model, plain_greedy
-from dovetail.tree import chain_parents
+from tests.helpers import HandlerSession, make_tiny_model, plain_greedy
+from dovetail.spec.tree import chain_parents
 from dovetail.workers.backend import HFBackend
 from dovetail.workers.serve import RequestError
 from dovetail.workers.target import TargetConfig, TargetHandler

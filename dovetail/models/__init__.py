@@ -1,0 +1,1 @@
+"""Model files: fetching weights and prompt sets, loading tokenizers, the backend options."""

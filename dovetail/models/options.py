@@ -1,0 +1,31 @@
+"""How a model may run: the choices the CLI, launch() and the workers all accept.
+
+Defined here, apart from the code that acts on them (workers/), so that dovetail-launch and
+launch() can list and check them before any worker starts, without importing torch or
+llama_cpp.
+"""
+from __future__ import annotations
+
+# Target backends (workers/target.py): transformers on any device, llama.cpp for .gguf files.
+BACKENDS = ("transformers", "llama.cpp")
+LLAMA_MISSING = ("the llama.cpp backend needs llama-cpp-python: pip install -e \".[llama]\" "
+                 "(it compiles llama.cpp, a few minutes), or use the transformers backend")
+
+# Weight-only quantizations of the CPU target's decoder layers (workers/quant.py).
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+
+# llama.cpp's extra (repacked / AMX) weight buffers: auto tests them once per machine and model
+# in a child process and keeps them where that decode survives (workers/llama_buffers.py).
+LLAMA_EXTRA_BUFFERS = ("auto", "on", "off")
+DEFAULT_LLAMA_EXTRA_BUFFERS = "auto"
+
+
+def check_llama_extra_buffers(value, name: str = "llama_extra_buffers") -> str:
+    if value not in LLAMA_EXTRA_BUFFERS:
+        raise ValueError(f"{name} must be one of {', '.join(LLAMA_EXTRA_BUFFERS)}, got {value!r}")
+    return value
+
+
+def llama_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llama_cpp") is not None

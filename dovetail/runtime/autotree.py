@@ -1,0 +1,161 @@
+"""Size each draft from what it costs and what it earns: the verify-cost curve the target
+measured at start-up, the draft's time per level, and the acceptance observed so far.
+
+A round that drafts d levels commits E[tau(d)] = 1 + sum_j prod_{i<=j} alpha_i tokens,
+where alpha_i is the chance that level i is accepted once levels 1..i-1 were. It costs a
+verification of n(d)+1 tokens plus the draft's d levels (hidden behind verification when
+the draft overlaps on its own device) plus the wire. The sizer picks the d in 0..max_depth
+with the most tokens per second; d = 0 is plain target-only decoding, so a draft that does
+not pay stops being asked, except for an occasional probe that keeps alpha up to date.
+
+With the gate on, each draft also gets ``min_prob``: a draft token whose path probability
+under the draft is below it is not proposed. A token of path probability P saves P plain
+rounds (verify_ms(1) + wire) and costs one more verified row (the curve's mean slope over
+its first GATE_SPAN steps) plus, unless the draft overlaps verification, a draft level; so
+it pays when P > (slope + draft level) / plain round. Where verifying k tokens costs little
+more than one (a GPU draft next to a many-core target) the gate is near 0; on llama.cpp on
+two cores (37, 60, 85, 96 ms for k = 1..4) it is about one half. It relies on the draft's
+probabilities being calibrated: bench.gating measures that.
+"""
+from __future__ import annotations
+
+import threading
+
+from dovetail.spec.tree import depths
+
+PRIOR_ALPHA = 0.6     # acceptance assumed per level before any round is seen
+PRIOR_WEIGHT = 2.0    # ... worth this many observed rounds
+EMA = 0.1             # weight of the newest round in the draft/wire time estimates
+PROBE_EVERY = 8       # while d = 0 wins, draft anyway once per this many rounds ...
+PROBE_EVERY_MAX = 128  # ... doubling after each probe that does not change the decision
+CATCH_UP_TOKENS = 4   # a draft round that first had to process more committed tokens than
+                      # this (a prompt, a long gap) says nothing about the cost per level
+GATE_SPAN = 4         # verify-curve steps averaged for the cost of one more row
+MAX_GATE = 0.9        # a gate never asks for more certainty than this
+
+
+class TreeSizer:
+    def __init__(self, verify_us: list[int], max_depth: int, top_k: int, max_nodes: int, overlap: bool):
+        if not verify_us:
+            raise ValueError("the tree sizer needs the target's verify-cost curve")
+        self.verify_ms_k = [t / 1000 for t in verify_us]  # [k-1] -> ms to verify k tokens
+        self.max_depth, self.top_k, self.max_nodes, self.overlap = max_depth, top_k, max_nodes, overlap
+        self.tries = [0] * (max_depth + 1)  # rounds that reached level i (1-based)
+        self.hits = [0] * (max_depth + 1)   # ... and had it accepted
+        self.draft_ms_per_level: float | None = None
+        self.wire_ms: float | None = None
+        self.rounds_since_draft = 0
+        self.probe_every = PROBE_EVERY
+        self.last_choice = max_depth
+        self._lock = threading.Lock()  # concurrent requests share one sizer
+
+    # ---- the model ----------------------------------------------------------------------
+    def verify_ms(self, k: int) -> float:
+        """Measured cost of verifying k tokens; linear beyond the measured range."""
+        c = self.verify_ms_k
+        if k <= len(c):
+            return c[k - 1]
+        slope = (c[-1] - c[-2]) if len(c) > 1 else c[-1]
+        return c[-1] + max(slope, 0.0) * (k - len(c))
+
+    def min_prob(self) -> float:
+        """The gate: the path probability at which a draft token pays for itself."""
+        with self._lock:
+            n = min(GATE_SPAN, len(self.verify_ms_k) - 1)
+            if n < 1:
+                return 0.0
+            slope = max(0.0, (self.verify_ms(n + 1) - self.verify_ms(1)) / n)
+            level = 0.0 if self.overlap else (self.draft_ms_per_level or 0.0)
+            plain = self.verify_ms(1) + (self.wire_ms or 0.0)
+            return min(MAX_GATE, (slope + level) / plain)
+
+    def alpha(self, level: int) -> float:
+        return (self.hits[level] + PRIOR_ALPHA * PRIOR_WEIGHT) / (self.tries[level] + PRIOR_WEIGHT)
+
+    def nodes(self, depth: int) -> int:
+        return min(self.max_nodes, depth * self.top_k)
+
+    def expected_tokens(self, depth: int) -> float:
+        total, reach = 1.0, 1.0
+        for level in range(1, depth + 1):
+            reach *= self.alpha(level)
+            total += reach
+        return total
+
+    def round_ms(self, depth: int) -> float:
+        verify = self.verify_ms(self.nodes(depth) + 1)
+        draft = depth * (self.draft_ms_per_level or 0.0)
+        return (max(verify, draft) if self.overlap else verify + draft) + (self.wire_ms or 0.0)
+
+    def tokens_per_ms(self, depth: int) -> float:
+        return self.expected_tokens(depth) / self.round_ms(depth)
+
+    # ---- decisions and feedback -----------------------------------------------------------
+    def choose(self) -> int:
+        """Levels to draft this round (0: verify the root alone)."""
+        with self._lock:
+            return self._choose()
+
+    def _choose(self) -> int:
+        if self.draft_ms_per_level is None:  # the draft's speed is unknown: find out first
+            return self.max_depth
+        best = max(range(self.max_depth + 1), key=self.tokens_per_ms)
+        if best > 0:
+            self.probe_every = PROBE_EVERY
+        elif self.rounds_since_draft + 1 >= self.probe_every:
+            best = max(range(1, self.max_depth + 1), key=self.tokens_per_ms)
+            self.probe_every = min(2 * self.probe_every, PROBE_EVERY_MAX)
+        self.last_choice = best
+        return best
+
+    def observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float,
+                synced: int = 1) -> None:
+        """One verified round: the tree drafted (parents), how many draft tokens were accepted,
+        and how many committed tokens the draft processed first (``synced``)."""
+        with self._lock:
+            self._observe(parents, accepted, draft_s if synced <= CATCH_UP_TOKENS else None, wire_s)
+
+    def _observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float) -> None:
+        depth = max(depths(parents), default=0)
+        self.rounds_since_draft = 0 if depth else self.rounds_since_draft + 1
+        for level in range(1, depth + 1):
+            if level > accepted + 1:
+                break
+            self.tries[level] += 1
+            self.hits[level] += level <= accepted
+        self.wire_ms = _ema(self.wire_ms, 1000 * wire_s)
+        if depth and draft_s is not None:
+            self.draft_ms_per_level = _ema(self.draft_ms_per_level, 1000 * draft_s / depth)
+
+    def summary(self) -> dict:
+        return {"alpha": [round(self.alpha(i), 3) for i in range(1, self.max_depth + 1)],
+                "draft_ms_per_level": self.draft_ms_per_level, "wire_ms": self.wire_ms,
+                "depth": self.last_choice}
+
+
+def skip_draft_reason(verify_us: list[int], max_depth: int, top_k: int, max_nodes: int,
+                      overlap: bool) -> str | None:
+    """Why no draft can pay on this target's curve, or None when one might.
+
+    Decided before the draft starts, with what is known then: the target's measured curve,
+    the prior acceptance per level, and a draft and wire that cost nothing. Those last two
+    are optimistic, so None means only that drafting *might* pay (the sizer then judges it
+    round by round); a reason means that not even a free draft at the prior acceptance
+    beats decoding alone: then there is no draft at all, no draft prefill and no probes.
+    """
+    sizer = TreeSizer(verify_us, max_depth, top_k, max_nodes, overlap)
+    sizer.draft_ms_per_level, sizer.wire_ms = 0.0, 0.0
+    alone = sizer.tokens_per_ms(0)
+    depth = max(range(1, max_depth + 1), key=sizer.tokens_per_ms)
+    if sizer.tokens_per_ms(depth) > alone:
+        return None
+    n = sizer.nodes(depth) + 1
+    return (f"no draft: on this target's measured curve, verifying {n} tokens costs {sizer.verify_ms(n):.0f} ms "
+            f"against {sizer.verify_ms(1):.0f} ms for one, so even a free draft accepted at the prior rate "
+            f"({PRIOR_ALPHA} per level) would commit {1000 * sizer.tokens_per_ms(depth):.1f} tokens/s against "
+            f"{1000 * alone:.1f} decoding alone; decoding with the target alone "
+            "(force a draft with --force-draft, or launch(..., force_draft=True))")
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new

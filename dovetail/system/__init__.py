@@ -1,0 +1,1 @@
+"""The machine and the network: CPU sets and pinning, CurveZMQ keys, addresses, worker exits."""

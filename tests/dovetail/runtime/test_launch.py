@@ -1,0 +1,78 @@
+"""launch() starts no draft where the target's measured verify cost says none can pay.
+
+The target worker reads its verify-cost curve from the per-machine cache when one is there
+(workers/calibrate.py): each test writes the curve it needs into a fresh cache, under the key
+the worker computes, so the decision is the same on any CPU. The model is the SmolLM2-135M
+GGUF (fetched once, 98 MB: large enough to cache a curve), on llama.cpp, target and draft.
+"""
+import json
+import logging
+import os
+
+import pytest
+
+import dovetail
+from dovetail.runtime.autotree import skip_draft_reason
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.real_model]
+
+if os.environ.get("DOVETAIL_REQUIRE_LLAMA") != "1":  # CI sets it: there a missing library fails
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
+
+SMALL_GGUF = "smollm2-135m-instruct"
+THREADS = 1
+STEEP = [36000 + 24000 * k for k in range(16)]  # each row ~2/3 of a step: the 2-core EPYC's Q4_K
+FLAT = [36000 + 500 * k for k in range(16)]     # rows nearly free: a many-core, memory-bound CPU
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    from dovetail.models.fetch import resolve_model
+    return resolve_model(SMALL_GGUF)
+
+
+@pytest.fixture
+def cached_curve(gguf, tmp_path, monkeypatch):
+    """Write ``curve`` where the target worker will look for this model's curve."""
+    from dovetail.workers.calibrate import cache_dir, cache_key
+    from dovetail.workers.llama import LlamaBackend
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))  # inherited by the workers
+    backend = LlamaBackend(str(gguf), threads=THREADS)
+    try:
+        key = cache_key(str(gguf), "llama.cpp", backend.identity.dtype, THREADS)
+    finally:
+        backend.close()
+    assert key is not None, "the model is too small to cache a curve: the worker would measure one"
+
+    def write(curve):
+        path = cache_dir() / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"verify_us": curve}))
+    return write
+
+
+def start(gguf, **options):
+    return dovetail.launch(gguf, gguf, backend="llama.cpp", target_cpus=[0], draft_device="cpu",
+                           dtype="float32", **options)
+
+
+def test_no_draft_process_where_not_even_a_free_draft_pays(gguf, cached_curve, caplog):
+    cached_curve(STEEP)
+    with caplog.at_level(logging.WARNING, logger="dovetail"), start(gguf) as coord:
+        assert coord.target_info.verify_us == STEEP  # the worker judged by the curve written above
+        assert coord.draft is None and coord.draft_info is None
+        result = coord.generate("def add(a, b):", max_new_tokens=8)
+    assert result.stats.drafted == 0 and len(result.token_ids) == 8
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no draft")]
+    assert len(lines) == 1 and "--force-draft" in lines[0]
+
+
+def test_a_draft_starts_where_it_may_pay_or_when_forced(gguf, cached_curve):
+    cached_curve(FLAT)
+    assert skip_draft_reason(FLAT, 3, 1, 3, overlap=False) is None
+    with start(gguf) as coord:
+        assert coord.draft is not None
+    cached_curve(STEEP)
+    with start(gguf, force_draft=True) as coord:
+        assert coord.draft is not None
+        assert coord.generate("def add(a, b):", max_new_tokens=8).stats.drafted > 0
