@@ -151,7 +151,7 @@ def launch_tracked(pids):
             options.setdefault("draft_device", "cpu")
             # A tiny model's measured verify curve says nothing about whether drafting pays, and
             # timing noise could make launch() skip the draft (autotree.skip_draft_reason): these
-            # tests need it started. tests/dovetail/test_launch.py tests that decision.
+            # tests need it started. tests/dovetail/runtime/test_launch.py tests that decision.
             options.setdefault("force_draft", True)
         options["env"] = {**WORKER_ENV, **options.get("env", {})}
         coord = dovetail.launch(target, draft, **options)

@@ -21,6 +21,7 @@ from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
 from dovetail.models.loading import choose_dtype, load_tokenizer, tokenizer_hash
+from dovetail.workers.draft_lm import DraftCache, DraftLM
 from dovetail.workers.hf import CausalLM
 from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, check_llama_extra_buffers
 from dovetail.workers.args import add_extra_buffers_flag
@@ -76,14 +77,14 @@ def check_placement(device: str, layers: int | None) -> None:
 @dataclass
 class DraftState:
     known: list[int]          # the sequence as the draft believes it (committed + guesses)
-    cache: object
+    cache: DraftCache
     cached: int = 0           # leading tokens of `known` whose KV in `cache` is valid
     step: int = -1
 
 
 @dataclass
 class DraftHandler:
-    lm: CausalLM
+    lm: DraftLM
     config: DraftConfig
     tok_hash: str
     role: str = "draft"
@@ -101,7 +102,7 @@ class DraftHandler:
     def handle(self, msg):
         return dispatch_draft(self, msg, self.config.max_requests,
                               lambda m: DraftState(list(m.prompt), self.lm.new_cache()),
-                              release=getattr(self.lm, "release", None))  # llama.cpp frees a sequence id
+                              release=self.lm.release)
 
     def draft(self, msg: DraftRequest) -> DraftProposal:
         t0 = time.perf_counter()
@@ -177,7 +178,7 @@ def apply_request(states: dict, msg: DraftRequest):
     return st
 
 
-def grow_tree(lm: CausalLM, cache, root_logits: torch.Tensor, depth: int, top_k: int,
+def grow_tree(lm: DraftLM, cache: DraftCache, root_logits: torch.Tensor, depth: int, top_k: int,
               max_nodes: int, min_prob: float = 0.0) -> tuple[list[int], list[int], list[float]]:
     """Beam-style tree growth (EAGLE-2): expand the top_k best nodes per level by path score.
 
@@ -227,7 +228,7 @@ def expand_level(logits: torch.Tensor, frontier: list[int], tok: list[int], par:
     return out
 
 
-def forward_nodes(lm: CausalLM, cache, start: int, tok, par, new) -> torch.Tensor:
+def forward_nodes(lm: DraftLM, cache: DraftCache, start: int, tok, par, new) -> torch.Tensor:
     assert new[0] == cache.get_seq_length() - start, "tree nodes enter the cache in creation order"
     allowed, positions = node_mask(start, tok, par, new)
     return lm.forward_masked(cache, [tok[n] for n in new], positions, allowed).logits

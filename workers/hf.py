@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Forward:
     logits: torch.Tensor  # [n, vocab], float32
-    hidden: torch.Tensor  # [n, hidden]: final-norm output, the LM-head input
+    hidden: torch.Tensor | None  # [n, hidden]: final-norm output, the LM-head input (None: not computed)
 
 
 class CausalLM:
+    """The target's model (backend.py) and a draft model: it implements DraftLM (draft_lm.py)."""
+
     def __init__(self, model, device: str, name: str = ""):
         self.model = model.eval()
         self.device = device
@@ -86,6 +88,10 @@ class CausalLM:
         picked = hidden if logit_rows is None else hidden[logit_rows]
         logits = self.model.get_output_embeddings()(picked).float()
         return Forward(logits=logits, hidden=hidden)
+
+    @staticmethod
+    def release(cache) -> None:
+        """Nothing to free: a DynamicCache's memory goes with its last reference."""
 
     @staticmethod
     def crop(cache, length: int) -> None:

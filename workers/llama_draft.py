@@ -1,4 +1,4 @@
-"""A draft model on llama.cpp: what the draft worker needs of a model, for chains.
+"""A draft model on llama.cpp: a DraftLM (draft_lm.py) that grows chains.
 
 A CPU draft shares the target's cores, so its step must be as cheap as the CPU allows:
 llama.cpp runs the GGUF's own quantization (0.5B: ~12 ms a token on 2 cores, against
@@ -17,7 +17,7 @@ DRAFT_CTX = 8192
 
 
 class LlamaDraftLM:
-    """The slice of CausalLM's interface that DraftHandler and grow_tree use."""
+    """Implements DraftLM (draft_lm.py): each request's cache is one llama.cpp sequence id."""
 
     def __init__(self, path: str, threads: int, n_seqs: int = 64, n_ctx: int = DRAFT_CTX,
                  extra_buffers: bool = True):

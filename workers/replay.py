@@ -28,6 +28,7 @@ import numpy as np
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake
 from dovetail.spec.replay import load_script
 from dovetail.workers.draft import apply_request, check_placement, dispatch_draft, load_draft_model
+from dovetail.workers.draft_lm import DraftCache, DraftLM
 from dovetail.workers.serve import WorkerConfig, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.replay")
@@ -54,7 +55,7 @@ class ReplayConfig(WorkerConfig):
 @dataclass
 class ReplayState:
     known: list[int]          # committed tokens + the root guess, as with DraftHandler
-    cache: object = None      # the real draft model's KV cache (--model only)
+    cache: DraftCache | None = None  # the real draft model's KV cache (--model only)
     cached: int = 0
     step: int = -1
     entry: int = -1           # script entry this request last matched
@@ -65,7 +66,7 @@ class ReplayHandler:
     config: ReplayConfig
     vocab_size: int
     tok_hash: str
-    lm: object = None         # a CausalLM when --model is given
+    lm: DraftLM | None = None  # the real draft model when --model is given
     role: str = "draft"
     states: dict[int, ReplayState] = field(default_factory=dict)
     entries: list[tuple[list[int], list[int]]] = field(default_factory=list)
@@ -97,7 +98,8 @@ class ReplayHandler:
                          device=lm.device if lm else "none", pid=os.getpid())
 
     def handle(self, msg):
-        return dispatch_draft(self, msg, self.config.max_requests, self.open_state)
+        return dispatch_draft(self, msg, self.config.max_requests, self.open_state,
+                              release=self.lm.release if self.lm else None)
 
     def open_state(self, msg) -> "ReplayState":
         self.reload()  # a new request is the moment a changed script may take effect

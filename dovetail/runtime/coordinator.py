@@ -1,47 +1,62 @@
-"""The coordinator: drives draft/verify rounds over the two workers and commits tokens.
+"""The coordinator: the library API and admission of requests.
 
-Only tokens the target has verified are ever committed or streamed. With ``overlap`` on,
-the draft works on round n+1 while the target verifies round n, betting that the whole
-main path is accepted and that the target's next token is the draft's own favourite; the
-bet is thrown away when it loses.
+A Coordinator owns the two worker clients and hands each admitted request to the round loop
+(runtime/rounds.py), which drafts, verifies and commits; runtime/text.py turns prompts into
+token ids and committed ids into streamed text; runtime/draft_health.py decides whether a
+request may use the draft. Requests run in the caller's thread (generate, stream) or in
+their own (submit), at most ``max_active`` at once (runtime/requests.py).
 """
 from __future__ import annotations
 
-import itertools
-import logging
 import shutil
 import threading
 import time
 from typing import Iterator
 
-from dovetail.runtime.client import WorkerClient, WorkerDied, WorkerError
+from dovetail.protocol import Handshake
+from dovetail.runtime.client import WorkerClient
 from dovetail.runtime.config import CoordinatorConfig
-from dovetail.runtime.drafter import Drafter
-from dovetail.protocol import Close, Handshake, Heartbeat, OpenRequest, Opened, VerifyRequest, VerifyResult
 from dovetail.runtime.requests import Admission, Request
 from dovetail.runtime.results import Chunk, GenerationResult, Stats
+from dovetail.runtime.rounds import RoundLoop
+from dovetail.runtime.text import Text, default_stop_ids
 
-log = logging.getLogger("dovetail")
+
+def _round_setting(name: str, doc: str) -> property:
+    """A Coordinator attribute that lives in its RoundLoop: a change applies to the next request."""
+    return property(lambda self: getattr(self.rounds, name), lambda self, value: setattr(self.rounds, name, value),
+                    doc=doc)
 
 
 class Coordinator:
     def __init__(self, target: WorkerClient, draft: WorkerClient | None, hs_target: Handshake,
                  hs_draft: Handshake | None, tokenizer, config: CoordinatorConfig, *, overlap: bool,
                  context=None, run_dir=None, liveness=None):
-        self.target, self.draft = target, draft
+        self.target = target
         self.target_info, self.draft_info = hs_target, hs_draft
-        self.tokenizer, self.config, self.overlap = tokenizer, config, overlap
+        self.tokenizer = tokenizer
+        self.text = Text(tokenizer, hs_target.vocab_size)
+        stop_ids = set(config.stop_token_ids if config.stop_token_ids is not None else default_stop_ids(tokenizer))
+        self.rounds = RoundLoop(target, draft, hs_target, hs_draft, config, overlap=overlap, stop_token_ids=stop_ids)
+        self._draft_client = draft  # shut down in close() even while rounds.draft is set aside
         self._ctx, self._run_dir = context, run_dir
-        self._liveness = liveness  # heartbeats to the workers (dovetail/runtime/liveness.py), stopped in close()
-        self._ids = itertools.count(1)
+        self._liveness = liveness  # heartbeats to the workers (runtime/liveness.py), stopped in close()
         self._admission = Admission(config.max_active, config.max_pending, config.queue_timeout_s)
         self._closed = False
-        # "ok", "suspect" (timed out: probed before each request until it answers) or "dead".
-        self.draft_health = "ok" if draft is not None else "dead"
-        self._probes = itertools.count(1)
-        self.stop_token_ids = set(config.stop_token_ids if config.stop_token_ids is not None
-                                  else default_stop_ids(tokenizer))
-        self.sizer = make_sizer(config, hs_target, overlap) if draft is not None else None
+
+    config = _round_setting("config", "The CoordinatorConfig the next request runs with")
+    overlap = _round_setting("overlap", "Whether the draft drafts round n+1 while the target verifies round n")
+    sizer = _round_setting("sizer", "The TreeSizer that shapes drafts (None: the configured shape)")
+    draft = _round_setting("draft", "The draft worker's client (None: target-only decoding)")
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        return self.rounds.stop_token_ids
+
+    @property
+    def draft_health(self) -> str:
+        """"ok", "suspect" (timed out: probed before each request until it answers) or "dead"."""
+        return self.rounds.health.state
 
     # ---- public API -------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -50,7 +65,7 @@ class Coordinator:
         ids: list[int] = []
         for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stats=stats):
             ids.extend(chunk.token_ids)
-        return GenerationResult(ids, self._decode(ids), stats)
+        return GenerationResult(ids, self.text.decode(ids), stats)
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, *, stats: Stats | None = None) -> Iterator[Chunk]:
@@ -60,7 +75,7 @@ class Coordinator:
         self._admission.admit()
         try:
             with self._admission.slot():
-                yield from self._decode_stream(self._rounds(prompt_ids, max_new_tokens, temperature, top_p,
+                yield from self.text.chunks(self.rounds.run(prompt_ids, max_new_tokens, temperature, top_p,
                                                             seed, stats))
         finally:
             self._admission.leave()
@@ -83,11 +98,11 @@ class Coordinator:
         try:
             with self._admission.slot():
                 if not handle.cancelled:
-                    rounds = self._rounds(prompt_ids, max_new, temperature, top_p, seed, handle.stats,
-                                          cancel=handle._cancel)
-                    for chunk in self._decode_stream(rounds):
+                    rounds = self.rounds.run(prompt_ids, max_new, temperature, top_p, seed, handle.stats,
+                                             cancel=handle._cancel)
+                    for chunk in self.text.chunks(rounds):
                         handle.emit_chunk(chunk)
-            result = GenerationResult(list(handle.token_ids), self._decode(handle.token_ids), handle.stats)
+            result = GenerationResult(list(handle.token_ids), self.text.decode(handle.token_ids), handle.stats)
             handle.finish("cancelled" if handle.cancelled and handle.stats.finish_reason in ("", "cancelled")
                           else "done", result)
         except BaseException as e:  # the request's one terminal event
@@ -111,19 +126,7 @@ class Coordinator:
         return self._admission.in_flight
 
     def encode_prompt(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            self._need_tokenizer("a text prompt")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            self._need_tokenizer("chat messages")
-            out = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.target_info.vocab_size]
-            if bad:
-                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.target_info.vocab_size})")
-            return list(prompt)
-        raise TypeError("prompt must be text, a list of chat messages ({'role', 'content'}) or a non-empty list of token ids")
+        return self.text.encode_prompt(prompt)
 
     def close(self) -> None:
         if self._closed:
@@ -131,7 +134,7 @@ class Coordinator:
         self._closed = True
         if self._liveness is not None:
             self._liveness.stop()  # first: workers leaving on Shutdown are not "unresponsive"
-        clients = [c for c in (self.draft, self.target) if c is not None]
+        clients = [c for c in (self._draft_client, self.target) if c is not None]
         for client in clients:  # both exit at once rather than one after the other
             client.request_shutdown()
         for client in clients:
@@ -155,136 +158,4 @@ class Coordinator:
 
     @property
     def worker_pids(self) -> dict[str, int | None]:
-        return {"target": self.target.pid, "draft": self.draft.pid if self.draft else None}
-
-    # ---- decoding rounds --------------------------------------------------------------
-    def _rounds(self, prompt: list[int], max_new: int, temperature: float, top_p: float, seed: int,
-                stats: Stats, cancel: threading.Event | None = None) -> Iterator[list[int]]:
-        cfg = self.config
-        req = next(self._ids)
-        t_start = time.perf_counter()
-        stats.prompt_tokens = len(prompt)
-        # Hidden states travel only to a draft that reads them (its handshake says so).
-        features = bool(self.draft_info is not None and self.draft_info.features)
-        opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed, features), Opened,
-                                  cfg.prefill_timeout_s, "prefill_timeout_s")
-        stats.prefill_s = opened.seconds
-        drafter = Drafter(self, req, prompt, stats, opened.features) if self._draft_usable(stats) else None
-        committed = list(prompt)
-        try:
-            while True:
-                if cancel is not None and cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                    return
-                budget = max_new - stats.new_tokens
-                tokens, parents = drafter.propose(committed, budget - 1) if drafter else ([], [])
-                t0 = time.perf_counter()
-                self.target.send(VerifyRequest(req, stats.rounds, committed[-1], tokens, parents))
-                if drafter and self.overlap:
-                    drafter.speculate(committed, tokens, parents)
-                res = self.target.recv(
-                    lambda m: isinstance(m, VerifyResult) and m.req_id == req and m.step == stats.rounds,
-                    cfg.verify_timeout_s, "verify_timeout_s", req)
-                wire = max(0.0, time.perf_counter() - t0 - res.seconds)
-                stats.wire_s += wire
-                stats.verify_s += res.seconds
-                stats.rounds += 1
-                stats.drafted += len(tokens)
-                stats.accepted_drafts += len(res.accepted)
-                stats.accepted += len(res.tokens)
-                stats.accept_lengths.append(len(res.tokens))
-                if drafter:
-                    drafter.settle(committed, res, tokens, parents)
-                    if self.sizer is not None:
-                        self.sizer.observe(parents, len(res.accepted), drafter.last_draft_s, wire,
-                                           drafter.last_synced)
-                new = res.tokens[:budget]
-                stop = next((i for i, t in enumerate(new) if t in self.stop_token_ids), None)
-                if stop is not None:
-                    new = new[:stop + 1]
-                committed.extend(new)
-                stats.new_tokens += len(new)
-                yield new
-                if stop is not None or stats.new_tokens >= max_new:
-                    stats.finish_reason = "stop" if stop is not None else "length"
-                    return
-        finally:
-            stats.seconds = time.perf_counter() - t_start
-            stats.target_idle_s = max(0.0, stats.seconds - stats.prefill_s - stats.verify_s)
-            stats.draft_idle_s = max(0.0, stats.seconds - stats.draft_s) if drafter else 0.0
-            self._close_request(req, drafter)
-
-    def _draft_usable(self, stats: Stats) -> bool:
-        """Use the draft unless it died, or it hung and does not answer a short probe yet."""
-        if self.draft is None:
-            return False
-        if self.draft_health == "suspect":
-            seq = next(self._probes)
-            try:
-                self.draft.send(Heartbeat(seq, time.time()))
-                self.draft.recv(lambda m: isinstance(m, Heartbeat) and m.seq == seq,
-                                self.config.draft_probe_timeout_s, "draft_probe_timeout_s")
-                log.warning("draft worker answers again; drafting resumes")
-                self.draft_health = "ok"
-            except WorkerError as e:
-                self.draft_health = "dead" if isinstance(e, WorkerDied) else "suspect"
-        if self.draft_health != "ok":
-            stats.draft_fallback = True
-            return False
-        return True
-
-    def _close_request(self, req: int, drafter) -> None:
-        if drafter and drafter.alive:
-            self.draft.send(Close(req))  # its reply is dropped on arrival: no need to wait
-        try:
-            self.target.send(Close(req))
-        except Exception:  # the target may be gone; its error was raised already
-            pass
-        for client in (self.target, self.draft):
-            if client is not None:
-                client.close_mailbox(req)
-
-    def _decode_stream(self, rounds: Iterator[list[int]]) -> Iterator[Chunk]:
-        ids: list[int] = []
-        shown = ""
-        for new in rounds:
-            ids.extend(new)
-            text = self._decode(ids) or ""
-            # Hold back a trailing partial character until the next token completes it.
-            if text.endswith("\ufffd"):
-                yield Chunk(new, "")
-                continue
-            yield Chunk(new, text[len(shown):])
-            shown = text
-
-    def _decode(self, ids: list[int]) -> str | None:
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _need_tokenizer(self, what: str) -> None:
-        if self.tokenizer is None:
-            raise TypeError(f"{what} needs a tokenizer and none is loaded (this target has none, or it is "
-                            "remote and neither target= nor a draft gave one): pass token ids")
-
-
-def make_sizer(config: CoordinatorConfig, hs_target: Handshake, overlap: bool):
-    """A TreeSizer when auto sizing is on and the target measured its verify-cost curve."""
-    from dovetail.runtime.autotree import TreeSizer
-    if not config.auto_tree or not hs_target.verify_us:
-        return None
-    return TreeSizer(hs_target.verify_us, config.depth, config.top_k, config.max_nodes, overlap)
-
-
-def default_stop_ids(tokenizer) -> list[int]:
-    """End-of-text and end-of-turn tokens: what the model's generation config usually lists."""
-    if tokenizer is None:
-        return []
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>"):
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    return sorted(ids)
+        return {"target": self.target.pid, "draft": self._draft_client.pid if self._draft_client else None}

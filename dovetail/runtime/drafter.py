@@ -1,15 +1,22 @@
-"""The coordinator's side of the draft worker, for one request: sync, speculate, fall back."""
+"""The coordinator's side of the draft worker, for one request: sync, speculate, fall back.
+
+It talks to the draft worker's client and reports failures to DraftHealth; nothing else of
+the coordinator is in reach.
+"""
 from __future__ import annotations
 
 import logging
 import time
 
-from dovetail.runtime.client import WorkerDied, WorkerError, WorkerTimeout
 from dovetail.protocol import (
-    DraftProposal, DraftRequest, Feature, OpenRequest, Opened, VerifyResult, decode_features, encode_features,
+    Close, DraftProposal, DraftRequest, Feature, OpenRequest, Opened, VerifyResult, decode_features, encode_features,
 )
+from dovetail.runtime.autotree import TreeSizer
+from dovetail.runtime.client import WorkerClient, WorkerError
+from dovetail.runtime.config import CoordinatorConfig
+from dovetail.runtime.draft_health import DraftHealth
 from dovetail.runtime.results import Stats
-from dovetail.spec.tree import depths, main_path
+from dovetail.spec.tree import main_path, trim_depth
 
 log = logging.getLogger("dovetail")
 
@@ -28,21 +35,22 @@ class Drafter:
     not draft ahead (no ``speculate``): it would need features of unverified tokens.
     """
 
-    def __init__(self, coord, req: int, prompt: list[int], stats: Stats, features: Feature | None = None):
-        self.coord, self.req, self.stats = coord, req, stats
-        self.client = coord.draft
-        self.cfg = coord.config
+    def __init__(self, client: WorkerClient, cfg: CoordinatorConfig, health: DraftHealth, sizer: TreeSizer | None,
+                 req: int, prompt: list[int], stats: Stats, *, wants_features: bool = False,
+                 features: Feature | None = None):
+        self.client, self.cfg, self.health = client, cfg, health
+        self.req, self.stats = req, stats
         self.alive = True
         self.step = 0
         self.synced = len(prompt)
-        self.sizer = coord.sizer                    # None: fixed tree shape from the config
+        self.sizer = sizer                          # None: fixed tree shape from the config
         self.last_draft_s: float | None = None      # the draft's own seconds for this round
         self.last_synced = 0                        # committed tokens it processed first
         self.prefilled = False                      # the first request makes it read the prompt
         self.ready: DraftProposal | None = None     # a proposal for the next root, if any
         self.bet: tuple[int, list[int]] | None = None  # (step, main-path tokens) of the overlapped draft
-        self.wants_features = bool(coord.draft_info is not None and coord.draft_info.features)
-        self.features: list[Feature] = [features] if features is not None and self.wants_features else []
+        self.wants_features = wants_features
+        self.features: list[Feature] = [features] if features is not None and wants_features else []
         self._guard(lambda: self.client.call(OpenRequest(req, prompt), Opened, self.cfg.draft_timeout_s,
                                              "draft_timeout_s"))
 
@@ -123,6 +131,10 @@ class Drafter:
             agree += 1
         self.synced = len(committed) + agree
 
+    def close(self) -> None:
+        """End the request on the draft; its reply is dropped on arrival, so no waiting."""
+        self.client.send(Close(self.req))
+
     def _call(self, msg: DraftRequest) -> DraftProposal:
         self.client.send(msg)
         return self._await(msg.step)
@@ -138,24 +150,11 @@ class Drafter:
             return fn()
         except WorkerError as e:
             log.warning("draft worker failed (%s); continuing with the target alone", e)
-            if isinstance(e, WorkerDied):
-                self.coord.draft_health = "dead"
-            elif isinstance(e, WorkerTimeout):
-                self.coord.draft_health = "suspect"
+            self.health.failed(e)
             self.alive = False
             self.stats.draft_fallback = True
             self.ready = self.bet = None
             return None
-
-
-def trim_depth(tokens: list[int], parents: list[int], max_depth: int) -> tuple[list[int], list[int]]:
-    """Drop nodes deeper than max_depth: tokens past the length limit cost verify time for nothing."""
-    d = depths(parents)
-    if not d or max(d) <= max_depth:
-        return tokens, parents
-    keep = [i for i in range(len(tokens)) if d[i] <= max_depth]
-    index = {old: new for new, old in enumerate(keep)}
-    return [tokens[i] for i in keep], [-1 if parents[i] < 0 else index[parents[i]] for i in keep]
 
 
 def merge_features(parts: list[Feature]) -> Feature | None:

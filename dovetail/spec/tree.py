@@ -73,3 +73,13 @@ def row_positions(row_parents: list[int], start: int) -> list[int]:
     for p in row_parents:
         pos.append(start if p < 0 else pos[p] + 1)
     return pos
+
+
+def trim_depth(tokens: list[int], parents: list[int], max_depth: int) -> tuple[list[int], list[int]]:
+    """Drop nodes deeper than max_depth: tokens past the length limit cost verify time for nothing."""
+    d = depths(parents)
+    if not d or max(d) <= max_depth:
+        return tokens, parents
+    keep = [i for i in range(len(tokens)) if d[i] <= max_depth]
+    index = {old: new for new, old in enumerate(keep)}
+    return [tokens[i] for i in keep], [-1 if parents[i] < 0 else index[parents[i]] for i in keep]

@@ -6,10 +6,9 @@ picture next to it, so a failure points at the helper, not at a model.
 import pytest
 import torch
 
-from dovetail.runtime.drafter import trim_depth
 from dovetail.spec.tree import (
     ancestor_mask, chain_parents, check_parents, children, depths, is_chain, main_path,
-    row_positions, with_root,
+    row_positions, trim_depth, with_root,
 )
 
 # root

@@ -1,0 +1,132 @@
+"""One request's decoding: draft, verify, commit, round after round.
+
+Only tokens the target has verified are ever committed or yielded. With ``overlap`` on,
+the draft works on round n+1 while the target verifies round n, betting that the whole
+main path is accepted and that the target's next token is the draft's own favourite; the
+bet is thrown away when it loses (runtime/drafter.py).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Iterator
+
+from dovetail.protocol import Close, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult
+from dovetail.runtime.autotree import TreeSizer
+from dovetail.runtime.client import WorkerClient
+from dovetail.runtime.config import CoordinatorConfig
+from dovetail.runtime.draft_health import DraftHealth
+from dovetail.runtime.drafter import Drafter
+from dovetail.runtime.results import Stats
+
+
+class RoundLoop:
+    """What every request's rounds share: the two workers, the tree settings, the draft's health.
+
+    ``config``, ``overlap``, ``sizer`` and ``draft`` are read at the start of each request, so
+    a change between requests applies to the next one.
+    """
+
+    def __init__(self, target: WorkerClient, draft: WorkerClient | None, target_info: Handshake,
+                 draft_info: Handshake | None, config: CoordinatorConfig, *, overlap: bool,
+                 stop_token_ids: set[int]):
+        self.target, self.draft = target, draft
+        self.target_info, self.draft_info = target_info, draft_info
+        self.config, self.overlap = config, overlap
+        self.stop_token_ids = stop_token_ids
+        self.health = DraftHealth(draft, config.draft_probe_timeout_s)
+        self.sizer = make_sizer(config, target_info, overlap) if draft is not None else None
+        self._ids = itertools.count(1)
+
+    def run(self, prompt: list[int], max_new: int, temperature: float, top_p: float, seed: int,
+            stats: Stats, cancel: threading.Event | None = None) -> Iterator[list[int]]:
+        """Yield the tokens each round commits until a stop token, ``max_new`` tokens or ``cancel``."""
+        cfg, overlap = self.config, self.overlap
+        req = next(self._ids)
+        t_start = time.perf_counter()
+        stats.prompt_tokens = len(prompt)
+        # Hidden states travel only to a draft that reads them (its handshake says so).
+        features = bool(self.draft_info is not None and self.draft_info.features)
+        opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed, features), Opened,
+                                  cfg.prefill_timeout_s, "prefill_timeout_s")
+        stats.prefill_s = opened.seconds
+        drafter = self._start_drafter(req, prompt, stats, opened)
+        committed = list(prompt)
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    return
+                budget = max_new - stats.new_tokens
+                tokens, parents = drafter.propose(committed, budget - 1) if drafter else ([], [])
+                t0 = time.perf_counter()
+                self.target.send(VerifyRequest(req, stats.rounds, committed[-1], tokens, parents))
+                if drafter and overlap:
+                    drafter.speculate(committed, tokens, parents)
+                res = self.target.recv(
+                    lambda m: isinstance(m, VerifyResult) and m.req_id == req and m.step == stats.rounds,
+                    cfg.verify_timeout_s, "verify_timeout_s", req)
+                wire = max(0.0, time.perf_counter() - t0 - res.seconds)
+                count_round(stats, tokens, res, wire)
+                if drafter:
+                    drafter.settle(committed, res, tokens, parents)
+                    if drafter.sizer is not None:
+                        drafter.sizer.observe(parents, len(res.accepted), drafter.last_draft_s, wire,
+                                              drafter.last_synced)
+                new, stop = self._cut(res.tokens[:budget])
+                committed.extend(new)
+                stats.new_tokens += len(new)
+                yield new
+                if stop or stats.new_tokens >= max_new:
+                    stats.finish_reason = "stop" if stop else "length"
+                    return
+        finally:
+            stats.seconds = time.perf_counter() - t_start
+            stats.target_idle_s = max(0.0, stats.seconds - stats.prefill_s - stats.verify_s)
+            stats.draft_idle_s = max(0.0, stats.seconds - stats.draft_s) if drafter else 0.0
+            self._close_request(req, drafter)
+
+    def _start_drafter(self, req: int, prompt: list[int], stats: Stats, opened: Opened) -> Drafter | None:
+        """A Drafter for this request, unless there is no draft or its health says not now."""
+        if self.draft is None:
+            return None
+        if not self.health.usable():
+            stats.draft_fallback = True
+            return None
+        return Drafter(self.draft, self.config, self.health, self.sizer, req, prompt, stats,
+                       wants_features=bool(self.draft_info is not None and self.draft_info.features),
+                       features=opened.features)
+
+    def _cut(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """The tokens up to and including the first stop token, and whether there was one."""
+        stop = next((i for i, t in enumerate(tokens) if t in self.stop_token_ids), None)
+        return (tokens, False) if stop is None else (tokens[:stop + 1], True)
+
+    def _close_request(self, req: int, drafter: Drafter | None) -> None:
+        if drafter and drafter.alive:
+            drafter.close()  # its reply is dropped on arrival: no need to wait
+        try:
+            self.target.send(Close(req))
+        except Exception:  # the target may be gone; its error was raised already
+            pass
+        for client in (self.target, self.draft):
+            if client is not None:
+                client.close_mailbox(req)
+
+
+def count_round(stats: Stats, tokens: list[int], res: VerifyResult, wire_s: float) -> None:
+    stats.wire_s += wire_s
+    stats.verify_s += res.seconds
+    stats.rounds += 1
+    stats.drafted += len(tokens)
+    stats.accepted_drafts += len(res.accepted)
+    stats.accepted += len(res.tokens)
+    stats.accept_lengths.append(len(res.tokens))
+
+
+def make_sizer(config: CoordinatorConfig, hs_target: Handshake, overlap: bool) -> TreeSizer | None:
+    """A TreeSizer when auto sizing is on and the target measured its verify-cost curve."""
+    if not config.auto_tree or not hs_target.verify_us:
+        return None
+    return TreeSizer(hs_target.verify_us, config.depth, config.top_k, config.max_nodes, overlap)
