@@ -24,7 +24,9 @@ import argparse
 import logging
 import sys
 
-from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES
+from dovetail.models.options import (
+    DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, MIN_LLAMA_CTX,
+)
 from dovetail.runtime.config import DEFAULT_DRAFT_LM
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama.cpp's extra (repacked / AMX) weight buffers for the workers on llama.cpp: auto "
                         "(default) keeps them unless a test decode with them, run once per machine in a child "
                         "process and cached, crashed (as AMX buffers do on some Intel Xeons); on / off force them")
+    m.add_argument("--llama-ctx", type=int, default=DEFAULT_LLAMA_CTX, metavar="TOKENS",
+                   help="context of a llama.cpp target, shared by all its open requests; one request's prompt "
+                        f"and output must fit (default: {DEFAULT_LLAMA_CTX}, at least {MIN_LLAMA_CTX})")
     d = p.add_argument_group("drafting")
     d.add_argument("--depth", type=int, default=None, help="draft tokens along a path; fixes the tree shape (default: sized automatically, at most 3 on a CPU draft, 8 on a GPU)")
     d.add_argument("--top-k", type=int, default=None, help="children per tree node; 1 drafts a chain (default: 2 CPU, 12 GPU)")
@@ -92,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the output before this text (repeat for several; \\n and \\t are read as newline and tab)")
     add_role_flags(p)
     p.add_argument("--log-level", default="warning", help="debug | info | warning (default: warning)")
     return p
@@ -197,7 +204,7 @@ def start_coordinator(args):
                            target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
                            backend=args.backend, draft_backend=args.draft_backend,
                            target_quantize=args.target_quantize, draft_quantize=args.draft_quantize,
-                           llama_extra_buffers=args.llama_extra_buffers, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
+                           llama_extra_buffers=args.llama_extra_buffers, llama_ctx=args.llama_ctx, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                            auto_tree=args.auto_tree, gate=args.gate, force_draft=args.force_draft,
                            overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,
                            heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness)
@@ -224,7 +231,8 @@ def serve_target(args) -> int:
     from dovetail.workers import target as target_worker
     argv = ["--bind", args.listen, "--model", str(model), "--dtype", args.dtype, "--backend", backend,
             "--quantize", args.target_quantize,
-            *(["--llama-extra-buffers", args.llama_extra_buffers] if backend == "llama.cpp" else []),
+            *(["--llama-extra-buffers", args.llama_extra_buffers, "--ctx", str(args.llama_ctx)]
+              if backend == "llama.cpp" else []),
             "--heartbeat-timeout", str(window), "--log-level", "info" if args.log_level == "warning" else args.log_level,
             *(["--cpus", args.target_cpus] if args.target_cpus else []),
             *(["--curve-secret", args.curve_secret, "--curve-allow", args.curve_allow] if args.curve_secret else [])]
@@ -270,7 +278,9 @@ def keys_main(argv) -> int:
 def _run(coord, prompt, args):
     from dovetail.runtime.results import Stats
     stats = Stats()
-    for chunk in coord.stream(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, stats=stats):
+    stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop] if args.stop else None
+    for chunk in coord.stream(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop,
+                              stats=stats):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     return stats

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 PROTOCOL_TAG = b"DVTL"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Handshake.max_context
 # tag (4 bytes), protocol version (uint16), message type code (uint8); big-endian.
 HEADER = struct.Struct(">4sHB")
 
@@ -93,6 +93,8 @@ class Handshake:
     # Target only: measured time to verify k = 1, 2, ... tokens at once, in microseconds
     # (the curve that sizes draft trees; empty when not measured).
     verify_us: list[int] = field(default_factory=list)
+    # Target only: most positions one request may hold, prompt and output together (0: unknown).
+    max_context: int = 0
 
 
 

@@ -8,7 +8,7 @@ import torch
 
 def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 64, hidden_size: int = 32,
                     layers: int = 2, dtype: torch.dtype = torch.float64, noise_from: str | Path | None = None,
-                    noise: float = 0.0, attention_gain: float = 1.0) -> Path:
+                    noise: float = 0.0, attention_gain: float = 1.0, max_positions: int = 1 << 17) -> Path:
     """Save a tiny random Qwen2 model (no tokenizer) to ``path`` and return the path.
 
     With ``noise_from``, start from that model's weights plus Gaussian noise of scale
@@ -17,13 +17,15 @@ def make_tiny_model(path: str | Path, *, seed: int = 0, vocab_size: int = 64, hi
     ``attention_gain`` scales the query and key projections. At random init attention is
     nearly uniform and greedy output soon loops on a few tokens, so a stale KV entry
     would change nothing; sharper attention makes every token depend on the context.
+
+    ``max_positions`` (max_position_embeddings) is the context the target worker enforces.
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=False)
+                      max_position_embeddings=max_positions, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(cfg).to(dtype)
     if noise_from is not None:
         base = Qwen2ForCausalLM.from_pretrained(str(noise_from), dtype=dtype)

@@ -30,6 +30,7 @@ class Identity:
 
 class TargetBackend(ABC):
     identity: Identity
+    max_context: int = 0  # most positions one sequence may hold (0: no known limit)
 
     @abstractmethod
     def new_sequence(self):
@@ -86,6 +87,7 @@ class HFBackend(TargetBackend):
             # "bfloat16+int8": the handshake and the logs show which model really verifies.
             dtype=dtype_name if quantize == "none" else f"{dtype_name}+{quantize}",
             device=device_label or device)
+        self.max_context = int(getattr(self.lm.config, "max_position_embeddings", 0) or 0)
 
     def new_sequence(self):
         return self.lm.new_cache()

@@ -334,12 +334,12 @@ def main(argv=None) -> None:
         # Extra buffer types crash on some CPUs: decided once per machine, in a child process.
         extra = decide(cfg.llama_extra_buffers, cfg.model, threads)
         lm = LlamaDraftLM(cfg.model, threads=threads, n_seqs=cfg.max_requests + 1, extra_buffers=extra.extra_buffers)
-        tok_hash = lm.tokenizer_hash
+        tok_hash, release = lm.tokenizer_hash, lm.close
     else:
         lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus)
-        tok_hash = tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size)
+        tok_hash, release = tokenizer_hash(load_tokenizer(cfg.model), lm.vocab_size), None
     serve(cfg.bind, DraftHandler(lm, cfg, tok_hash), parent_pid=cfg.parent_pid, keys=cfg.keys,
-          heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal)
+          heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal, release=release)
 
 if __name__ == "__main__":
     main()

@@ -34,8 +34,16 @@ class CausalLM:
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
         # transformers renamed past_key_values -> cache; speak whichever this version takes.
-        params = inspect.signature(model.model.forward).parameters
+        params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # Logits come from the model's own forward, which applies whatever follows its LM head
+        # (Gemma-2's final soft-capping, Cohere's logit_scale, Granite's logits_scaling); the
+        # final-norm hidden states are caught on their way out of the decoder.
+        self._hidden: torch.Tensor | None = None
+        model.model.register_forward_hook(self._keep_hidden)
+
+    def _keep_hidden(self, module, args, output) -> None:
+        self._hidden = output.last_hidden_state
 
     @classmethod
     def load(cls, path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -84,9 +92,11 @@ class CausalLM:
             mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
             kwargs["attention_mask"] = mask[None, None].to(self.device)
         ids = torch.tensor([tokens], device=self.device)
-        hidden = self.model.model(input_ids=ids, **kwargs).last_hidden_state[0]
-        picked = hidden if logit_rows is None else hidden[logit_rows]
-        logits = self.model.get_output_embeddings()(picked).float()
+        rows = 0 if logit_rows is None else torch.tensor(  # 0: every row
+            list(range(len(tokens)))[logit_rows] if isinstance(logit_rows, slice) else list(logit_rows),
+            dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, logits_to_keep=rows, **kwargs).logits[0].float()
+        hidden, self._hidden = self._hidden[0], None
         return Forward(logits=logits, hidden=hidden)
 
     @staticmethod

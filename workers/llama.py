@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dovetail.models.options import LLAMA_MISSING
+from dovetail.models.options import DEFAULT_LLAMA_CTX, LLAMA_MISSING
 from dovetail.spec.tree import children, row_positions, with_root
 from dovetail.workers.backend import Identity, TargetBackend
 from dovetail.models.loading import load_tokenizer, tokenizer_hash
@@ -27,8 +27,8 @@ from dovetail.workers.hf import Forward
 
 log = logging.getLogger("dovetail.target")
 
-DEFAULT_CTX = 8192       # KV cells shared by all open requests (tokens in all of them)
 DEFAULT_SEQS = 64        # sequence ids: one per open request plus scratch ids for tree leaves
+SCRATCH_SEQS = 16        # the target worker's scratch ids beyond --max-requests (tree leaves)
 MAX_BATCH = 512          # rows per llama_decode call; longer prompts go in chunks
 
 
@@ -54,7 +54,7 @@ class LlamaSeq:
 class LlamaBackend(TargetBackend):
     """Verify with llama.cpp's CPU kernels on the GGUF's own quantization."""
 
-    def __init__(self, path: str, threads: int, n_ctx: int = DEFAULT_CTX, n_seqs: int = DEFAULT_SEQS,
+    def __init__(self, path: str, threads: int, n_ctx: int = DEFAULT_LLAMA_CTX, n_seqs: int = DEFAULT_SEQS,
                  device_label: str | None = None, extra_buffers: bool = True):
         """``extra_buffers=False`` loads the weights in plain CPU buffers (no repacking, no
         AMX tiles): slower, but where extra buffers crash it decodes (llama_buffers.py)."""
@@ -94,6 +94,10 @@ class LlamaBackend(TargetBackend):
             tokenizer_hash=tokenizer_hash(tok, self.vocab_size),
             dtype="gguf:" + self._describe(),
             device=(device_label or "cpu") + ", llama.cpp" + ("" if self.extra_buffers else ", plain buffers"))
+        # One request may fill the whole context (all requests share its cells), and no more
+        # than the model was trained for.
+        trained = int(self.lib.llama_model_n_ctx_train(self.model))
+        self.max_context = min(n_ctx, trained) if trained > 0 else n_ctx
 
     # ---- TargetBackend ------------------------------------------------------------------
     def new_sequence(self) -> LlamaSeq:
@@ -224,7 +228,8 @@ class LlamaBackend(TargetBackend):
     def _take_ids(self, n: int) -> list[int]:
         if n > len(self.free_ids):
             raise RuntimeError(f"a tree with {n + 1} leaves needs {n} free sequence ids, "
-                               f"{len(self.free_ids)} left (raise --llama-seqs)")
+                               f"{len(self.free_ids)} left (lower max_nodes, or raise --max-requests: the worker has "
+                               f"max_requests + {SCRATCH_SEQS} sequence ids)")
         return [self.free_ids.pop() for _ in range(n)]
 
     def _drop_scratch(self, seq: LlamaSeq, keep_len: int) -> None:

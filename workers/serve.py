@@ -70,8 +70,12 @@ class RequestError(Exception):
 
 def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME_BYTES,
           keys: ServerKeys | None = None, heartbeat_timeout: float = 0.0,
-          parent_death_signal: bool = False, warmup=None) -> None:
+          parent_death_signal: bool = False, warmup=None, release=None) -> None:
     """Serve ``handler`` on ``bind`` until a Shutdown arrives (or the coordinator is gone).
+
+    ``release()``, if given, frees the model on the way out, and only once the compute thread
+    has stopped: freeing a llama.cpp context under a running llama_decode crashes the
+    process. A request still running after COMPUTE_JOIN_S leaves the model to the exit.
 
     ``warmup()``, if given, runs on the compute thread before the first message: model work
     done before serving belongs there. OpenMP (libgomp) keeps one thread pool per thread
@@ -114,8 +118,10 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
         # a context that will not terminate, a second signal) may leave it behind.
         if ipc_path:
             _unlink(ipc_path)
-        compute.stop()
+        stopped = compute.stop()
         _close(ctx, sock, auth)
+        if release is not None and stopped:
+            release()
 
 
 _STOP = object()
@@ -155,14 +161,17 @@ class Compute:
             except queue.Empty:
                 return
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the thread after the message in progress; False if it is still running."""
         self.inbox.put(None)
         self.thread.join(COMPUTE_JOIN_S)
         if self.thread.is_alive():
-            log.warning("the request in progress did not finish within %g s; leaving it", COMPUTE_JOIN_S)
-            return  # the process is about to exit: the pipe goes with it
+            log.warning("the request in progress did not finish within %g s; leaving it (and the model) "
+                        "to the process exit", COMPUTE_JOIN_S)
+            return False  # the process is about to exit: the pipe goes with it
         os.close(self.wake_r)
         os.close(self.wake_w)
+        return True
 
     def _run(self) -> None:
         try:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dovetail.models.options import (
-    BACKENDS, DEFAULT_LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, check_llama_extra_buffers,
+    BACKENDS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, check_llama_ctx,
+    check_llama_extra_buffers,
 )
 from dovetail.system.cpus import format_cpus, numa_nodes, pin_process
 from dovetail.protocol import (
@@ -39,7 +40,7 @@ class TargetConfig(WorkerConfig):
     model: str
     feature_codec: str = "fp16"
     backend: str = "transformers"
-    ctx: int = 8192
+    ctx: int = DEFAULT_LLAMA_CTX  # llama.cpp only: KV cells shared by all open requests
     calibrate: bool = True  # measure (or read the cached) verify-cost curve at start-up
     quantize: str = "none"
     llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS  # auto | on | off (workers/llama_buffers.py)
@@ -50,8 +51,7 @@ class TargetConfig(WorkerConfig):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "llama.cpp" and not str(self.model).endswith(".gguf"):
             raise ValueError(f"the llama.cpp backend needs a .gguf model, got {self.model}")
-        if self.ctx < 16:
-            raise ValueError("ctx must be at least 16 positions")
+        check_llama_ctx(self.ctx, "--ctx")
         if self.backend == "llama.cpp" and self.quantize != "none":
             raise ValueError("--quantize is for the transformers backend; a GGUF keeps its own quantization")
         if self.feature_codec not in FEATURE_CODECS:
@@ -91,7 +91,8 @@ class TargetHandler:
         return Handshake(role="target", vocab_size=ident.vocab_size, tokenizer_hash=ident.tokenizer_hash,
                          hidden_size=ident.hidden_size, dtype=ident.dtype,
                          feature_codec=self.config.feature_codec, model=ident.model,
-                         device=ident.device, pid=os.getpid(), verify_us=list(self.verify_us))
+                         device=ident.device, pid=os.getpid(), verify_us=list(self.verify_us),
+                         max_context=self.backend.max_context)
 
     def handle(self, msg):
         if isinstance(msg, OpenRequest):
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformers (HF folder or de-quantized GGUF) or llama.cpp (GGUF, native kernels)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="skip measuring the verify-cost curve at start-up (drafts then keep a fixed size)")
-    p.add_argument("--ctx", type=int, default=8192,
+    p.add_argument("--ctx", type=int, default=DEFAULT_LLAMA_CTX,
                    help="llama.cpp only: KV cells shared by all open requests (prompt + output tokens)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                    help="int8 / int4: weight-only int8 or 4-bit (groups of 32) decoder layers, a faster, "
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_backend(cfg: TargetConfig, pinned: list[int], where: str, probe_child=decode_probe) -> TargetBackend:
     """``probe_child``: the entry point of the extra-buffer probe's child (llama_buffers.py)."""
     if cfg.backend == "llama.cpp":
-        from dovetail.workers.llama import LlamaBackend, import_llama
+        from dovetail.workers.llama import SCRATCH_SEQS, LlamaBackend, import_llama
         import_llama()  # a missing library says so before any probe
         # torch only does bookkeeping on a few rows of logits here, and its OpenMP runtime is
         # not llama.cpp's: after each op its threads spin on the cores llama.cpp's threads
@@ -189,7 +190,8 @@ def load_backend(cfg: TargetConfig, pinned: list[int], where: str, probe_child=d
         # Extra buffer types crash on some CPUs: decided once per machine, in a child process.
         extra = decide(cfg.llama_extra_buffers, cfg.model, len(pinned), child=probe_child)
         return LlamaBackend(cfg.model, threads=len(pinned), n_ctx=cfg.ctx,
-                            n_seqs=cfg.max_requests + 16, device_label=where, extra_buffers=extra.extra_buffers)
+                            n_seqs=cfg.max_requests + SCRATCH_SEQS, device_label=where,
+                            extra_buffers=extra.extra_buffers)
     return HFBackend(cfg.model, dtype=choose_dtype(cfg.dtype, "cpu"), device_label=where, quantize=cfg.quantize)
 
 
@@ -212,11 +214,9 @@ def main(argv=None) -> None:
         from dovetail.workers.calibrate import load_or_measure
         handler.verify_us = load_or_measure(backend, cfg.model, cfg.backend, backend.identity.dtype, len(pinned))
 
-    try:
-        serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys, heartbeat_timeout=cfg.heartbeat_timeout,
-              parent_death_signal=cfg.parent_death_signal, warmup=calibrate if cfg.calibrate else None)
-    finally:
-        backend.close()
+    serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys, heartbeat_timeout=cfg.heartbeat_timeout,
+          parent_death_signal=cfg.parent_death_signal, warmup=calibrate if cfg.calibrate else None,
+          release=backend.close)
 
 
 if __name__ == "__main__":

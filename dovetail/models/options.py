@@ -26,6 +26,19 @@ def check_llama_extra_buffers(value, name: str = "llama_extra_buffers") -> str:
     return value
 
 
+# The llama.cpp target's context: KV cells shared by all its open requests.
+DEFAULT_LLAMA_CTX = 8192
+# A context smaller than one decode batch (workers/llama.py MAX_BATCH) aborts in llama.cpp's
+# context set-up (GGML_ASSERT in output_reserve, measured with llama-cpp-python 0.3.36).
+MIN_LLAMA_CTX = 512
+
+
+def check_llama_ctx(value, name: str = "llama_ctx") -> int:
+    if not isinstance(value, int) or value < MIN_LLAMA_CTX:
+        raise ValueError(f"{name} must be an int >= {MIN_LLAMA_CTX}, got {value!r}")
+    return value
+
+
 def llama_installed() -> bool:
     import importlib.util
     return importlib.util.find_spec("llama_cpp") is not None

@@ -46,6 +46,7 @@ class CoordinatorConfig:
     max_active: int = 4             # requests decoding at once (their rounds interleave on the workers)
     max_pending: int = 256          # requests admitted (active + queued); past it: CoordinatorBusy
     queue_timeout_s: float = 600.0  # how long an admitted request may wait for an active slot
+    close_timeout_s: float = 10.0   # close(): how long cancelled requests get to finish their round
     worker_max_requests: int = 256  # requests each worker holds open at once (its --max-requests)
     connect_timeout_s: float = 120.0  # a remote target's handshake: wrong keys or address look like silence
     # Liveness (dovetail/runtime/liveness.py): a heartbeat to each worker every interval; a worker that
@@ -69,7 +70,7 @@ class CoordinatorConfig:
         if not 1 <= self.max_active <= self.max_pending:
             raise ValueError(f"need 1 <= max_active <= max_pending, got {self.max_active}, {self.max_pending}")
         for name in ("startup_timeout_s", "prefill_timeout_s", "verify_timeout_s", "draft_timeout_s",
-                     "draft_probe_timeout_s", "queue_timeout_s", "connect_timeout_s"):
+                     "draft_probe_timeout_s", "queue_timeout_s", "close_timeout_s", "connect_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if not MIN_HEARTBEAT_INTERVAL_S <= self.heartbeat_interval_s <= MAX_HEARTBEAT_INTERVAL_S:

@@ -8,6 +8,7 @@ their own (submit), at most ``max_active`` at once (runtime/requests.py).
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -19,7 +20,9 @@ from dovetail.runtime.config import CoordinatorConfig
 from dovetail.runtime.requests import Admission, Request
 from dovetail.runtime.results import Chunk, GenerationResult, Stats
 from dovetail.runtime.rounds import RoundLoop
-from dovetail.runtime.text import Text, default_stop_ids
+from dovetail.runtime.text import Text, check_stop, default_stop_ids
+
+log = logging.getLogger("dovetail")
 
 
 def _round_setting(name: str, doc: str) -> property:
@@ -60,49 +63,58 @@ class Coordinator:
 
     # ---- public API -------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> GenerationResult:
+                 top_p: float = 1.0, seed: int | None = None, stop=None) -> GenerationResult:
         stats = Stats()
         ids: list[int] = []
-        for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stats=stats):
+        text: list[str] = []
+        for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, stats=stats):
             ids.extend(chunk.token_ids)
-        return GenerationResult(ids, self.text.decode(ids), stats)
+            text.append(chunk.text)
+        return GenerationResult(ids, self._text_of(text), stats)
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, *, stats: Stats | None = None) -> Iterator[Chunk]:
-        """Yield committed tokens round by round, as the target verifies them."""
-        prompt_ids, seed = self._check_request(prompt, max_new_tokens, temperature, top_p, seed)
+               seed: int | None = None, stop=None, *, stats: Stats | None = None) -> Iterator[Chunk]:
+        """Yield committed tokens round by round, as the target verifies them.
+
+        ``stop``: a string or a list; the text ends before the first one to appear (also
+        across chunks), and the request with it.
+        """
+        prompt_ids, seed, stop = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop)
         stats = stats if stats is not None else Stats()
         self._admission.admit()
         try:
-            with self._admission.slot():
-                yield from self.text.chunks(self.rounds.run(prompt_ids, max_new_tokens, temperature, top_p,
-                                                            seed, stats))
+            with self._admission.cancellable(threading.Event()) as cancel, self._admission.slot():
+                if not cancel.is_set():
+                    yield from self.text.chunks(self.rounds.run(prompt_ids, max_new_tokens, temperature, top_p,
+                                                                seed, stats, cancel=cancel), stop, stats)
         finally:
             self._admission.leave()
 
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, on_event=None) -> Request:
+               seed: int | None = None, on_event=None, stop=None) -> Request:
         """Start a request in the background and return its handle at once.
 
         Raises CoordinatorBusy right away when max_pending requests are in flight. See
         :class:`dovetail.runtime.requests.Request` for streaming, results, events and cancelling.
         """
-        prompt_ids, seed = self._check_request(prompt, max_new_tokens, temperature, top_p, seed)
+        prompt_ids, seed, stop = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop)
         handle = Request(on_event)
         self._admission.admit()
-        args = (handle, prompt_ids, max_new_tokens, temperature, top_p, seed)
+        args = (handle, prompt_ids, max_new_tokens, temperature, top_p, seed, stop)
         threading.Thread(target=self._serve, args=args, name="dovetail-request", daemon=True).start()
         return handle
 
-    def _serve(self, handle: Request, prompt_ids, max_new, temperature, top_p, seed) -> None:
+    def _serve(self, handle: Request, prompt_ids, max_new, temperature, top_p, seed, stop) -> None:
+        text: list[str] = []
         try:
-            with self._admission.slot():
+            with self._admission.cancellable(handle._cancel), self._admission.slot():
                 if not handle.cancelled:
                     rounds = self.rounds.run(prompt_ids, max_new, temperature, top_p, seed, handle.stats,
                                              cancel=handle._cancel)
-                    for chunk in self.text.chunks(rounds):
+                    for chunk in self.text.chunks(rounds, stop, handle.stats):
+                        text.append(chunk.text)
                         handle.emit_chunk(chunk)
-            result = GenerationResult(list(handle.token_ids), self.text.decode(handle.token_ids), handle.stats)
+            result = GenerationResult(list(handle.token_ids), self._text_of(text), handle.stats)
             handle.finish("cancelled" if handle.cancelled and handle.stats.finish_reason in ("", "cancelled")
                           else "done", result)
         except BaseException as e:  # the request's one terminal event
@@ -110,15 +122,31 @@ class Coordinator:
         finally:
             self._admission.leave()
 
-    def _check_request(self, prompt, max_new_tokens, temperature, top_p, seed) -> tuple[list[int], int]:
+    def _check_request(self, prompt, max_new_tokens, temperature, top_p, seed, stop
+                       ) -> tuple[list[int], int, tuple[str, ...]]:
         if self._closed:
             raise RuntimeError("the coordinator is closed")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+        stop = check_stop(stop)
+        if stop and self.tokenizer is None:
+            raise TypeError("stop strings need a tokenizer and none is loaded: use stop_token_ids")
         seed = int(time.time_ns() % (1 << 31)) if seed is None else seed
-        return self.encode_prompt(prompt), seed
+        ids = self.encode_prompt(prompt)
+        self._check_context(len(ids), max_new_tokens)
+        return ids, seed, stop
+
+    def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse before any work a request that cannot fit in the target's context."""
+        limit = self.target_info.max_context
+        if limit and prompt_len + max_new_tokens > limit:
+            where = ("llama.cpp's context: raise llama_ctx / --llama-ctx, up to the model's trained context"
+                     if "llama.cpp" in self.target_info.device else "the model's max_position_embeddings")
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs "
+                             f"{prompt_len + max_new_tokens} positions, more than the target's {limit} ({where}): "
+                             "shorten the prompt or lower max_new_tokens")
 
     @property
     def in_flight(self) -> int:
@@ -128,10 +156,18 @@ class Coordinator:
     def encode_prompt(self, prompt) -> list[int]:
         return self.text.encode_prompt(prompt)
 
+    def _text_of(self, chunks: list[str]) -> str | None:
+        return "".join(chunks) if self.tokenizer is not None else None
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        # Requests still running would see their sockets vanish: cancel them, and give them
+        # close_timeout_s to finish the round in flight.
+        if not self._admission.cancel_all(self.config.close_timeout_s):
+            log.warning("close(): %d request(s) still running after close_timeout_s = %g s; closing anyway",
+                        self._admission.in_flight, self.config.close_timeout_s)
         if self._liveness is not None:
             self._liveness.stop()  # first: workers leaving on Shutdown are not "unresponsive"
         clients = [c for c in (self._draft_client, self.target) if c is not None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 
 from dovetail.protocol import Heartbeat
@@ -24,11 +25,20 @@ class DraftHealth:
         self.client, self.probe_timeout_s = client, probe_timeout_s
         self.state = OK if client is not None else DEAD
         self._probes = itertools.count(1)
+        # One probe at a time: probes share the client's mailbox for messages without a
+        # request id, where a second waiter would drop the first one's echo as stale.
+        self._probing = threading.Lock()
 
     def usable(self) -> bool:
         """True when requests may draft: ok, or suspect and answering a probe now."""
         if self.state == SUSPECT:
-            self._probe()
+            if not self._probing.acquire(blocking=False):
+                return False  # another request is probing: this one goes target-only, not waits
+            try:
+                if self.state == SUSPECT:
+                    self._probe()
+            finally:
+                self._probing.release()
         return self.state == OK
 
     def failed(self, error: WorkerError) -> None:

@@ -12,13 +12,15 @@ from dovetail.protocol import (
     Close, DraftProposal, DraftRequest, Feature, OpenRequest, Opened, VerifyResult, decode_features, encode_features,
 )
 from dovetail.runtime.autotree import TreeSizer
-from dovetail.runtime.client import WorkerClient, WorkerError
+from dovetail.runtime.client import WorkerClient, WorkerDied, WorkerError, WorkerTimeout
 from dovetail.runtime.config import CoordinatorConfig
 from dovetail.runtime.draft_health import DraftHealth
 from dovetail.runtime.results import Stats
 from dovetail.spec.tree import main_path, trim_depth
 
 log = logging.getLogger("dovetail")
+
+BUSY = "busy"  # the error code of a worker holding max_requests requests already
 
 
 class Drafter:
@@ -133,7 +135,10 @@ class Drafter:
 
     def close(self) -> None:
         """End the request on the draft; its reply is dropped on arrival, so no waiting."""
-        self.client.send(Close(self.req))
+        try:
+            self.client.send(Close(self.req))
+        except WorkerError as e:  # it died meanwhile: DraftHealth hears of it from the next call
+            log.debug("draft Close for request %d not sent: %s", self.req, e)
 
     def _call(self, msg: DraftRequest) -> DraftProposal:
         self.client.send(msg)
@@ -149,12 +154,26 @@ class Drafter:
         try:
             return fn()
         except WorkerError as e:
-            log.warning("draft worker failed (%s); continuing with the target alone", e)
-            self.health.failed(e)
+            if e.code == BUSY:  # the worker is fine, only full: no reason to doubt it next time
+                log.warning("draft worker busy (%s); this request goes on with the target alone "
+                            "(worker_max_requests / --max-requests sets how many requests it holds)", e.detail)
+            else:
+                log.warning("draft worker failed (%s); continuing with the target alone", e)
+                self.health.failed(e)
+            self.stats.draft_fallback_reason = fallback_reason(e)
             self.alive = False
             self.stats.draft_fallback = True
             self.ready = self.bet = None
             return None
+
+
+def fallback_reason(error: WorkerError) -> str:
+    """Stats.draft_fallback_reason for a failed draft call."""
+    if isinstance(error, WorkerDied):
+        return "died"
+    if isinstance(error, WorkerTimeout):
+        return "timeout"
+    return error.code  # "busy", "stale_step", "internal", ...
 
 
 def merge_features(parts: list[Feature]) -> Feature | None:

@@ -15,7 +15,8 @@ import zmq
 
 from dovetail.runtime.client import WorkerClient, WorkerError
 from dovetail.models.options import (
-    BACKENDS, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, QUANTIZE_CHOICES, check_llama_extra_buffers, llama_installed,
+    BACKENDS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, QUANTIZE_CHOICES, check_llama_ctx,
+    check_llama_extra_buffers, llama_installed,
 )
 from dovetail.runtime.config import DEFAULT_DRAFT_LM, CoordinatorConfig
 from dovetail.runtime.coordinator import Coordinator
@@ -33,7 +34,8 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")
 def launch(target=None, draft=None, *, target_address: str | None = None, client_keys: ClientKeys | None = None,
            target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "auto",
            draft_backend: str | None = None, target_quantize: str = "none", draft_quantize: str = "none",
-           llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS, **options) -> Coordinator:
+           llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS, llama_ctx: int = DEFAULT_LLAMA_CTX,
+           **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -61,6 +63,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     that run on llama.cpp: "auto" (the default) keeps them unless a test decode with them,
     run once per machine in a child process and cached, crashed (workers/llama_buffers.py);
     "on" / "off" force them. Ignored by transformers workers.
+    ``llama_ctx``: the llama.cpp target's context in tokens, shared by all its open requests;
+    one request (prompt and output) fits in it and in the model's trained context.
     Other keyword options are fields of :class:`CoordinatorConfig`.
 
     ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
@@ -80,6 +84,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     if draft_quantize not in ("none", "int8"):
         raise ValueError(f"draft_quantize must be 'none' or 'int8', got {draft_quantize!r}")
     check_llama_extra_buffers(llama_extra_buffers)
+    check_llama_ctx(llama_ctx)
     remote = target_address is not None
     if remote:
         check_remote(target_address, client_keys, target_cpus)
@@ -135,7 +140,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
             tgt = _spawn(ctx, "target", run_dir, [
                 "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
                 "--backend", backend, "--quantize", target_quantize,
-                *(["--llama-extra-buffers", llama_extra_buffers] if backend == "llama.cpp" else []),
+                *(["--llama-extra-buffers", llama_extra_buffers, "--ctx", str(llama_ctx)]
+                  if backend == "llama.cpp" else []),
                 *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
         hs_tgt, starts_draft = None, True

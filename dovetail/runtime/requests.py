@@ -26,8 +26,10 @@ class Admission:
     def __init__(self, max_active: int, max_pending: int, queue_timeout_s: float):
         self.max_pending, self.queue_timeout_s = max_pending, queue_timeout_s
         self._slots = threading.Semaphore(max_active)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.in_flight = 0  # admitted and not finished (waiting or active)
+        self._cancels: set[threading.Event] = set()  # one per admitted request
+        self._closing = False
 
     def admit(self) -> None:
         with self._lock:
@@ -38,6 +40,28 @@ class Admission:
     def leave(self) -> None:
         with self._lock:
             self.in_flight -= 1
+            self._lock.notify_all()
+
+    @contextmanager
+    def cancellable(self, cancel: threading.Event):
+        """Register the request's cancel event for cancel_all() while it runs."""
+        with self._lock:
+            self._cancels.add(cancel)
+            if self._closing:  # admitted just as close() began: it ends at once too
+                cancel.set()
+        try:
+            yield cancel
+        finally:
+            with self._lock:
+                self._cancels.discard(cancel)
+
+    def cancel_all(self, timeout_s: float) -> bool:
+        """Cancel every request in flight and wait for them to finish; False if some did not in time."""
+        with self._lock:
+            self._closing = True
+            for cancel in self._cancels:
+                cancel.set()
+            return self._lock.wait_for(lambda: self.in_flight == 0, timeout_s)
 
     @contextmanager
     def slot(self):

@@ -21,6 +21,7 @@ class Stats:
     target_idle_s: float = 0.0
     draft_idle_s: float = 0.0
     draft_fallback: bool = False    # the draft failed and decoding went on with the target alone
+    draft_fallback_reason: str = ""  # why: "timeout", "died", "busy", "suspect", "dead" (not probed back), ...
     finish_reason: str = ""
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per round
 

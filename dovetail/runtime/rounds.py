@@ -16,7 +16,7 @@ from dovetail.protocol import Close, Handshake, OpenRequest, Opened, VerifyReque
 from dovetail.runtime.autotree import TreeSizer
 from dovetail.runtime.client import WorkerClient
 from dovetail.runtime.config import CoordinatorConfig
-from dovetail.runtime.draft_health import DraftHealth
+from dovetail.runtime.draft_health import DEAD, DraftHealth
 from dovetail.runtime.drafter import Drafter
 from dovetail.runtime.results import Stats
 
@@ -48,12 +48,15 @@ class RoundLoop:
         stats.prompt_tokens = len(prompt)
         # Hidden states travel only to a draft that reads them (its handshake says so).
         features = bool(self.draft_info is not None and self.draft_info.features)
-        opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed, features), Opened,
-                                  cfg.prefill_timeout_s, "prefill_timeout_s")
-        stats.prefill_s = opened.seconds
-        drafter = self._start_drafter(req, prompt, stats, opened)
-        committed = list(prompt)
+        drafter = None
         try:
+            # Inside the try: a prefill that fails or times out still gets its Close, or the
+            # target would keep the sequence (and a llama.cpp sequence id) for good.
+            opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed, features), Opened,
+                                      cfg.prefill_timeout_s, "prefill_timeout_s")
+            stats.prefill_s = opened.seconds
+            drafter = self._start_drafter(req, prompt, stats, opened)
+            committed = list(prompt)
             while True:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
@@ -92,7 +95,7 @@ class RoundLoop:
         if self.draft is None:
             return None
         if not self.health.usable():
-            stats.draft_fallback = True
+            stats.draft_fallback, stats.draft_fallback_reason = True, self.health.state
             return None
         return Drafter(self.draft, self.config, self.health, self.sizer, req, prompt, stats,
                        wants_features=bool(self.draft_info is not None and self.draft_info.features),
@@ -104,8 +107,10 @@ class RoundLoop:
         return (tokens, False) if stop is None else (tokens[:stop + 1], True)
 
     def _close_request(self, req: int, drafter: Drafter | None) -> None:
-        if drafter and drafter.alive:
-            drafter.close()  # its reply is dropped on arrival: no need to wait
+        # Also after a failed draft call: a draft that timed out or refused a step still holds
+        # the request's state, and max_requests leaks would leave it answering only "busy".
+        if drafter is not None and self.health.state != DEAD:
+            drafter.close()
         try:
             self.target.send(Close(req))
         except Exception:  # the target may be gone; its error was raised already

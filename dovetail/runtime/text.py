@@ -5,9 +5,9 @@ prompts are token ids and results carry no text.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
-from dovetail.runtime.results import Chunk
+from dovetail.runtime.results import Chunk, Stats
 
 # End-of-text and end-of-turn tokens of the model families we run, besides the tokenizer's eos.
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>")
@@ -38,24 +38,103 @@ class Text:
             return None
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chunks(self, rounds: Iterator[list[int]]) -> Iterator[Chunk]:
-        """Each round's committed ids with the text they add to what was shown so far."""
-        ids: list[int] = []
-        shown = ""
-        for new in rounds:
-            ids.extend(new)
-            text = self.decode(ids) or ""
-            # Hold back a trailing partial character until the next token completes it.
-            if text.endswith("\ufffd"):
-                yield Chunk(new, "")
-                continue
-            yield Chunk(new, text[len(shown):])
-            shown = text
+    def chunks(self, rounds: Iterator[list[int]], stop: Sequence[str] = (), stats: Stats | None = None
+               ) -> Iterator[Chunk]:
+        """Each round's committed ids with the text they add, cut at the first stop string.
+
+        A stop string ends the request: the text stops before it, the ids after the token
+        that completed it are not emitted, and ``rounds`` is closed (which ends the request
+        on the workers).
+        """
+        stream = TextStream(self.decode if self.tokenizer is not None else None, stop)
+        try:
+            for new in rounds:
+                yield stream.add(new)
+                if stream.stopped:
+                    if stats is not None:
+                        stats.finish_reason, stats.new_tokens = "stop", len(stream.ids)
+                    return
+            tail = stream.finish()
+            if tail:
+                yield Chunk([], tail)
+        finally:
+            close = getattr(rounds, "close", None)  # a generator: its finally ends the request
+            if close is not None:
+                close()
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
             raise TypeError(f"{what} needs a tokenizer and none is loaded (this target has none, or it is "
                             "remote and neither target= nor a draft gave one): pass token ids")
+
+
+class TextStream:
+    """One request's text, decoded as its tokens are committed and cut at stop strings.
+
+    Each step decodes only a window: the ids since the last emitted piece, after the ids of
+    that piece as context (so a tokenizer that drops a leading space at the start of a
+    decode still gets the space between pieces right). Text is held back while it ends in a
+    partial character, or in what could be the start of a stop string.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str] | None, stop: Sequence[str] = ()):
+        self._decode, self.stop = decode, tuple(stop)
+        self.ids: list[int] = []
+        self._prefix = self._read = 0  # ids[_prefix:_read]: the context of the next piece
+        self._held = ""
+        self.stopped = False
+
+    def add(self, new: list[int]) -> Chunk:
+        """The ids and text to emit for newly committed ``new`` (fewer ids once a stop string ends it)."""
+        ids, text = [], ""
+        for tok in new:
+            self.ids.append(tok)
+            ids.append(tok)
+            piece = self._piece(final=False)
+            if piece:
+                shown, self.stopped = self._cut(self._held + piece)
+                text += shown
+                if self.stopped:
+                    break
+        return Chunk(ids, text)
+
+    def finish(self) -> str:
+        """The text still held back when the request ends without a stop string."""
+        if self.stopped or self._decode is None:
+            return ""
+        tail, self._held = self._held + self._piece(final=True), ""
+        return tail
+
+    def _piece(self, final: bool) -> str:
+        if self._decode is None:
+            return ""
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def _cut(self, text: str) -> tuple[str, bool]:
+        """(what may be shown now, whether a stop string was reached); the rest is held."""
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[:min(hits)], True
+        keep = max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+
+def check_stop(stop) -> tuple[str, ...]:
+    """Stop strings as given to generate / stream / submit: a string or a list of them."""
+    if stop is None:
+        return ()
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) and s for s in stop):
+        raise TypeError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stop
 
 
 def default_stop_ids(tokenizer) -> list[int]:

@@ -97,3 +97,14 @@ def test_auto_backend_picks_llama_cpp_for_a_gguf_only_when_installed(tmp_path, m
     assert pick_backend("auto", "m.gguf") == "llama.cpp"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert pick_backend("auto", "m.gguf") == "transformers"
+
+
+def test_llama_ctx_bounds_a_request_and_the_error_names_it(gguf):
+    with dovetail.launch(gguf, None, backend="llama.cpp", llama_ctx=512) as coord:
+        assert coord.target_info.max_context == 512  # the model was trained for more
+        with pytest.raises(ValueError, match=r"needs 513 positions, more than the target's 512 \(llama.cpp's "
+                                             r"context: raise llama_ctx / --llama-ctx"):
+            coord.generate([5, 6, 7, 8, 9], max_new_tokens=508)
+        assert coord.generate([5, 6, 7, 8, 9], max_new_tokens=8).stats.new_tokens > 0
+    with pytest.raises(ValueError, match="llama_ctx must be an int >= 512"):
+        dovetail.launch(gguf, None, backend="llama.cpp", llama_ctx=64)

@@ -66,7 +66,7 @@ DROP = object()
 def test_round_trip(msg):
     out = encode(msg)
     assert len(out) == 2 and all(type(f) is bytes for f in out)
-    assert out[0] == HEADER.pack(b"DVTL", 1, type(msg).TYPE)
+    assert out[0] == HEADER.pack(b"DVTL", PROTOCOL_VERSION, type(msg).TYPE)
     assert decode(out, vocab_size=151936) == msg
     assert decode([bytearray(out[0]), memoryview(out[1])]) == msg  # zmq.Frame-like buffers
 
@@ -108,8 +108,8 @@ GOOD = encode(Close(1))
     ([1, 2], MalformedFrame, "malformed", "bytes-like"),
     ([GOOD[0][:-1], GOOD[1]], MalformedFrame, "bad_header", "header frame is 6 bytes"),
     ([b"XXXX" + GOOD[0][4:], GOOD[1]], MalformedFrame, "bad_header", "not a Dovetail frame"),
-    ([HEADER.pack(b"DVTL", 1, 0), GOOD[1]], MalformedFrame, "unknown_type", "type code 0"),
-    ([HEADER.pack(b"DVTL", 1, 200), GOOD[1]], MalformedFrame, "unknown_type", "type code 200"),
+    ([HEADER.pack(b"DVTL", PROTOCOL_VERSION, 0), GOOD[1]], MalformedFrame, "unknown_type", "type code 0"),
+    ([HEADER.pack(b"DVTL", PROTOCOL_VERSION, 200), GOOD[1]], MalformedFrame, "unknown_type", "type code 200"),
 ])
 def test_bad_framing(bad, exc, code, words):
     with pytest.raises(exc, match=words) as info:
@@ -121,7 +121,7 @@ def test_wrong_version_message():
     with pytest.raises(WrongVersion) as info:
         decode(frames(Close, {"req_id": 1}, version=7))
     assert str(info.value) == ("peer speaks Dovetail protocol version 7, "
-                               "this side speaks version 1")
+                               f"this side speaks version {PROTOCOL_VERSION}")
     assert info.value.code == "wrong_version" and info.value.peer_version == 7
 
 

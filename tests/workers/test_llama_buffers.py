@@ -233,7 +233,7 @@ def test_after_a_crash_verdict_the_target_loads_plain_buffers_and_decodes(small_
     import torch
 
     from dovetail.workers.target import TargetConfig, load_backend
-    cfg = TargetConfig(bind="ipc:///tmp/unused", model=small_gguf, backend="llama.cpp", ctx=256, max_requests=2)
+    cfg = TargetConfig(bind="ipc:///tmp/unused", model=small_gguf, backend="llama.cpp", ctx=512, max_requests=2)
     threads = torch.get_num_threads()
     backend = load_backend(cfg, [0, 1], "cpu", probe_child=segfault_probe)
     torch.set_num_threads(threads)  # load_backend leaves torch one thread, as a worker wants

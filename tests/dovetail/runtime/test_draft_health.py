@@ -1,4 +1,7 @@
 """DraftHealth on its own: how a failed draft call moves it, and the probe that brings it back."""
+import threading
+import time
+
 import pytest
 
 from dovetail.protocol import Heartbeat
@@ -59,3 +62,29 @@ def test_a_probe_that_finds_the_draft_dead_stops_probing():
     health.failed(WorkerTimeout("draft", "timeout", "draft_timeout_s"))
     assert not health.usable() and health.state == DEAD
     assert not health.usable() and len(client.sent) == 1
+
+
+def test_concurrent_requests_send_one_probe_at_a_time():
+    """Probes share the client's id-less mailbox: two waiting at once could take each other's echo."""
+    release, inside, most = threading.Event(), [], []
+
+    class SlowEcho(ProbedClient):
+        def recv(self, match, timeout, knob):
+            inside.append(1)
+            most.append(len(inside))
+            release.wait(5)
+            inside.pop()
+            return self.sent[-1]
+
+    health = DraftHealth(SlowEcho(), 5.0)
+    health.failed(WorkerTimeout("draft", "timeout", "draft_timeout_s"))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(health.usable())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # all four are in usable() by now; at most one may be probing
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert max(most) == 1 and len(health.client.sent) == 1
+    assert results.count(True) >= 1 and health.state == OK  # the prober; the others went target-only
