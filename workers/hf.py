@@ -41,6 +41,8 @@ class CausalLM:
         # final-norm hidden states are caught on their way out of the decoder.
         self._hidden: torch.Tensor | None = None
         model.model.register_forward_hook(self._keep_hidden)
+        self.window = sliding_window(self.config)
+        self._layer_types = sorted(set(getattr(self.config, "layer_types", None) or []))
 
     def _keep_hidden(self, module, args, output) -> None:
         self._hidden = output.last_hidden_state
@@ -63,13 +65,21 @@ class CausalLM:
 
     def new_cache(self):
         from transformers import DynamicCache
-        return DynamicCache(config=self.config)
+        if self.window is None:
+            return DynamicCache(config=self.config)
+        # Full layers, sliding ones included: a sliding layer keeps only its last window - 1
+        # positions, which rolling back by position (crop, keep_rows) cannot work with. The
+        # window goes into the attention mask instead, with each cached row's position.
+        cache = DynamicCache()
+        cache.dovetail_positions = []
+        return cache
 
     def forward(self, cache, tokens: list[int], row_parents: list[int] | None = None,
                 logit_rows: slice | list[int] | None = None) -> Forward:
         """Run ``tokens`` after what ``cache`` holds; rows attend to the cache and their ancestors.
 
-        ``row_parents`` None means a plain causal chain (the model's own mask, cheapest).
+        ``row_parents`` None means a plain causal chain (the model's own mask, cheapest, unless
+        the model has a sliding window).
         Logits are computed only for ``logit_rows`` (all rows by default): the LM head
         dominates small forwards.
         """
@@ -86,11 +96,10 @@ class CausalLM:
         """Forward with explicit position ids and a boolean [n, cache+n] visibility mask."""
         kwargs = {self._cache_kw: cache, "use_cache": True,
                   "position_ids": torch.tensor([positions], device=self.device)}
-        if allowed is not None:
-            # Additive float mask: works for both the sdpa and eager attention kernels.
-            mask = torch.zeros(allowed.shape, dtype=self.dtype)
-            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-            kwargs["attention_mask"] = mask[None, None].to(self.device)
+        if self.window is not None:
+            kwargs["attention_mask"] = self._window_masks(cache, positions, allowed)
+        elif allowed is not None:
+            kwargs["attention_mask"] = self._additive(allowed)
         ids = torch.tensor([tokens], device=self.device)
         rows = 0 if logit_rows is None else torch.tensor(  # 0: every row
             list(range(len(tokens)))[logit_rows] if isinstance(logit_rows, slice) else list(logit_rows),
@@ -98,6 +107,28 @@ class CausalLM:
         logits = self.model(input_ids=ids, logits_to_keep=rows, **kwargs).logits[0].float()
         hidden, self._hidden = self._hidden[0], None
         return Forward(logits=logits, hidden=hidden)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Additive float mask [1, 1, n, kv]: works for both the sdpa and eager attention kernels."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[None, None].to(self.device)
+
+    def _window_masks(self, cache, positions: list[int], allowed: torch.Tensor | None):
+        """The masks of a sliding-window model: a row at position p sees a visible column only
+        if the column's position is above p - window (transformers' own rule), on the sliding
+        layers; the global layers of a mixed model (Gemma-2) see all visible columns."""
+        start = cache.get_seq_length()
+        if allowed is None:  # a plain chain
+            allowed = torch.ones(len(positions), start + len(positions), dtype=torch.bool)
+            allowed[:, start:] = torch.ones(len(positions), len(positions), dtype=torch.bool).tril()
+        kv = torch.tensor(cache.dovetail_positions + positions)
+        windowed = allowed & (kv[None, :] > torch.tensor(positions)[:, None] - self.window)
+        cache.dovetail_positions = cache.dovetail_positions + list(positions)
+        if not self._layer_types:  # one kind of layer (Mistral): all sliding
+            return self._additive(windowed)
+        return {kind: self._additive(windowed if kind == "sliding_attention" else allowed)
+                for kind in self._layer_types}
 
     @staticmethod
     def release(cache) -> None:
@@ -112,6 +143,8 @@ class CausalLM:
         """
         if cache.get_seq_length() <= length:
             return
+        if hasattr(cache, "dovetail_positions"):
+            cache.dovetail_positions = cache.dovetail_positions[:length]
         for layer in cache.layers:
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 layer.keys = layer.keys[:, :, :length]
@@ -123,11 +156,25 @@ class CausalLM:
         if rows == list(range(len(rows))):
             CausalLM.crop(cache, start + len(rows))  # a prefix of the forward: plain truncation
             return
+        if hasattr(cache, "dovetail_positions"):
+            cache.dovetail_positions = cache.dovetail_positions[:start] + [cache.dovetail_positions[start + r]
+                                                                            for r in rows]
         index = torch.tensor([start + r for r in rows])
         for layer in cache.layers:
             keep = torch.cat([torch.arange(start), index]).to(layer.keys.device)
             layer.keys = layer.keys.index_select(2, keep)
             layer.values = layer.values.index_select(2, keep)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a model whose (some) layers use one, else None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
 
 
 def truncate_layers(model, num_layers: int) -> None:

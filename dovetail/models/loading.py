@@ -159,3 +159,47 @@ def load_hf_model(path, dtype):
 def dtype_name(dtype) -> str:
     """"bfloat16" for torch.bfloat16 or "bfloat16" alike."""
     return str(dtype).removeprefix("torch.")
+
+
+# End-of-turn tokens of the model families we run, by name, stopped on wherever a vocabulary has
+# them (llama.cpp does the same): a chat model may end its turn with one its config omits.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>",
+                      "<end_of_turn>", "<|end|>")
+GGUF_STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def stop_token_ids(path, tokenizer) -> list[int]:
+    """Where a model's generation ends: the ids its files declare (generation_config.json's
+    eos_token_id, one or a list such as Llama-3's <|eot_id|> and <|eom_id|>; a GGUF's
+    eos / eot / eom), the tokenizer's eos, and the end-of-turn tokens its vocabulary has."""
+    return sorted(set(declared_stop_ids(path)) | set(default_stop_ids(tokenizer)))
+
+
+def declared_stop_ids(path) -> list[int]:
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from gguf import GGUFReader
+        fields = GGUFReader(str(path)).fields
+        return [int(f.parts[f.data[0]][0]) for key in GGUF_STOP_KEYS if (f := fields.get(key)) is not None]
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((path / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        ids += [eos] if isinstance(eos, int) else [int(i) for i in eos or []]
+    return ids
+
+
+def default_stop_ids(tokenizer) -> list[int]:
+    """The tokenizer's eos and the end-of-turn tokens in its vocabulary."""
+    if tokenizer is None:
+        return []
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for tok in END_OF_TURN_TOKENS:
+        if tok in vocab:
+            ids.add(int(vocab[tok]))
+    return sorted(ids)

@@ -20,6 +20,9 @@ MAX_HEARTBEAT_INTERVAL_S = 60.0
 
 
 DEFAULT_DRAFT_LM = "qwen2.5-coder-0.5b-instruct"  # draft="auto" when no feature draft ships for the target
+# Its tokenizer's identity (models/loading.py tokenizer_hash), so that draft="auto" can tell
+# before fetching 491 MB whether it could draft for a target at all.
+DEFAULT_DRAFT_LM_TOKENIZER = "5ad4def217b37b7d"
 
 
 @dataclass

@@ -20,7 +20,8 @@ from dovetail.runtime.config import CoordinatorConfig
 from dovetail.runtime.requests import Admission, Request
 from dovetail.runtime.results import Chunk, GenerationResult, Stats
 from dovetail.runtime.rounds import RoundLoop
-from dovetail.runtime.text import Text, check_stop, default_stop_ids
+from dovetail.models.loading import default_stop_ids
+from dovetail.runtime.text import Text, check_stop
 
 log = logging.getLogger("dovetail")
 

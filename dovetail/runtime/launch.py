@@ -13,12 +13,13 @@ from pathlib import Path
 
 import zmq
 
+from dovetail.models.loading import load_tokenizer, stop_token_ids, tokenizer_hash
 from dovetail.runtime.client import WorkerClient, WorkerError
 from dovetail.models.options import (
     BACKENDS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, QUANTIZE_CHOICES, check_llama_ctx,
     check_llama_extra_buffers, llama_installed,
 )
-from dovetail.runtime.config import DEFAULT_DRAFT_LM, CoordinatorConfig
+from dovetail.runtime.config import DEFAULT_DRAFT_LM, DEFAULT_DRAFT_LM_TOKENIZER, CoordinatorConfig
 from dovetail.runtime.coordinator import Coordinator
 from dovetail.system.cpus import format_cpus, parse_cpus
 from dovetail.runtime.liveness import Liveness
@@ -194,6 +195,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     log.info("target %s on %s; draft %s on %s; overlap %s", hs_tgt.model,
              target_address or f"CPUs {format_cpus(cpus) if cpus else 'all'}",
              hs_dft.model if hs_dft else "none", hs_dft.device if hs_dft else "-", overlap)
+    if config.stop_token_ids is None and target_path is not None:  # what the model's own files say
+        config = replace(config, stop_token_ids=stop_token_ids(target_path, tokenizer))
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
                        context=ctx, run_dir=run_dir, liveness=liveness)
 
@@ -214,7 +217,18 @@ def pick_draft(draft, target_path, device: str = "cpu"):
     if shipped is not None:
         log.info("draft: the feature draft shipped for %s on %s (%s)", Path(target_path).name, device, shipped.name)
         return f"feature:{shipped}"
-    return DEFAULT_DRAFT_LM
+    if target_path is not None and not default_draft_fits(target_path):
+        log.warning("draft='auto': no feature draft ships for %s and its tokenizer is not %s's, so no draft "
+                    "model here can draft for it; decoding with the target alone (pass draft= a model with "
+                    "the target's tokenizer)", Path(target_path).name, DEFAULT_DRAFT_LM)
+        return None
+    return DEFAULT_DRAFT_LM  # a remote target's tokenizer is checked at the handshake
+
+
+def default_draft_fits(target_path) -> bool:
+    """Whether DEFAULT_DRAFT_LM shares the target's tokenizer, read from the target's own files."""
+    tokenizer = load_tokenizer(target_path)
+    return tokenizer is not None and tokenizer_hash(tokenizer, 0) == DEFAULT_DRAFT_LM_TOKENIZER
 
 
 def pick_backend(chosen: str, target_path, quantize: str = "none") -> str:
@@ -335,14 +349,12 @@ def _remote_failure(client: WorkerClient, e: WorkerError) -> str:
 
 
 def _local_tokenizer(target_path):
-    from dovetail.models.loading import load_tokenizer
     return load_tokenizer(target_path)
 
 
 def _tokenizer(target_path, draft_path, hs_target: Handshake):
     """The remote target's tokenizer from a local copy: the target's own files, else the draft's
     (its handshake hash equals the target's), else None (token ids only)."""
-    from dovetail.models.loading import load_tokenizer, tokenizer_hash
     if target_path is None:
         return load_tokenizer(draft_path) if draft_path is not None else None
     tok = load_tokenizer(target_path)

@@ -9,9 +9,6 @@ from typing import Callable, Iterator, Sequence
 
 from dovetail.runtime.results import Chunk, Stats
 
-# End-of-text and end-of-turn tokens of the model families we run, besides the tokenizer's eos.
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>")
-
 
 class Text:
     def __init__(self, tokenizer, vocab_size: int):
@@ -21,7 +18,8 @@ class Text:
         """Token ids of a text prompt, of chat messages (through the chat template), or ids as given."""
         if isinstance(prompt, str):
             self._need_tokenizer("a text prompt")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            # The tokenizer's own default: a BOS where the model expects one (Llama, Mistral).
+            return self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             self._need_tokenizer("chat messages")
             out = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
@@ -135,17 +133,3 @@ def check_stop(stop) -> tuple[str, ...]:
     if not all(isinstance(s, str) and s for s in stop):
         raise TypeError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     return stop
-
-
-def default_stop_ids(tokenizer) -> list[int]:
-    """End-of-text and end-of-turn tokens: what the model's generation config usually lists."""
-    if tokenizer is None:
-        return []
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for tok in STOP_TOKENS:
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    return sorted(ids)

@@ -148,7 +148,7 @@ def code_answers_dir(ident, cache_dir, n: int, max_new: int) -> Path:
 def run_extract_answers(args, target, ident) -> dict:
     """Self-distillation: the target's greedy answers to HumanEval problems or code prompts."""
     import os
-    from dovetail.runtime.text import default_stop_ids
+    from dovetail.models.loading import default_stop_ids
     from dovetail.training.distill import code_prompts, generate_corpus
     from dovetail.models.loading import load_tokenizer
     from dovetail.workers.llama import LlamaBackend

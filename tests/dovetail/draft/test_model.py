@@ -153,16 +153,20 @@ def test_reduced_draft_vocabulary(pieces, models, tmp_path):
 
 def test_auto_draft_is_the_checkpoint_shipped_for_the_target(pieces, models, tmp_path, monkeypatch):
     import dovetail.draft.checkpoint as draft_io
+    import dovetail.runtime.launch as launch_mod
+    from dovetail.models.loading import load_tokenizer, tokenizer_hash
     from dovetail.runtime.config import DEFAULT_DRAFT_LM
     from dovetail.runtime.launch import pick_draft
     monkeypatch.setattr(draft_io, "SHIPPED", tmp_path)
+    # As if the default draft model had the tiny target's tokenizer: it may draft for it.
+    monkeypatch.setattr(launch_mod, "DEFAULT_DRAFT_LM_TOKENIZER", tokenizer_hash(load_tokenizer(models["target"]), V))
     assert pick_draft("auto", models["target"]) == DEFAULT_DRAFT_LM  # nothing shipped
     save_checkpoint(new_feature_draft(pieces, "dgf", 1), tmp_path / "for-target")
     assert pick_draft("auto", models["target"]) == DEFAULT_DRAFT_LM  # shipped, but not the default
     (tmp_path / "defaults.json").write_text(json.dumps({models["target"].name: "for-target"}))
     assert pick_draft("auto", models["target"]) == f"feature:{tmp_path / 'for-target'}"
-    assert pick_draft("auto", tmp_path / "another.gguf") == DEFAULT_DRAFT_LM
-    assert pick_draft("auto", None) == DEFAULT_DRAFT_LM  # a remote target: no file to match
+    assert pick_draft("auto", models["tokenizer"]) is None  # another tokenizer: no draft at all
+    assert pick_draft("auto", None) == DEFAULT_DRAFT_LM  # a remote target: the handshake checks
     assert pick_draft("my-draft", models["target"]) == "my-draft"
     assert pick_draft(None, models["target"]) is None
     (tmp_path / "defaults.json").write_text(json.dumps({"another.gguf": "for-target"}))

@@ -76,3 +76,31 @@ def test_a_draft_starts_where_it_may_pay_or_when_forced(gguf, cached_curve):
     with start(gguf, force_draft=True) as coord:
         assert coord.draft is not None
         assert coord.generate("def add(a, b):", max_new_tokens=8).stats.drafted > 0
+
+
+def test_auto_draft_for_a_foreign_tokenizer_fetches_nothing_and_decodes_target_only(
+        launch_tracked, tmp_path, monkeypatch, caplog):
+    """draft="auto" for a target no shipped draft fits and whose tokenizer is not the default
+    draft model's: one warning, target-only decoding, and the 491 MB draft is never fetched."""
+    import logging
+
+    import dovetail.models.fetch as fetch
+    from tests.helpers import make_tiny_model, make_tiny_tokenizer
+
+    target = make_tiny_model(tmp_path / "foreign", seed=0)
+    make_tiny_tokenizer(target)
+    resolve = fetch.resolve_model
+
+    def no_draft_fetch(name, *args, **kwargs):
+        assert "0.5b" not in str(name), "the default draft model was fetched"
+        return resolve(name, *args, **kwargs)
+
+    monkeypatch.setattr(fetch, "resolve_model", no_draft_fetch)
+    with caplog.at_level(logging.WARNING, logger="dovetail"):
+        coord = launch_tracked(target, "auto", draft_device="cpu")
+    try:
+        assert coord.draft is None and coord.worker_pids["draft"] is None
+        assert coord.generate([5, 6, 7], max_new_tokens=4).stats.new_tokens == 4
+    finally:
+        coord.close()
+    assert sum("tokenizer is not" in r.getMessage() for r in caplog.records) == 1

@@ -3,7 +3,8 @@ strings), default stop tokens."""
 import pytest
 
 from dovetail.runtime.results import Stats
-from dovetail.runtime.text import Text, check_stop, default_stop_ids
+from dovetail.models.loading import default_stop_ids
+from dovetail.runtime.text import Text, check_stop
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -142,3 +143,15 @@ def test_streamed_text_is_the_full_decode_in_linear_work(kind):
     assert "".join(c.text for c in chunks) == tok.decode(ids)
     # Each token is decoded within a window of a few pieces, not with everything before it.
     assert sum(decoded) < 12 * len(ids), (sum(decoded), len(ids))
+
+
+def test_a_text_prompt_gets_bos_where_the_tokenizer_adds_it():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])  # Llama's way
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    assert Text(llama_like, 4).encode_prompt("ab") == [0, 2, 3]
+    assert Text(ByteTokenizer(), 256).encode_prompt("ab") == [97, 98]  # no BOS where none is added
