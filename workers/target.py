@@ -8,7 +8,7 @@ import argparse
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,7 +16,7 @@ from dovetail.models.options import (
     BACKENDS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, check_llama_ctx,
     check_llama_extra_buffers,
 )
-from dovetail.system.cpus import format_cpus, numa_nodes, pin_process
+from dovetail.system.cpus import describe_memory, format_cpus, memory_nodes, numa_nodes, pin_process
 from dovetail.protocol import (
     FEATURE_CODECS, Close, Closed, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
     encode_features,
@@ -208,6 +208,10 @@ def main(argv=None) -> None:
     backend = load_backend(cfg, pinned, where)
     log.info("loaded %s (%s, vocab %d, hidden %d) in %.1f s", backend.identity.model, backend.identity.dtype,
              backend.identity.vocab_size, backend.identity.hidden_size, time.perf_counter() - t0)
+    # Pinned before loading, so the weights were first touched from the target's own CPUs and
+    # the kernel placed them on their node; the handshake says where they really are (a GGUF
+    # already in the page cache stays where an earlier process read it).
+    backend.identity = replace(backend.identity, device=f"{backend.identity.device}, {describe_memory(memory_nodes())}")
     handler = TargetHandler(backend, cfg)
 
     def calibrate() -> None:  # on the compute thread, where every later forward runs (serve())

@@ -1,8 +1,10 @@
-"""CPU sets: parse the CLI's "0-31" / "0,2,4" form, pin a process, name its NUMA nodes."""
+"""CPU sets: parse the CLI's "0-31" / "0,2,4" form, pin a process, name its NUMA nodes and
+where its memory lives."""
 from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 
@@ -60,6 +62,33 @@ def numa_nodes(cpus: list[int]) -> list[int]:
         if owned & set(cpus):
             nodes.append(int(node_dir.name[4:]))
     return nodes
+
+
+def memory_nodes(numa_maps: str | None = None) -> dict[int, int]:
+    """Bytes of this process's memory on each NUMA node, from /proc/self/numa_maps (or the
+    text given); empty where the kernel does not say."""
+    if numa_maps is None:
+        try:
+            numa_maps = Path("/proc/self/numa_maps").read_text()
+        except OSError:
+            return {}
+    out: dict[int, int] = {}
+    for line in numa_maps.splitlines():
+        page = re.search(r"\bkernelpagesize_kB=(\d+)", line)
+        page_bytes = 1024 * int(page.group(1)) if page else 4096
+        for node, pages in re.findall(r"\bN(\d+)=(\d+)", line):
+            out[int(node)] = out.get(int(node), 0) + int(pages) * page_bytes
+    return out
+
+
+def describe_memory(nodes: dict[int, int]) -> str:
+    """"memory on NUMA node 0" or "memory on NUMA nodes 0 (71%), 1 (29%)"."""
+    total = sum(nodes.values())
+    if not total:
+        return "memory on NUMA node(s) unknown"
+    if len(nodes) == 1:
+        return f"memory on NUMA node {next(iter(nodes))}"
+    return "memory on NUMA nodes " + ", ".join(f"{n} ({100 * b / total:.0f}%)" for n, b in sorted(nodes.items()))
 
 
 def parse_range_list(text: str) -> set[int]:

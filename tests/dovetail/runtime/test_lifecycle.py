@@ -108,3 +108,8 @@ def test_close_cancels_and_joins_running_requests(own_coord):
     assert stream_done.is_set()  # the stream ended too, without an exception
     with pytest.raises(RuntimeError, match="closed"):
         own_coord.generate(PROMPT, max_new_tokens=2)
+
+
+def test_the_target_says_where_its_memory_lives(coord):
+    """Pinned before loading, the target reports the NUMA node(s) its memory is on."""
+    assert "memory on NUMA node" in coord.target_info.device, coord.target_info.device

@@ -31,3 +31,29 @@ def test_a_gpu_worker_keeps_one_cpu_thread_and_no_cudnn_attention():
             "print(torch.get_num_threads(), torch.backends.cuda.cudnn_sdp_enabled())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=True)
     assert out.stdout.split() == ["1", "False"]
+
+
+NUMA_MAPS = """\
+7f00 default file=/m.gguf mapped=100 N0=60 N1=40 kernelpagesize_kB=4
+7f80 default anon=2 dirty=2 N1=2 kernelpagesize_kB=2048
+7f90 default
+"""
+
+
+def test_memory_per_numa_node_from_numa_maps():
+    from dovetail.system.cpus import describe_memory, memory_nodes
+    nodes = memory_nodes(NUMA_MAPS)
+    assert nodes == {0: 60 * 4096, 1: 40 * 4096 + 2 * 2048 * 1024}
+    assert describe_memory(nodes) == "memory on NUMA nodes 0 (5%), 1 (95%)"
+    assert describe_memory({0: 10}) == "memory on NUMA node 0"
+    assert describe_memory({}) == "memory on NUMA node(s) unknown"
+
+
+def test_this_process_has_memory_on_a_node_where_the_kernel_tells():
+    from pathlib import Path
+
+    from dovetail.system.cpus import memory_nodes
+    if not Path("/proc/self/numa_maps").exists():
+        pytest.skip("no /proc/self/numa_maps here")
+    nodes = memory_nodes()
+    assert nodes and sum(nodes.values()) > 10 * 1024 * 1024  # the interpreter alone maps more
