@@ -54,8 +54,8 @@ class DraftHealth:
             self.client.send(Heartbeat(seq, time.time()))
             self.client.recv(lambda m: isinstance(m, Heartbeat) and m.seq == seq,
                              self.probe_timeout_s, "draft_probe_timeout_s")
-        except WorkerError as e:
-            self.state = DEAD if isinstance(e, WorkerDied) else SUSPECT
+        except WorkerError as e:  # still suspect, or dead
+            self.failed(e)
             return
         log.warning("draft worker answers again; drafting resumes")
         self.state = OK
