@@ -109,7 +109,7 @@ class HandlerSession:
         return self.committed[self.prompt_len:]
 
     def cache_len(self) -> int:
-        return self.h.backend.length(self.h.sequences[self.req].cache)
+        return self.h.backend.length(self.h.sequences[b"", self.req].cache)
 
 
 # ---- greedy output through llama.cpp: equal up to a near tie --------------------------------

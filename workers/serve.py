@@ -187,7 +187,7 @@ class Compute:
     def _loop(self) -> None:
         while (item := self.inbox.get()) is not None:
             peer, body = item
-            reply = _dispatch(self.handler, body, self.max_bytes)
+            reply = _dispatch(self.handler, body, self.max_bytes, peer)
             out = reply if reply is _STOP or reply is None else _encode_reply(reply)
             if out is not None:
                 self.outbox.put((peer, out))
@@ -265,7 +265,7 @@ def _encode_reply(reply) -> list[bytes]:
                             f"reply could not be encoded: {type(e).__name__}"[:MAX_STRING]))
 
 
-def _dispatch(handler, frames: list[bytes], max_bytes: int):
+def _dispatch(handler, frames: list[bytes], max_bytes: int, peer: bytes = b""):
     try:
         msg = decode(frames, max_bytes=max_bytes, vocab_size=handler.vocab_size)
     except ProtocolError as e:
@@ -279,7 +279,7 @@ def _dispatch(handler, frames: list[bytes], max_bytes: int):
         return handler.handshake()
     req_id = getattr(msg, "req_id", -1)
     try:
-        return handler.handle(msg)
+        return handler.handle(msg, peer) if getattr(handler, "keys_by_peer", False) else handler.handle(msg)
     except RequestError as e:
         log.warning("request %d refused: %s", e.req_id, e)
         return Error(req_id=e.req_id, code=e.code, message=str(e))

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
@@ -76,10 +77,14 @@ class Sequence:
 
 @dataclass
 class TargetHandler:
+    # A target may serve several coordinators at once (dovetail-launch --role target): each
+    # request is keyed by the peer that sent it and its id, so ids never collide and a
+    # coordinator can verify or close only its own requests.
+    keys_by_peer: ClassVar[bool] = True
     backend: TargetBackend
     config: TargetConfig
     role: str = "target"
-    sequences: dict[int, Sequence] = field(default_factory=dict)
+    sequences: dict[tuple[bytes, int], Sequence] = field(default_factory=dict)
     verify_us: list[int] = field(default_factory=list)  # cost of verifying k = 1, 2, ... tokens
 
     @property
@@ -94,22 +99,22 @@ class TargetHandler:
                          device=ident.device, pid=os.getpid(), verify_us=list(self.verify_us),
                          max_context=self.backend.max_context)
 
-    def handle(self, msg):
+    def handle(self, msg, peer: bytes = b""):
         if isinstance(msg, OpenRequest):
-            return self.open(msg)
+            return self.open(msg, (peer, msg.req_id))
         if isinstance(msg, VerifyRequest):
-            return self.verify(msg)
+            return self.verify(msg, (peer, msg.req_id))
         if isinstance(msg, Close):
-            seq = self.sequences.pop(msg.req_id, None)
+            seq = self.sequences.pop((peer, msg.req_id), None)
             if seq is not None:
                 self.backend.release(seq.cache)
             return Closed(req_id=msg.req_id)
         raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a target worker does not take {type(msg).__name__}")
 
-    def open(self, msg: OpenRequest) -> Opened:
+    def open(self, msg: OpenRequest, key: tuple[bytes, int]) -> Opened:
         if not msg.prompt:
             raise RequestError(msg.req_id, "bad_request", "the prompt is empty")
-        if msg.req_id in self.sequences:
+        if key in self.sequences:
             raise RequestError(msg.req_id, "duplicate", f"request {msg.req_id} is already open")
         if len(self.sequences) >= self.config.max_requests:
             raise RequestError(msg.req_id, "busy", f"{len(self.sequences)} requests open (max_requests)")
@@ -124,13 +129,13 @@ class TargetHandler:
         except BaseException:
             self.backend.release(seq.cache)
             raise
-        self.sequences[msg.req_id] = seq
+        self.sequences[key] = seq
         feats = encode_features(hidden, self.config.feature_codec) if hidden is not None else None
         return Opened(req_id=msg.req_id, cache_len=self.backend.length(seq.cache), features=feats,
                       seconds=time.perf_counter() - t0)
 
-    def verify(self, msg: VerifyRequest) -> VerifyResult:
-        seq = self.sequences.get(msg.req_id)
+    def verify(self, msg: VerifyRequest, key: tuple[bytes, int]) -> VerifyResult:
+        seq = self.sequences.get(key)
         if seq is None:
             raise RequestError(msg.req_id, "unknown_request", f"request {msg.req_id} is not open")
         if msg.step != seq.step:

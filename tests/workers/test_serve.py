@@ -414,6 +414,27 @@ def test_error_about_a_long_field_name_does_not_kill_the_worker(worker, sock):
     assert_serving(worker, sock)
 
 
+def test_two_coordinators_with_the_same_request_id_keep_their_own_requests(worker, tiny_target):
+    """A target serving two coordinators (two hosts) keys requests by peer: the same id from
+    both opens two requests, each verifies against its own prompt, and one's Close leaves the
+    other's request open."""
+    a, b = worker.dealer(), worker.dealer()
+    prompts = {a: [1, 5, 9, 13], b: [2, 4, 8, 16, 32]}
+    try:
+        for s in (a, b):
+            opened = exchange(worker, s, encode(OpenRequest(req_id=77, prompt=prompts[s])))
+            assert isinstance(opened, Opened) and opened.cache_len == len(prompts[s]) - 1, opened
+        assert exchange(worker, b, encode(Close(77))) == Closed(77)
+        res = exchange(worker, a, encode(VerifyRequest(77, 0, prompts[a][-1], [], [])))
+        assert isinstance(res, VerifyResult) and res.tokens == greedy_continuation(tiny_target, prompts[a], 1)
+        reply = exchange(worker, b, encode(VerifyRequest(77, 0, prompts[b][-1], [], [])))
+        assert isinstance(reply, Error) and reply.code == "unknown_request"  # b's own request is closed
+        assert exchange(worker, a, encode(Close(77))) == Closed(77)
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+
+
 # Last: ends the worker.
 def test_shutdown_exits_with_code_zero(worker):
     worker.ensure_running()  # the test above kills it while that bug stands

@@ -160,11 +160,11 @@ def test_stale_and_duplicated_verify_do_not_advance(handler, truth):
     first = VerifyRequest(1, 0, PROMPT[-1], truth[:3], chain_parents(3))
     res = handler.handle(first)
     s.step, s.committed = 1, s.committed + res.tokens
-    length, pending = s.cache_len(), handler.sequences[1].pending
+    length, pending = s.cache_len(), handler.sequences[b"", 1].pending
     _refused(handler, first, "stale_step")  # the same message delivered twice
     _refused(handler, VerifyRequest(1, 5, pending, [], []), "stale_step")  # from the future
-    assert s.cache_len() == length and handler.sequences[1].pending == pending
-    assert handler.sequences[1].step == 1
+    assert s.cache_len() == length and handler.sequences[b"", 1].pending == pending
+    assert handler.sequences[b"", 1].step == 1
     assert s.decode(8) == truth[:4 + 8]
 
 
@@ -180,7 +180,7 @@ def test_unknown_request_and_close(handler, truth):
     _refused(handler, VerifyRequest(42, 0, PROMPT[-1], [], []), "unknown_request")
     Session(handler, req=7)
     assert handler.handle(Close(7)) == Closed(req_id=7)
-    assert 7 not in handler.sequences
+    assert (b"", 7) not in handler.sequences
     _refused(handler, VerifyRequest(7, 0, PROMPT[-1], [], []), "unknown_request")
     assert handler.handle(Close(7)) == Closed(req_id=7)  # closing twice is harmless
 
@@ -192,7 +192,7 @@ def test_a_verify_failing_midway_leaves_the_sequence_as_it_was(handler, truth):
     # acceptance walk accepts node 0 and trips over node 1, which has no token.
     with pytest.raises(IndexError):
         handler.handle(VerifyRequest(1, 0, PROMPT[-1], [truth[0]], [-1, 0]))
-    assert s.cache_len() == length and handler.sequences[1].step == 0
+    assert s.cache_len() == length and handler.sequences[b"", 1].step == 0
     assert s.decode(6) == truth[:6]
 
 
