@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from dovetail.spec.tree import is_chain, with_root
-from dovetail.models.loading import load_tokenizer, tokenizer_hash
+from dovetail.models.loading import dtype_name, load_tokenizer, tokenizer_hash
 from dovetail.workers.hf import CausalLM, Forward
 from dovetail.workers.quant import check_quantize, quantize_model
 
@@ -79,13 +79,12 @@ class HFBackend(TargetBackend):
         quantize_model(self.lm.model, quantize)
         self.quantize = quantize
         tok = load_tokenizer(path)
-        dtype_name = str(self.lm.dtype).removeprefix("torch.")
         self.identity = Identity(
             model=self.lm.name, arch=str(getattr(self.lm.config, "model_type", "?")),
             vocab_size=self.lm.vocab_size, hidden_size=self.lm.hidden_size,
             tokenizer_hash=tokenizer_hash(tok, self.lm.vocab_size),
             # "bfloat16+int8": the handshake and the logs show which model really verifies.
-            dtype=dtype_name if quantize == "none" else f"{dtype_name}+{quantize}",
+            dtype=dtype_name(self.lm.dtype) + (f"+{quantize}" if quantize != "none" else ""),
             device=device_label or device)
         self.max_context = int(getattr(self.lm.config, "max_position_embeddings", 0) or 0)
 

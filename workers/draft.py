@@ -20,7 +20,7 @@ from dovetail.system.cpus import format_cpus, pin_process, tune_gpu_worker
 from dovetail.protocol import (
     Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
 )
-from dovetail.models.loading import choose_dtype, load_tokenizer, tokenizer_hash
+from dovetail.models.loading import choose_dtype, dtype_name, load_tokenizer, tokenizer_hash
 from dovetail.workers.draft_lm import DraftCache, DraftLM
 from dovetail.workers.hf import CausalLM
 from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, check_llama_extra_buffers
@@ -96,7 +96,7 @@ class DraftHandler:
 
     def handshake(self) -> Handshake:
         return Handshake(role="draft", vocab_size=self.lm.vocab_size, tokenizer_hash=self.tok_hash,
-                         hidden_size=self.lm.hidden_size, dtype=str(self.lm.dtype).removeprefix("torch."),
+                         hidden_size=self.lm.hidden_size, dtype=dtype_name(self.lm.dtype),
                          feature_codec="fp16", model=self.lm.name, device=self.lm.device, pid=os.getpid())
 
     def handle(self, msg):

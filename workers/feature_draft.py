@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dovetail.models.loading import dtype_name
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake, decode_features
 from dovetail.workers.draft import (apply_request, dispatch_draft, expand_level, gate_score, node_mask, place_draft,
                                     select_nodes, wire_scores)
@@ -58,7 +59,7 @@ class FeatureDraftHandler:
     def handshake(self) -> Handshake:
         ident = self.model.config.target
         return Handshake(role="draft", vocab_size=ident.vocab_size, tokenizer_hash=self.tok_hash,
-                         hidden_size=ident.hidden_size, dtype=str(self.model.dtype).removeprefix("torch.")
+                         hidden_size=ident.hidden_size, dtype=dtype_name(self.model.dtype)
                          + ("+int8" if self.model.head is not None else ""),
                          feature_codec=self.feature_codec, model=self.name, device=str(self.model.device),
                          pid=os.getpid(), features=True)

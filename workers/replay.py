@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dovetail.models.loading import dtype_name
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake
 from dovetail.spec.replay import load_script
 from dovetail.workers.draft import apply_request, check_placement, dispatch_draft, load_draft_model
@@ -93,7 +94,7 @@ class ReplayHandler:
         lm = self.lm
         return Handshake(role="draft", vocab_size=self.vocab_size, tokenizer_hash=self.tok_hash,
                          hidden_size=lm.hidden_size if lm else 0,
-                         dtype=str(lm.dtype).removeprefix("torch.") if lm else "",
+                         dtype=dtype_name(lm.dtype) if lm else "",
                          feature_codec="fp16", model=f"replay({lm.name if lm else 'no model'})",
                          device=lm.device if lm else "none", pid=os.getpid())
 

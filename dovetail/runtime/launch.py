@@ -236,9 +236,7 @@ def pick_backend(chosen: str, target_path, quantize: str = "none") -> str:
     transformers (also when asked to quantize: that is the transformers backend's)."""
     if chosen != "auto":
         return chosen
-    import importlib.util
-    fast = (str(target_path).endswith(".gguf") and quantize == "none"
-            and importlib.util.find_spec("llama_cpp") is not None)
+    fast = str(target_path).endswith(".gguf") and quantize == "none" and llama_installed()
     log.info("target backend: %s", "llama.cpp" if fast else "transformers")
     return "llama.cpp" if fast else "transformers"
 

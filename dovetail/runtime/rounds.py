@@ -32,7 +32,7 @@ class RoundLoop:
                  draft_info: Handshake | None, config: CoordinatorConfig, *, overlap: bool,
                  stop_token_ids: set[int]):
         self.target, self.draft = target, draft
-        self.target_info, self.draft_info = target_info, draft_info
+        self.draft_info = draft_info
         self.config, self.overlap = config, overlap
         self.stop_token_ids = stop_token_ids
         self.health = DraftHealth(draft, config.draft_probe_timeout_s)
