@@ -127,7 +127,8 @@ def add_role_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds between the coordinator's heartbeats to each worker (default: 1.0)")
     r.add_argument("--liveness", type=int, default=3, metavar="N",
                    help="heartbeats a worker may miss in a row before it counts as dead or hung (default: 3); "
-                        "--role target exits after --heartbeat-interval x --liveness s without its coordinator")
+                        "--role target closes a client's session after --heartbeat-interval x --liveness s "
+                        "without hearing from it")
 
 
 def main(argv=None) -> int:
@@ -211,7 +212,7 @@ def start_coordinator(args):
 
 
 def serve_target(args) -> int:
-    """--role target: the target worker in the foreground, until its coordinator is gone."""
+    """--role target: the target worker in the foreground, serving coordinators until SIGTERM or Ctrl-C."""
     from dovetail.runtime.config import CoordinatorConfig
     from dovetail.models.fetch import FetchError, resolve_model
     from dovetail.system.security import check_bind, server_keys
@@ -233,11 +234,11 @@ def serve_target(args) -> int:
             "--quantize", args.target_quantize,
             *(["--llama-extra-buffers", args.llama_extra_buffers, "--ctx", str(args.llama_ctx)]
               if backend == "llama.cpp" else []),
-            "--heartbeat-timeout", str(window), "--log-level", "info" if args.log_level == "warning" else args.log_level,
+            "--sessions", "--heartbeat-timeout", str(window), "--log-level", "info" if args.log_level == "warning" else args.log_level,
             *(["--cpus", args.target_cpus] if args.target_cpus else []),
             *(["--curve-secret", args.curve_secret, "--curve-allow", args.curve_allow] if args.curve_secret else [])]
-    print(f"dovetail: target worker loading {model}, then serving on {args.listen}; it exits when its "
-          f"coordinator closes or stays silent for {window:g} s", file=sys.stderr)
+    print(f"dovetail: target worker loading {model}, then serving coordinators on {args.listen} until "
+          f"SIGTERM or Ctrl-C; a coordinator silent for {window:g} s has its requests closed", file=sys.stderr)
     try:
         target_worker.main(argv)
     except KeyboardInterrupt:

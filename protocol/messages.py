@@ -28,7 +28,7 @@ from typing import ClassVar
 __all__ = [
     "PROTOCOL_TAG", "PROTOCOL_VERSION", "HEADER",
     "MAX_FRAME_BYTES", "MAX_TOKENS", "MAX_TREE_NODES", "MAX_STRING", "MAX_FEATURE_DIMS",
-    "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES", "HEARTBEAT_ID_PREFIX",
+    "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES", "HEARTBEAT_ID_PREFIX", "SESSION_ID_PREFIX",
     "Feature", "Handshake", "OpenRequest", "Opened", "DraftRequest", "DraftProposal",
     "VerifyRequest", "VerifyResult", "Close", "Closed", "Heartbeat", "Error", "Shutdown",
     "MESSAGE_TYPES",
@@ -57,6 +57,10 @@ ROLES = ("coordinator", "target", "draft")
 # Routing ids of the coordinator's heartbeat sockets start with this: a worker answers their
 # Heartbeats on its I/O thread, never queued behind a long compute (workers/serve.py).
 HEARTBEAT_ID_PREFIX = b"dvt-hb:"
+# A coordinator's request socket is SESSION_ID_PREFIX + S and its heartbeat socket
+# HEARTBEAT_ID_PREFIX + S, with S random per client: a worker serving many clients
+# (--sessions) counts a client's heartbeats as that client's session being alive.
+SESSION_ID_PREFIX = b"dvt-s:"
 
 
 @dataclass(slots=True)

@@ -64,6 +64,20 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def stop_on_signals(stopping: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stopping``: a server (serve(sessions=True)) leaves its loop and
+    cleans up, exit status 0, as a service manager expects. Only the main thread may."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        log.warning("%s received; stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def watch_parent(parent_pid: int, on_orphaned, death_signal: bool = False) -> None:
     """Exit when the coordinator that started us is gone (we get re-parented)."""
     if parent_pid <= 0:

@@ -7,6 +7,10 @@ liveness heartbeats (sent from sockets whose routing id starts with HEARTBEAT_ID
 at once: busy is not hung. A SIGSTOPped or dead worker answers nothing. Every other
 message, a Heartbeat on a request socket included, is handled in order. Bad frames and
 failing requests are answered with an Error and the loop goes on serving.
+
+By default a worker serves its one coordinator: Shutdown ends it. With ``sessions`` it is a
+server (dovetail-launch --role target): a client's Shutdown or silence closes that client's
+requests only (workers/sessions.py), and SIGTERM or SIGINT ends the worker.
 """
 from __future__ import annotations
 
@@ -28,7 +32,10 @@ from dovetail.system.security import (
     ServerKeys, check_bind, curve_server, server_keys, start_authenticator,
 )
 from dovetail.workers.args import parse_config, setup_logging, worker_parser  # noqa: F401 (the roles import them from here)
-from dovetail.workers.lifeline import SilenceClock, check_heartbeat_timeout, exit_on_sigterm, watch_parent
+from dovetail.workers.lifeline import (
+    SilenceClock, check_heartbeat_timeout, exit_on_sigterm, stop_on_signals, watch_parent,
+)
+from dovetail.workers.sessions import Sessions, describe, session_key
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,10 @@ class RequestError(Exception):
 
 def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME_BYTES,
           keys: ServerKeys | None = None, heartbeat_timeout: float = 0.0,
-          parent_death_signal: bool = False, warmup=None, release=None) -> None:
-    """Serve ``handler`` on ``bind`` until a Shutdown arrives (or the coordinator is gone).
+          parent_death_signal: bool = False, warmup=None, release=None, sessions: bool = False) -> None:
+    """Serve ``handler`` on ``bind`` until a Shutdown arrives (or the coordinator is gone);
+    with ``sessions``, until SIGTERM or SIGINT, closing each client's requests when it sends
+    Shutdown or is silent for ``heartbeat_timeout`` (the handler's ``drop_peer(peer)``).
 
     ``release()``, if given, frees the model on the way out, and only once the compute thread
     has stopped: freeing a llama.cpp context under a running llama_decode crashes the
@@ -89,6 +98,9 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
     many seconds without a message from any coordinator (workers/lifeline.py).
     """
     check_bind(bind, keys)
+    if sessions and not (getattr(handler, "keys_by_peer", False) and hasattr(handler, "drop_peer")):
+        raise ValueError(f"a {handler.role} worker cannot serve several clients (--sessions): its requests "
+                         "are not kept per client")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     auth = None
@@ -103,14 +115,25 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
         _close(ctx, sock, auth)
         raise
     ipc_path = bind[len("ipc://"):] if bind.startswith("ipc://") else None
-    exit_on_sigterm()
+    stopping = threading.Event()
+    if sessions:
+        stop_on_signals(stopping)  # a clean stop through the finally below, exit status 0
+    else:
+        exit_on_sigterm()
     watch_parent(parent_pid, on_orphaned=lambda: ipc_path and _unlink(ipc_path),
                  death_signal=parent_death_signal)
     curve = f" with CurveZMQ, {len(keys.allowed)} allowed client key(s)" if keys else ""
     log.info("%s worker serving on %s%s (pid %d)", handler.role, bind, curve, os.getpid())
-    compute = Compute(handler, max_bytes, warmup)
+    if sessions:
+        log.info("%s worker: serving client sessions until SIGTERM or SIGINT; a client silent for %s is "
+                 "closed", handler.role, f"{heartbeat_timeout:g} s" if heartbeat_timeout else "ever")
+    compute = Compute(handler, max_bytes, warmup, sessions)
     try:
-        _io_loop(sock, compute, handler.role, SilenceClock(heartbeat_timeout))
+        if sessions:
+            _io_loop(sock, compute, handler.role, SilenceClock(0.0), Sessions(heartbeat_timeout, handler.role),
+                     stopping)
+        else:
+            _io_loop(sock, compute, handler.role, SilenceClock(heartbeat_timeout))
         if compute.error is not None:
             raise compute.error
     finally:
@@ -124,14 +147,16 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
             release()
 
 
-_STOP = object()
+_STOP = object()    # a Shutdown: the worker stops (outbox), or the client's session ends (sessions)
+_DROP = object()    # inbox: close the requests of this peer, whose session went silent
+_ENDED = object()   # outbox: this peer's session ended by its Shutdown, its requests closed
 
 
 class Compute:
     """The handler on its own thread: messages in arrival order, encoded replies out."""
 
-    def __init__(self, handler, max_bytes: int, warmup=None):
-        self.handler, self.max_bytes, self.warmup = handler, max_bytes, warmup
+    def __init__(self, handler, max_bytes: int, warmup=None, sessions: bool = False):
+        self.handler, self.max_bytes, self.warmup, self.sessions = handler, max_bytes, warmup, sessions
         self.error: BaseException | None = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -142,7 +167,8 @@ class Compute:
         self.thread = threading.Thread(target=self._run, name=f"{handler.role}-compute", daemon=True)
         self.thread.start()
 
-    def submit(self, peer: bytes, body: list[bytes]) -> None:
+    def submit(self, peer: bytes, body) -> None:
+        """Queue a message's frames, or _DROP to close the peer's requests."""
         self.inbox.put((peer, body))
 
     def full(self) -> bool:
@@ -181,22 +207,44 @@ class Compute:
         except BaseException as e:  # a bug outside _dispatch's net: the worker must not hang on
             log.exception("%s worker: the compute thread failed", self.handler.role)
             self.error = e
-            self.outbox.put((b"", _STOP))
-            os.write(self.wake_w, b"!")
+            self._post(b"", _STOP)
+
+    def _post(self, peer: bytes, out) -> None:
+        self.outbox.put((peer, out))
+        os.write(self.wake_w, b"!")
 
     def _loop(self) -> None:
         while (item := self.inbox.get()) is not None:
             peer, body = item
+            if body is _DROP:
+                self._drop(peer, "went silent")
+                continue
             reply = _dispatch(self.handler, body, self.max_bytes, peer)
+            if reply is _STOP and self.sessions:
+                self._drop(peer, "closed its session")
+                self._post(peer, _ENDED)
+                continue
             out = reply if reply is _STOP or reply is None else _encode_reply(reply)
             if out is not None:
-                self.outbox.put((peer, out))
-                os.write(self.wake_w, b"!")
+                self._post(peer, out)
             if reply is _STOP:
                 return
 
+    def _drop(self, peer: bytes, why: str) -> None:
+        """Close what a client left open; in order, after every message it sent before."""
+        try:
+            n = self.handler.drop_peer(peer)
+        except Exception:  # the other clients' requests go on
+            log.exception("%s worker: closing the requests of client %s failed", self.handler.role,
+                          describe(session_key(peer)))
+            return
+        if n:
+            log.info("%s worker: client %s %s; closed its %d open request(s)", self.handler.role,
+                     describe(session_key(peer)), why, n)
 
-def _io_loop(sock: zmq.Socket, compute: Compute, role: str, silence: SilenceClock) -> None:
+
+def _io_loop(sock: zmq.Socket, compute: Compute, role: str, silence: SilenceClock,
+             sessions: Sessions | None = None, stopping: threading.Event | None = None) -> None:
     poller, replies_only = zmq.Poller(), zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     for p in (poller, replies_only):
@@ -208,6 +256,8 @@ def _io_loop(sock: zmq.Socket, compute: Compute, role: str, silence: SilenceCloc
         if sock in events:
             for peer, body in _receive_all(sock, compute):
                 silence.heard()
+                if sessions is not None:
+                    sessions.heard(peer)
                 pong = _liveness_reply(peer, body)
                 if pong is not None:
                     sock.send_multipart([peer, *pong])
@@ -215,11 +265,19 @@ def _io_loop(sock: zmq.Socket, compute: Compute, role: str, silence: SilenceCloc
                     compute.submit(peer, body)
         if compute.wake_r in events:
             for peer, frames in compute.replies():
+                if frames is _ENDED:
+                    sessions.end(peer, "closed its session")
+                    continue
                 if frames is _STOP:
                     if compute.error is None:
                         log.info("%s worker: shutdown requested", role)
                     return
                 sock.send_multipart([peer, *frames])
+        if sessions is not None:
+            for peer in sessions.expire():
+                compute.submit(peer, _DROP)
+        if stopping is not None and stopping.is_set():
+            return
         if silence.expired():
             log.warning("%s worker: no coordinator has sent anything for %g s (--heartbeat-timeout); exiting",
                         role, silence.timeout_s)

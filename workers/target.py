@@ -45,6 +45,7 @@ class TargetConfig(WorkerConfig):
     calibrate: bool = True  # measure (or read the cached) verify-cost curve at start-up
     quantize: str = "none"
     llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS  # auto | on | off (workers/llama_buffers.py)
+    sessions: bool = False  # a server of many coordinators (workers/sessions.py), until SIGTERM/SIGINT
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,6 +111,13 @@ class TargetHandler:
                 self.backend.release(seq.cache)
             return Closed(req_id=msg.req_id)
         raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a target worker does not take {type(msg).__name__}")
+
+    def drop_peer(self, peer: bytes) -> int:
+        """Close every request ``peer`` left open (its session ended); how many there were."""
+        keys = [key for key in self.sequences if key[0] == peer]
+        for key in keys:
+            self.backend.release(self.sequences.pop(key).cache)
+        return len(keys)
 
     def open(self, msg: OpenRequest, key: tuple[bytes, int]) -> Opened:
         if not msg.prompt:
@@ -180,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 / int4: weight-only int8 or 4-bit (groups of 32) decoder layers, a faster, "
                         "slightly different target; embeddings and LM head stay in --dtype (default: none)")
     add_extra_buffers_flag(p)
+    p.add_argument("--sessions", action="store_true",
+                   help="serve coordinator sessions one after another and several at once, until SIGTERM or "
+                        "SIGINT: a client's Shutdown, or its silence for --heartbeat-timeout, closes only its "
+                        "own requests (dovetail-launch --role target)")
     return p
 
 
@@ -225,7 +237,7 @@ def main(argv=None) -> None:
 
     serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys, heartbeat_timeout=cfg.heartbeat_timeout,
           parent_death_signal=cfg.parent_death_signal, warmup=calibrate if cfg.calibrate else None,
-          release=backend.close)
+          release=backend.close, sessions=cfg.sessions)
 
 
 if __name__ == "__main__":

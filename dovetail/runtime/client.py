@@ -8,6 +8,7 @@ and the last lines of its log.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -16,7 +17,9 @@ from typing import Callable
 
 import zmq
 
-from dovetail.protocol import Error, MAX_FRAME_BYTES, ProtocolError, Shutdown, configure_socket, decode, encode
+from dovetail.protocol import (
+    SESSION_ID_PREFIX, Error, MAX_FRAME_BYTES, ProtocolError, Shutdown, configure_socket, decode, encode,
+)
 from dovetail.system.security import ClientKeys, curve_client
 from dovetail.system.worker_log import LOG_EOF_WAIT_S, WorkerLog, describe_exit
 
@@ -64,8 +67,12 @@ class WorkerClient:
         self.stderr_log, self.backend = stderr_log, backend
         self._death: str | None = None
         self._death_lock = threading.Lock()
+        # One id per client for both of its sockets to this worker (this one and the heartbeat
+        # monitor's): a worker serving many clients keeps our session while either speaks.
+        self.session = os.urandom(8).hex().encode()
         self.sock = ctx.socket(zmq.DEALER)
         configure_socket(self.sock, max_bytes)
+        self.sock.setsockopt(zmq.ROUTING_ID, SESSION_ID_PREFIX + self.session)
         if keys is not None:
             curve_client(self.sock, keys)  # before connect: the handshake starts at connect
         self.sock.connect(address)

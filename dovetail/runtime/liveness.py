@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
 
 import zmq
 
-from dovetail.protocol import Heartbeat, ProtocolError, configure_socket, decode, encode
+from dovetail.protocol import HEARTBEAT_ID_PREFIX, Heartbeat, ProtocolError, configure_socket, decode, encode
 from dovetail.system.security import curve_client
-from dovetail.protocol import HEARTBEAT_ID_PREFIX
 
 log = logging.getLogger("dovetail")
 
@@ -43,7 +41,9 @@ class _Peer:
         self.client = client
         self.sock = ctx.socket(zmq.DEALER)
         configure_socket(self.sock)
-        self.sock.setsockopt(zmq.ROUTING_ID, HEARTBEAT_ID_PREFIX + os.urandom(8).hex().encode())
+        # the client's session id: a worker serving many clients (--sessions) counts these
+        # heartbeats as that client's session being alive, between its requests too
+        self.sock.setsockopt(zmq.ROUTING_ID, HEARTBEAT_ID_PREFIX + client.session)
         self.sock.setsockopt(zmq.LINGER, 0)
         if client.keys is not None:
             curve_client(self.sock, client.keys)

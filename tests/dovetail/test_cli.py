@@ -92,9 +92,10 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
 
 def test_target_and_draft_roles_on_two_ports_give_the_same_text(models, reference, capsys, tmp_path):
     """--role target in a process of its own on tcp:// with CurveZMQ, --role draft here: the
-    text (tokenizer from the draft, no --target) is the one-host run's, and the target exits
-    when this coordinator closes."""
+    text (tokenizer from the draft, no --target) is the one-host run's. The target serves the
+    next coordinator after this one closes, and exits cleanly on SIGTERM."""
     import os
+    import signal
     import socket
     import subprocess
 
@@ -111,13 +112,16 @@ def test_target_and_draft_roles_on_two_ports_give_the_same_text(models, referenc
         stdin=subprocess.DEVNULL, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     try:
         me = keys["coordinator"]
-        rc, out, err = run_cli(capsys, "--role", "draft", "--connect", address, "--draft", draft, "--force-draft",
-                               "--curve-client-secret", me["secret"], "--curve-server-public", me["server_public"],
-                               "--prompt", PROMPT)
-        assert rc == 0, err
-        assert out.strip("\n") == reference
-        assert "tok/s" in err
-        assert worker.wait(15) == 0  # Shutdown from the closing coordinator
+        for _ in range(2):  # one coordinator after another
+            rc, out, err = run_cli(capsys, "--role", "draft", "--connect", address, "--draft", draft,
+                                   "--force-draft", "--curve-client-secret", me["secret"],
+                                   "--curve-server-public", me["server_public"], "--prompt", PROMPT)
+            assert rc == 0, err
+            assert out.strip("\n") == reference
+            assert "tok/s" in err
+            assert worker.poll() is None  # the closing coordinator ended its session, not the server
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -5,7 +5,8 @@ coordinator connects through it. The target worker serves in A on tcp:// with Cu
 (`dovetail-launch --role target`); the coordinator and its draft run in B
 (dovetail.launch(target_address=...)), as a script that prints JSON. Greedy output must
 equal the single-host ipc run; the per-round wire overhead is reported against the RTT;
-a SIGKILLed coordinator must take the remote target down within the liveness window.
+a SIGKILLed coordinator's session must be closed by the remote target within the liveness
+window, the target serving on until SIGTERM.
 
 Needs root and iproute2 (`ip netns`, `tc`); skipped with the reason otherwise. Every
 namespace (and with it the veth pair) and process is removed even when a test fails.
@@ -267,15 +268,20 @@ def test_output_over_the_network_equals_the_single_host_run(remote, single_host)
     assert 0.8 * rtt_ms < per_round_ms < rtt_ms + 40, (per_round_ms, rtt_ms)
 
 
-def test_sigkilled_coordinator_takes_the_remote_target_down(remote, pids):
+def test_sigkilled_coordinator_loses_its_session_and_the_target_serves_on(remote, pids):
     target, script = remote["target"], remote["script"]
     assert target.poll() is None, remote["logs"]()
     script.kill()  # SIGKILL: no Shutdown, no close(); only the silence tells the target
     script.wait(10)
     t0 = time.monotonic()
-    left = pids.wait_gone([target.pid, remote["draft_pid"]], WINDOW_S + EXIT_SLACK_S)
+    left = pids.wait_gone([remote["draft_pid"]], EXIT_SLACK_S)  # the draft was its child
+    assert not left, f"the draft outlived its coordinator:\n{remote['logs']()}"
+    closed = f"sent nothing for {WINDOW_S:g} s"
+    while closed not in remote["logs"]() and time.monotonic() - t0 < WINDOW_S + EXIT_SLACK_S:
+        time.sleep(0.05)
     elapsed = time.monotonic() - t0
-    assert not left, f"{left} outlived their coordinator by {elapsed:.1f} s:\n{remote['logs']()}"
-    assert target.wait(5) == 0
-    assert "no coordinator has sent anything" in remote["logs"]()
-    print(f"\nthe remote target exited {elapsed:.2f} s after its coordinator was killed (window {WINDOW_S:g} s)")
+    assert closed in remote["logs"](), remote["logs"]()
+    assert target.poll() is None, remote["logs"]()  # one client gone is not the server's end
+    print(f"\nthe remote target closed the killed coordinator's session {elapsed:.2f} s later (window {WINDOW_S:g} s)")
+    target.send_signal(signal.SIGTERM)
+    assert target.wait(EXIT_SLACK_S) == 0, remote["logs"]()

@@ -218,3 +218,20 @@ def test_sampling_is_deterministic_for_a_seed(handler):
     assert a == b and len(a) >= len(PROMPT) + 8  # 8 rounds, >= 1 token each
     # Another seed samples something else (64 tokens, near-uniform: a tie is hopeless).
     assert run(3, seed=124) != a
+
+
+def test_a_client_whose_session_ends_has_all_its_requests_closed_and_only_those(handler, backend, truth,
+                                                                                 monkeypatch):
+    from dovetail.protocol import OpenRequest
+    released = []
+    monkeypatch.setattr(backend, "release", lambda cache: released.append(cache))
+    for peer in (b"gone", b"stays"):
+        for req in (1, 2):
+            handler.handle(OpenRequest(req, PROMPT), peer)
+    caches = [handler.sequences[b"gone", r].cache for r in (1, 2)]
+    assert handler.drop_peer(b"gone") == 2
+    assert sorted(handler.sequences) == [(b"stays", 1), (b"stays", 2)]
+    assert released == caches  # each freed once (a llama.cpp sequence id goes back to the pool)
+    assert handler.drop_peer(b"gone") == 0
+    res = handler.handle(VerifyRequest(1, 0, PROMPT[-1], [], []), b"stays")  # the other client goes on
+    assert res.tokens == truth[:1]
