@@ -16,6 +16,11 @@ from dovetail.workers.hf import CausalLM, Forward
 from dovetail.workers.quant import check_quantize, quantize_model
 
 
+class ContextFull(RuntimeError):
+    """No room left in the target's context for these rows (llama.cpp: its KV cells, shared
+    by every open request); the sequence is left as it was."""
+
+
 @dataclass(frozen=True)
 class Identity:
     """What a peer must agree with before it may draft for (or be verified by) this model."""

@@ -21,7 +21,7 @@ import torch
 
 from dovetail.models.options import DEFAULT_LLAMA_CTX, LLAMA_MISSING
 from dovetail.spec.tree import children, row_positions, with_root
-from dovetail.workers.backend import Identity, TargetBackend
+from dovetail.workers.backend import ContextFull, Identity, TargetBackend
 from dovetail.models.loading import load_tokenizer, tokenizer_hash
 from dovetail.workers.hf import Forward
 
@@ -216,9 +216,13 @@ class LlamaBackend(TargetBackend):
             for j, s in enumerate(ids):
                 b.seq_id[i][j] = s
         rc = self.lib.llama_decode(self.ctx, b)
+        if rc == 1:
+            open_ = self.n_seqs - len(self.free_ids)
+            raise ContextFull(f"no room for {len(tokens)} more rows in llama.cpp's {self.n_ctx} KV cells, which all "
+                              f"open requests share ({open_} sequence(s) in use): raise --llama-ctx "
+                              "(launch(llama_ctx=)), or run fewer requests at once (max_active)")
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}" +
-                               (" (KV cache full: raise --ctx)" if rc == 1 else ""))
+            raise RuntimeError(f"llama_decode failed with code {rc}")
 
     @staticmethod
     def _read(ptr, n: int, width: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from dovetail.protocol import (
     encode_features,
 )
 from dovetail.spec.verify import accept_greedy, accept_sampled, target_probs
-from dovetail.workers.backend import HFBackend, TargetBackend
+from dovetail.workers.backend import ContextFull, HFBackend, TargetBackend
 from dovetail.models.loading import choose_dtype
 from dovetail.workers.args import add_extra_buffers_flag
 from dovetail.workers.llama_buffers import decide, decode_probe
@@ -101,10 +101,13 @@ class TargetHandler:
                          max_context=self.backend.max_context)
 
     def handle(self, msg, peer: bytes = b""):
-        if isinstance(msg, OpenRequest):
-            return self.open(msg, (peer, msg.req_id))
-        if isinstance(msg, VerifyRequest):
-            return self.verify(msg, (peer, msg.req_id))
+        try:
+            if isinstance(msg, OpenRequest):
+                return self.open(msg, (peer, msg.req_id))
+            if isinstance(msg, VerifyRequest):
+                return self.verify(msg, (peer, msg.req_id))
+        except ContextFull as e:  # a refusal the coordinator can name, not a fault
+            raise RequestError(msg.req_id, "context_full", str(e)) from e
         if isinstance(msg, Close):
             seq = self.sequences.pop((peer, msg.req_id), None)
             if seq is not None:

@@ -16,7 +16,7 @@ from dovetail.runtime.client import WorkerClient, WorkerDied, WorkerError, Worke
 from dovetail.runtime.config import CoordinatorConfig
 from dovetail.runtime.draft_health import DraftHealth
 from dovetail.runtime.results import Stats
-from dovetail.spec.tree import main_path, trim_depth
+from dovetail.spec.tree import main_path, trim_depth, trim_nodes
 
 log = logging.getLogger("dovetail")
 
@@ -56,9 +56,12 @@ class Drafter:
         self._guard(lambda: self.client.call(OpenRequest(req, prompt), Opened, self.cfg.draft_timeout_s,
                                              "draft_timeout_s"))
 
-    def propose(self, committed: list[int], max_depth: int) -> tuple[list[int], list[int]]:
+    def propose(self, committed: list[int], max_depth: int, room: int | None = None
+                ) -> tuple[list[int], list[int]]:
+        """The next draft, cut to ``max_depth`` (the tokens still wanted) and to ``room`` nodes
+        (what the target's context has left)."""
         self.last_draft_s, self.last_synced = None, 0
-        if not self.alive or max_depth < 1:
+        if not self.alive or max_depth < 1 or (room is not None and room < 1):
             return [], []
         prop, self.ready = self.ready, None
         if prop is None:
@@ -80,7 +83,8 @@ class Drafter:
             self.synced = len(committed)
         self.stats.draft_s += prop.seconds
         self.last_draft_s = prop.seconds
-        return trim_depth(prop.tokens, prop.parents, max_depth)
+        tokens, parents = trim_depth(prop.tokens, prop.parents, max_depth)
+        return (tokens, parents) if room is None else trim_nodes(tokens, parents, room)
 
     def shape(self) -> tuple[int, int]:
         """(depth, max_nodes) of the next draft: the sizer's choice, or the configured shape."""

@@ -35,6 +35,7 @@ class RoundLoop:
         self.draft_info = draft_info
         self.config, self.overlap = config, overlap
         self.stop_token_ids = stop_token_ids
+        self.max_context = target_info.max_context  # 0: unknown
         self.health = DraftHealth(draft, config.draft_probe_timeout_s)
         self.sizer = make_sizer(config, target_info, overlap) if draft is not None else None
         self._ids = itertools.count(1)
@@ -62,7 +63,10 @@ class RoundLoop:
                     stats.finish_reason = "cancelled"
                     return
                 budget = max_new - stats.new_tokens
-                tokens, parents = drafter.propose(committed, budget - 1) if drafter else ([], [])
+                # A tree's rows take context too (llama.cpp: one cell each, however shallow):
+                # the root and its n nodes need len(committed) + n positions of it.
+                room = self.max_context - len(committed) if self.max_context else None
+                tokens, parents = drafter.propose(committed, budget - 1, room) if drafter else ([], [])
                 t0 = time.perf_counter()
                 self.target.send(VerifyRequest(req, stats.rounds, committed[-1], tokens, parents))
                 if drafter and overlap:

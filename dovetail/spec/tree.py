@@ -75,6 +75,22 @@ def row_positions(row_parents: list[int], start: int) -> list[int]:
     return pos
 
 
+def trim_nodes(tokens: list[int], parents: list[int], max_nodes: int) -> tuple[list[int], list[int]]:
+    """Keep at most max_nodes nodes: the main path first, then the earliest nodes whose parent
+    is kept (a valid tree in the same sibling order)."""
+    if len(tokens) <= max_nodes:
+        return tokens, parents
+    keep = set(main_path(parents)[:max(0, max_nodes)])
+    for i, p in enumerate(parents):
+        if len(keep) >= max_nodes:
+            break
+        if i not in keep and (p < 0 or p in keep):
+            keep.add(i)
+    order = sorted(keep)
+    index = {old: new for new, old in enumerate(order)}
+    return [tokens[i] for i in order], [-1 if parents[i] < 0 else index[parents[i]] for i in order]
+
+
 def trim_depth(tokens: list[int], parents: list[int], max_depth: int) -> tuple[list[int], list[int]]:
     """Drop nodes deeper than max_depth: tokens past the length limit cost verify time for nothing."""
     d = depths(parents)

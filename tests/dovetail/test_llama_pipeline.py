@@ -108,3 +108,17 @@ def test_llama_ctx_bounds_a_request_and_the_error_names_it(gguf):
         assert coord.generate([5, 6, 7, 8, 9], max_new_tokens=8).stats.new_tokens > 0
     with pytest.raises(ValueError, match="llama_ctx must be an int >= 512"):
         dovetail.launch(gguf, None, backend="llama.cpp", llama_ctx=64)
+
+
+def test_a_request_that_fills_the_context_keeps_drafting_wide_trees_to_its_end(gguf, prompts):
+    """llama.cpp's cells hold the tree's rows too: at length L a tree of n nodes needs L + n of
+    them. A request admitted at exactly the context (prompt + max_new_tokens = llama_ctx) must
+    not run out of cells in its last rounds."""
+    with dovetail.launch(gguf, gguf, backend="llama.cpp", llama_ctx=512, dtype="float32", draft_device="cpu",
+                         draft_layers=20, depth=4, top_k=4, max_nodes=24, auto_tree=False,
+                         force_draft=True) as coord:
+        text = coord.encode_prompt("".join(prompts))
+        prompt = (text * (480 // len(text) + 1))[:480]
+        res = coord.generate(prompt, max_new_tokens=32)
+    assert res.stats.new_tokens == 32 and not res.stats.draft_fallback
+    assert res.stats.drafted > 3 * res.stats.rounds  # wide trees, not chains

@@ -172,3 +172,29 @@ def test_step_many_advances_each_sequence_with_its_own_rows(backend, gguf):
             backend.step_many([s, s], [1, 2])
         finally:
             backend.release(s)
+
+
+def test_requests_that_together_overflow_the_shared_cells_get_a_named_refusal(gguf, prompt):
+    """The cells are shared: one request's prefill that does not fit is refused with the
+    numbers and the knob (context_full, not an internal error), and the others go on."""
+    from dovetail.protocol import Close, OpenRequest, VerifyRequest
+    from dovetail.workers.llama import LlamaBackend
+    from dovetail.workers.serve import RequestError
+    from dovetail.workers.target import TargetConfig, TargetHandler
+    backend = LlamaBackend(str(gguf), threads=2, n_ctx=512, n_seqs=4)
+    try:
+        handler = TargetHandler(backend, TargetConfig(bind="inproc://t", model=str(gguf), backend="llama.cpp",
+                                                      ctx=512, max_requests=3))
+        long = (prompt * (300 // len(prompt) + 1))[:300]
+        handler.handle(OpenRequest(1, long), b"a")
+        free = list(backend.free_ids)
+        with pytest.raises(RequestError, match=r"512 KV cells, which all open requests share.*--llama-ctx") as e:
+            handler.handle(OpenRequest(1, long), b"b")
+        assert e.value.code == "context_full"
+        assert list(backend.free_ids) == free and list(handler.sequences) == [(b"a", 1)]
+        res = handler.handle(VerifyRequest(1, 0, long[-1], [], []), b"a")  # the first request goes on
+        assert len(res.tokens) == 1 and res.cache_len == 300
+        handler.handle(Close(1), b"a")
+        handler.handle(OpenRequest(2, long), b"b")  # and its cells serve the next one
+    finally:
+        backend.close()

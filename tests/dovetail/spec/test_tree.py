@@ -8,7 +8,7 @@ import torch
 
 from dovetail.spec.tree import (
     ancestor_mask, chain_parents, check_parents, children, depths, is_chain, main_path,
-    row_positions, trim_depth, with_root,
+    row_positions, trim_depth, trim_nodes, with_root,
 )
 
 # root
@@ -142,3 +142,15 @@ def test_trim_depth_on_a_chain_is_truncation():
     tokens = [5, 6, 7, 8, 9]
     assert trim_depth(tokens, chain_parents(5), 3) == ([5, 6, 7], chain_parents(3))
     assert trim_depth(tokens, chain_parents(5), 0) == ([], [])
+
+
+def test_trim_nodes_keeps_the_main_path_then_the_earliest_nodes():
+    tokens = [10, 11, 12, 13, 14, 15, 16]
+    assert trim_nodes(tokens, TREE, 7) == (tokens, TREE)
+    new_tokens, new_parents = trim_nodes(tokens, TREE, 4)
+    check_parents(new_parents)
+    assert new_tokens == [10, 11, 13, 15]  # main path 0-3-5, then node 1
+    assert new_parents == [-1, -1, 0, 2]
+    assert trim_nodes(tokens, TREE, 2) == ([10, 13], [-1, 0])  # the main path, cut
+    assert _token_paths(*trim_nodes(tokens, TREE, 5)) == [p for i, p in enumerate(_token_paths(tokens, TREE))
+                                                            if i in (0, 1, 2, 3, 5)]
