@@ -10,6 +10,10 @@ interactive: one prompt per line, Ctrl-D to quit.
 
 writes CurveZMQ key pairs for workers served over tcp:// (see `dovetail-launch keys --help`).
 
+    dovetail-launch serve --host 127.0.0.1 --port 8000 [--api-key KEY] [model and drafting flags]
+
+serves OpenAI's /v1/chat/completions and /v1/completions over HTTP (see `dovetail-launch serve --help`).
+
 Two machines (docs/deployment.md):
 
     dovetail-launch --role target --listen tcp://ADDR:PORT --target-cpus 0-31 \
@@ -32,6 +36,7 @@ from dovetail.runtime.config import DEFAULT_DRAFT_LM
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "auto"
 KEYS_SUBCOMMAND = "keys"
+SERVE_SUBCOMMAND = "serve"
 ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT = "local", "target", "draft"
 ROLES = (ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT)
 
@@ -39,6 +44,15 @@ ROLES = (ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dovetail-launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    add_drafting_flags(p)
+    add_generation_flags(p)
+    add_role_flags(p)
+    p.add_argument("--log-level", default="warning", help="debug | info | warning (default: warning)")
+    return p
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("models and devices")
     m.add_argument("--target", default=None,
                    help=f"target model: HF folder, .gguf file or registry name (default: {DEFAULT_TARGET}); "
@@ -78,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--llama-ctx", type=int, default=DEFAULT_LLAMA_CTX, metavar="TOKENS",
                    help="context of a llama.cpp target, shared by all its open requests; one request's prompt "
                         f"and output must fit (default: {DEFAULT_LLAMA_CTX}, at least {MIN_LLAMA_CTX})")
+
+
+def add_drafting_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("drafting")
     d.add_argument("--depth", type=int, default=None, help="draft tokens along a path; fixes the tree shape (default: sized automatically, at most 3 on a CPU draft, 8 on a GPU)")
     d.add_argument("--top-k", type=int, default=None, help="children per tree node; 1 drafts a chain (default: 2 CPU, 12 GPU)")
@@ -90,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "pays for verifying them (for a steep CPU verify curve, e.g. llama.cpp on few cores)")
     d.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="draft the next round while the target verifies (default: on for a GPU draft)")
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", default=None, help="prompt text (default: read prompts from stdin)")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
@@ -99,9 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the output before this text (repeat for several; \\n and \\t are read as newline and tab)")
-    add_role_flags(p)
-    p.add_argument("--log-level", default="warning", help="debug | info | warning (default: warning)")
-    return p
 
 
 def add_role_flags(p: argparse.ArgumentParser) -> None:
@@ -136,6 +153,9 @@ def main(argv=None) -> int:
     # A first word, not an argparse subparser: the decoding flags stay where they were.
     if argv[:1] == [KEYS_SUBCOMMAND]:
         return keys_main(argv[1:])
+    if argv[:1] == [SERVE_SUBCOMMAND]:
+        from dovetail.server.cli import serve_main
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         check_role_flags(args)
@@ -189,8 +209,9 @@ def check_role_flags(args) -> None:
         raise ValueError("--target-cpus is set on the target's host (--role target)")
 
 
-def start_coordinator(args):
-    """--role local: both workers here; --role draft: the draft here, the target at --connect."""
+def start_coordinator(args, **options):
+    """--role local: both workers here; --role draft: the draft here, the target at --connect.
+    ``options``: more CoordinatorConfig fields (dovetail-launch serve's admission limits)."""
     import dovetail
     from dovetail.system.security import ClientKeys
 
@@ -208,7 +229,8 @@ def start_coordinator(args):
                            llama_extra_buffers=args.llama_extra_buffers, llama_ctx=args.llama_ctx, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                            auto_tree=args.auto_tree, gate=args.gate, force_draft=args.force_draft,
                            overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,
-                           heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness)
+                           heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness,
+                           **options)
 
 
 def serve_target(args) -> int:

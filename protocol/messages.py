@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 PROTOCOL_TAG = b"DVTL"
-PROTOCOL_VERSION = 2  # 2: Handshake.max_context
+PROTOCOL_VERSION = 3  # 2: Handshake.max_context; 3: Handshake.open_requests
 # tag (4 bytes), protocol version (uint16), message type code (uint8); big-endian.
 HEADER = struct.Struct(">4sHB")
 
@@ -99,6 +99,8 @@ class Handshake:
     verify_us: list[int] = field(default_factory=list)
     # Target only: most positions one request may hold, prompt and output together (0: unknown).
     max_context: int = 0
+    # Workers: requests open on this worker now, from every client (what /metrics reports).
+    open_requests: int = 0
 
 
 

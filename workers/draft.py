@@ -97,7 +97,7 @@ class DraftHandler:
     def handshake(self) -> Handshake:
         return Handshake(role="draft", vocab_size=self.lm.vocab_size, tokenizer_hash=self.tok_hash,
                          hidden_size=self.lm.hidden_size, dtype=dtype_name(self.lm.dtype),
-                         feature_codec="fp16", model=self.lm.name, device=self.lm.device, pid=os.getpid())
+                         feature_codec="fp16", model=self.lm.name, device=self.lm.device, pid=os.getpid(), open_requests=len(self.states))
 
     def handle(self, msg):
         return dispatch_draft(self, msg, self.config.max_requests,

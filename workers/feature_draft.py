@@ -62,7 +62,7 @@ class FeatureDraftHandler:
                          hidden_size=ident.hidden_size, dtype=dtype_name(self.model.dtype)
                          + ("+int8" if self.model.head is not None else ""),
                          feature_codec=self.feature_codec, model=self.name, device=str(self.model.device),
-                         pid=os.getpid(), features=True)
+                         pid=os.getpid(), features=True, open_requests=len(self.states))
 
     def handle(self, msg):
         return dispatch_draft(self, msg, self.max_requests,

@@ -96,7 +96,7 @@ class ReplayHandler:
                          hidden_size=lm.hidden_size if lm else 0,
                          dtype=dtype_name(lm.dtype) if lm else "",
                          feature_codec="fp16", model=f"replay({lm.name if lm else 'no model'})",
-                         device=lm.device if lm else "none", pid=os.getpid())
+                         device=lm.device if lm else "none", pid=os.getpid(), open_requests=len(self.states))
 
     def handle(self, msg):
         return dispatch_draft(self, msg, self.config.max_requests, self.open_state,

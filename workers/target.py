@@ -98,7 +98,7 @@ class TargetHandler:
                          hidden_size=ident.hidden_size, dtype=ident.dtype,
                          feature_codec=self.config.feature_codec, model=ident.model,
                          device=ident.device, pid=os.getpid(), verify_us=list(self.verify_us),
-                         max_context=self.backend.max_context)
+                         max_context=self.backend.max_context, open_requests=len(self.sequences))
 
     def handle(self, msg, peer: bytes = b""):
         try:

@@ -9,13 +9,14 @@ their own (submit), at most ``max_active`` at once (runtime/requests.py).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
 from typing import Iterator
 
 from dovetail.protocol import Handshake
-from dovetail.runtime.client import WorkerClient
+from dovetail.runtime.client import WorkerClient, WorkerError
 from dovetail.runtime.config import CoordinatorConfig
 from dovetail.runtime.requests import Admission, Request
 from dovetail.runtime.results import Chunk, GenerationResult, Stats
@@ -153,6 +154,26 @@ class Coordinator:
     def in_flight(self) -> int:
         """Requests admitted and not finished."""
         return self._admission.in_flight
+
+    def worker_requests(self, timeout_s: float = 5.0) -> dict[str, int]:
+        """Requests each worker holds open now, all its clients' (from a fresh handshake); a
+        worker that does not answer within timeout_s is left out."""
+        hello = Handshake(role="coordinator", vocab_size=0, tokenizer_hash="", hidden_size=0, dtype="",
+                          feature_codec=self.rounds.config.feature_codec, pid=os.getpid())
+        out = {}
+        for role, client in (("target", self.target), ("draft", self._draft_client)):
+            if client is None:
+                continue
+            try:
+                out[role] = client.call(hello, Handshake, timeout_s, "worker_requests(timeout_s)").open_requests
+            except WorkerError:
+                pass
+        return out
+
+    @property
+    def active(self) -> int:
+        """Requests decoding now (the rest of in_flight wait for a slot)."""
+        return self._admission.active
 
     def encode_prompt(self, prompt) -> list[int]:
         return self.text.encode_prompt(prompt)

@@ -28,6 +28,7 @@ class Admission:
         self._slots = threading.Semaphore(max_active)
         self._lock = threading.Condition()
         self.in_flight = 0  # admitted and not finished (waiting or active)
+        self.active = 0     # holding a slot: decoding
         self._cancels: set[threading.Event] = set()  # one per admitted request
         self._closing = False
 
@@ -69,9 +70,13 @@ class Admission:
         if not self._slots.acquire(timeout=self.queue_timeout_s):
             raise CoordinatorBusy(f"no free slot within {self.queue_timeout_s:g} s "
                                   "(raise queue_timeout_s or max_active)")
+        with self._lock:
+            self.active += 1
         try:
             yield
         finally:
+            with self._lock:
+                self.active -= 1
             self._slots.release()
 
 

@@ -10,6 +10,7 @@ class Stats:
     new_tokens: int = 0
     rounds: int = 0                 # verifications
     drafted: int = 0                # draft tokens sent for verification
+    draft_rounds: int = 0           # verifications that carried draft tokens
     accepted: int = 0               # tokens committed by verifications (accepted drafts + 1 each)
     accepted_drafts: int = 0        # draft tokens among them
     speculative_hits: int = 0       # overlapped drafts that could be used

@@ -129,6 +129,7 @@ def count_round(stats: Stats, tokens: list[int], res: VerifyResult, wire_s: floa
     stats.verify_s += res.seconds
     stats.rounds += 1
     stats.drafted += len(tokens)
+    stats.draft_rounds += bool(tokens)
     stats.accepted_drafts += len(res.accepted)
     stats.accepted += len(res.tokens)
     stats.accept_lengths.append(len(res.tokens))

@@ -1,0 +1,151 @@
+"""Request bodies of /v1/chat/completions and /v1/completions, checked once here.
+
+Speculative decoding here is lossless for plain sampling: temperature, top_p, a seed. What
+would change the distribution the target's own sampling gives, or what we do not compute,
+is refused with 400 naming the parameter, never silently dropped. Fields that change
+nothing about the output (``user``, ``metadata``, ...) are accepted and ignored; any other
+unknown field is refused, so that a client never believes a setting took effect.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dovetail.server.errors import APIError, bad_request, unsupported
+
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; more only costs a scan per chunk)
+
+# field -> (the value that changes nothing, why any other value is refused)
+REFUSED = {
+    "n": (1, "one choice per request; send n requests (each with its own seed) instead"),
+    "best_of": (1, "one choice per request"),
+    "logit_bias": ({}, "biased logits are not the target's distribution, which speculation must keep"),
+    "presence_penalty": (0, "penalties change the target's distribution, which speculation must keep"),
+    "frequency_penalty": (0, "penalties change the target's distribution, which speculation must keep"),
+    "repetition_penalty": (1, "penalties change the target's distribution, which speculation must keep"),
+    "logprobs": (False, "log-probabilities are not returned"),
+    "top_logprobs": (0, "log-probabilities are not returned"),
+    "echo": (False, "the prompt is not echoed"),
+    "suffix": ("", "insertion (suffix) is not supported"),
+    "tools": ([], "tool calling is not supported"),
+    "tool_choice": ("none", "tool calling is not supported"),
+    "functions": ([], "function calling is not supported"),
+    "function_call": ("none", "function calling is not supported"),
+    "response_format": ({"type": "text"}, "constrained output (JSON mode, schemas) is not supported"),
+    "min_tokens": (0, "a minimum length masks the stop tokens, which changes the distribution"),
+}
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+           "safety_identifier"}  # change nothing about the output
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, ...
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+    def as_template_input(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+
+
+@dataclass
+class Sampling:
+    """What the coordinator is asked for; ``max_tokens`` None: the rest of the context."""
+    prompt: Any  # text, chat messages or token ids (Coordinator.encode_prompt)
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def parse(model: type[_Common], body: Any) -> _Common:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise bad_request(f"{param}: {first['msg']}" if param else first["msg"], param) from None
+    check_extras(req.model_extra or {})
+    return req
+
+
+def check_extras(extra: dict) -> None:
+    for name, value in extra.items():
+        if name in IGNORED or value is None:
+            continue
+        if name in REFUSED:
+            harmless, why = REFUSED[name]
+            if not (value == harmless or (not value and not harmless)):  # false, 0, "", [] all mean off
+                raise unsupported(name, why)
+            continue
+        raise bad_request(f"unknown parameter '{name}'", name, "unknown_parameter")
+
+
+def sampling(req: _Common) -> Sampling:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
+    if any(not s for s in stop):
+        raise bad_request("stop strings must not be empty", "stop")
+    if isinstance(req, ChatRequest):
+        prompt = [m.as_template_input() for m in req.messages]
+        max_tokens = req.max_completion_tokens or req.max_tokens  # the newer name wins
+    else:
+        prompt = completion_prompt(req.prompt)
+        max_tokens = req.max_tokens
+    options = req.stream_options or StreamOptions()
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options goes with stream: true", "stream_options")
+    return Sampling(prompt, max_tokens, 1.0 if req.temperature is None else req.temperature,
+                    1.0 if req.top_p is None else req.top_p, req.seed, stop, req.stream, options.include_usage)
+
+
+def completion_prompt(prompt) -> str | list[int]:
+    """One prompt: a string or token ids; a batch of several is refused like n > 1."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, f"one prompt per request, got {len(prompt)}: send them as separate requests",
+                           param="prompt", code="unsupported_parameter")
+        prompt = prompt[0]
+    if not prompt:
+        raise bad_request("the prompt is empty", "prompt")
+    return prompt

@@ -1,0 +1,248 @@
+"""dovetail-launch serve end to end: the real server in a subprocess, the official openai
+client and raw HTTP, tiny float64 models (greedy output must be exact)."""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+import time
+
+import openai
+import pytest
+
+import dovetail
+from tests.dovetail.server.conftest import API_KEY
+
+pytestmark = pytest.mark.timeout(600)
+
+MESSAGES = [{"role": "user", "content": "def f(x):"}]
+N = 24
+
+
+@pytest.fixture(scope="module")
+def server(serve_factory, chat_models):
+    target, draft = chat_models
+    # a fixed tree: the tiny target's measured verify curve could make the sizer draft nothing
+    return serve_factory("--target", target, "--draft", draft, "--force-draft", "--dtype", "float64",
+                         "--draft-gpu", "cpu", "--depth", "3", "--top-k", "2", "--max-nodes", "6",
+                         "--api-key", API_KEY, "--api-key", "second-key-456789", "--max-active", "4",
+                         "--max-pending", "80", "--served-model-name", "tiny")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(chat_models):
+    """The library API, target alone: what every greedy answer must be."""
+    with dovetail.launch(chat_models[0], None, dtype="float64") as coord:
+        chat = coord.generate(MESSAGES, max_new_tokens=N)
+        plain = coord.generate("def f(x):", max_new_tokens=N)
+        prompts = {p: coord.generate([{"role": "user", "content": p}], max_new_tokens=N).text
+                   for p in PROMPTS}
+        return {"chat": chat, "chat_prompt_len": len(coord.encode_prompt(MESSAGES)), "plain": plain,
+                "plain_prompt_len": len(coord.encode_prompt("def f(x):")), "prompts": prompts}
+
+
+PROMPTS = ["def f(x):", "x = [1, 2", "import os\n", "print('a')", "class A:", "for i in", "y = f(", "# sum\n"]
+
+
+def sse_events(body: bytes) -> list:
+    """The data fields of an SSE body, JSON-decoded except the final [DONE]."""
+    out = []
+    for line in body.decode().split("\n"):
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_greedy_text_through_http_is_the_target_only_text(client, reference):
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=N)
+    ref = reference["chat"]
+    assert chat.choices[0].message.content == ref.text and chat.choices[0].finish_reason == ref.stats.finish_reason
+    assert chat.usage.completion_tokens == len(ref.token_ids)
+    assert chat.usage.prompt_tokens == reference["chat_prompt_len"]
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    extra = chat.model_extra["dovetail"]
+    assert extra["rounds"] >= 1 and extra["drafted"] > 0 and not extra["draft_fallback"]  # the draft was used
+    assert extra["mean_accepted_length"] == pytest.approx(len(ref.token_ids) / extra["rounds"], abs=1e-3)
+    plain = client.completions.create(model="tiny", prompt="def f(x):", temperature=0, max_tokens=N)
+    assert plain.choices[0].text == reference["plain"].text
+    assert plain.usage.prompt_tokens == reference["plain_prompt_len"]
+    # max_completion_tokens wins over max_tokens
+    short = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=N,
+                                           max_completion_tokens=5)
+    assert short.usage.completion_tokens == 5 and short.choices[0].finish_reason == "length"
+
+
+def test_streamed_text_equals_the_whole_and_one_chunk_finishes(client, server, reference):
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=N,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == reference["chat"].stats.finish_reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference["chat"].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(reference["chat"].token_ids)
+    assert chunks[-1].usage.prompt_tokens == reference["chat_prompt_len"]
+    status, headers, body = server.request("POST", "/v1/completions", {
+        "model": "tiny", "prompt": "def f(x):", "temperature": 0, "max_tokens": N, "stream": True})
+    events = sse_events(body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert events[-1] == "[DONE]" and sum(e["choices"][0]["finish_reason"] is not None for e in events[:-1]) == 1
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reference["plain"].text
+    assert all("usage" not in e for e in events[:-1])  # no include_usage: no usage chunk
+
+
+def test_stop_strings_hold_streamed_and_not(client, reference):
+    text = reference["chat"].text
+    stop = text[6:8]
+    want = text[:text.index(stop)]
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=N, stop=stop)
+    assert whole.choices[0].message.content == want and whole.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=N,
+                                              stop=[stop, "never seen"], stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed(client):
+    def sample(seed):
+        return client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=1.0, top_p=0.9,
+                                              max_tokens=N, seed=seed).choices[0].message.content
+    a = sample(7)
+    assert a == sample(7)
+    assert any(sample(s) != a for s in (8, 9, 10))
+
+
+ERRORS = [
+    # (body or raw bytes, status, param, words in the message)
+    (b"{not json", 400, None, "not valid JSON"),
+    ({"model": "tiny", "messages": MESSAGES, "temperature": "hot"}, 400, "temperature", "temperature"),
+    ({"model": "tiny", "messages": []}, 400, "messages", "messages"),
+    ({"model": "tiny"}, 400, "messages", "messages"),
+    ({"model": "tiny", "messages": MESSAGES, "n": 2}, 400, "n", "one choice"),
+    ({"model": "tiny", "messages": MESSAGES, "logit_bias": {"5": 10}}, 400, "logit_bias", "distribution"),
+    ({"model": "tiny", "messages": MESSAGES, "presence_penalty": 0.5}, 400, "presence_penalty", "penalties"),
+    ({"model": "tiny", "messages": MESSAGES, "frequency_penalty": 0.5}, 400, "frequency_penalty", "penalties"),
+    ({"model": "tiny", "messages": MESSAGES, "logprobs": True}, 400, "logprobs", "log-probabilities"),
+    ({"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", "tool"),
+    ({"model": "tiny", "messages": MESSAGES, "frobnicate": 1}, 400, "frobnicate", "unknown parameter"),
+    ({"model": "tiny", "messages": MESSAGES, "max_tokens": 200_000}, 400, "max_tokens", "maximum context length"),
+    ({"model": "nope", "messages": MESSAGES}, 404, "model", "does not exist"),
+]
+
+
+@pytest.mark.parametrize("body, status, param, words", ERRORS)
+def test_each_error_has_the_envelope_and_the_server_goes_on(server, client, body, status, param, words):
+    raw = body if isinstance(body, bytes) else None
+    got, _, payload = server.request("POST", "/v1/chat/completions", None if raw else body, raw=raw)
+    err = json.loads(payload)["error"]
+    assert got == status, payload
+    assert set(err) == {"message", "type", "param", "code"} and words in err["message"], err
+    assert err["param"] == param
+    ok = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_context_overflow_names_the_numbers(server, reference):
+    _, _, payload = server.request("POST", "/v1/completions", {"model": "tiny", "prompt": "def f(x):",
+                                                               "max_tokens": (1 << 17)})
+    message = json.loads(payload)["error"]["message"]
+    n = reference["plain_prompt_len"]
+    assert (f"maximum context length is 131072 tokens; the request needs {131072 + n} ({n} in the prompt, "
+            "131072 for the completion)") in message, message
+
+
+def test_keys_are_checked_and_health_needs_none(server):
+    for key, status in ((None, 401), ("wrong-key-000000", 401), (API_KEY, 200), ("second-key-456789", 200)):
+        got, _, payload = server.request("GET", "/v1/models", key=key)
+        assert got == status, payload
+        if status == 401:
+            assert json.loads(payload)["error"]["type"] == "authentication_error"
+    assert server.request("GET", "/health", key=None)[0] == 200
+    assert server.request("GET", "/metrics", key=None)[0] == 401
+    got, _, payload = server.request("GET", "/v1/nowhere")
+    assert got == 404 and json.loads(payload)["error"]["code"] == "not_found"
+
+
+def test_models_lists_the_target_with_its_context_and_the_draft(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    extra = models[0].model_extra
+    assert extra["max_model_len"] == 1 << 17 and extra["meta"]["draft"]["model"] == "draft"
+
+
+def read_stream(server, body: dict, disconnect_after: int | None, out: dict, key: str) -> None:
+    """One raw streaming client; with ``disconnect_after``, it hangs up after that many events."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        resp = conn.getresponse()
+        text, events = [], 0
+        for line in resp:
+            line = line.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            events += 1
+            if disconnect_after is not None and events >= disconnect_after:
+                conn.sock.close()  # the client goes away mid-stream
+                out[key] = None
+                return
+            if line == "data: [DONE]":
+                break
+            choice = json.loads(line[6:])["choices"][0]
+            text.append(choice["delta"].get("content") or "")
+        out[key] = "".join(text)
+    except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+        out[key] = e
+    finally:
+        conn.close()
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_64_concurrent_streams_10_percent_hanging_up(server, reference):
+    out: dict = {}
+    threads = []
+    for i in range(64):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                "max_tokens": N, "stream": True}
+        t = threading.Thread(target=read_stream, args=(server, body, 3 if i % 10 == 5 else None, out, i))
+        threads.append(t)
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(out) == 64, f"{64 - len(out)} clients did not finish"
+    for i in range(64):
+        if i % 10 == 5:
+            assert out[i] is None
+        else:
+            assert out[i] == reference["prompts"][PROMPTS[i % len(PROMPTS)]], (i, out[i])
+    # Hung-up requests are cancelled within a round: nothing runs, and both workers' tables are empty.
+    deadline = time.monotonic() + 30
+    while True:
+        text = server.request("GET", "/metrics")[2].decode()
+        idle = (metric(text, "dovetail:num_requests_running") == 0 and metric(text, "dovetail:num_requests_waiting") == 0
+                and metric(text, 'dovetail:worker_open_requests{worker="target"}') == 0
+                and metric(text, 'dovetail:worker_open_requests{worker="draft"}') == 0)
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert idle, text
+    assert 'dovetail:worker_open_requests{worker="target"}' in text
+    assert metric(text, 'dovetail:request_success_total{finished_reason="abort"}') >= 6
+    assert metric(text, "dovetail:spec_decode_num_drafts_total") > 0
+    assert metric(text, "dovetail:spec_decode_num_accepted_tokens_total") == sum(
+        metric(text, f'dovetail:spec_decode_num_accepted_tokens_per_pos_total{{position="{p}"}}') for p in range(8))
+    assert metric(text, "dovetail:time_to_first_token_seconds_count") >= 64
