@@ -132,6 +132,8 @@ class Coordinator:
             raise ValueError("max_new_tokens must be at least 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+        if seed is not None and not 0 <= seed < (1 << 64):
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         stop = check_stop(stop)
         if stop and self.tokenizer is None:
             raise TypeError("stop strings need a tokenizer and none is loaded: use stop_token_ids")

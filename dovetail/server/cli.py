@@ -34,7 +34,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     h.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from this origin (repeat; '*' for any); default: none")
     h.add_argument("--served-model-name", default=None,
-                   help="the model name clients use (default: the target model's name)")
+                   help="the model name clients use (default: --target as given, else the remote target's name)")
     h.add_argument("--max-active", type=int, default=4,
                    help="requests decoding at once; their rounds interleave on the workers (default: 4)")
     h.add_argument("--max-pending", type=int, default=64,
@@ -98,7 +98,10 @@ def serve_main(argv) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from dovetail.cli import start_coordinator
 
-    engine = Engine(Metrics(), args.request_timeout, args.served_model_name)
+    from dovetail.cli import DEFAULT_TARGET, ROLE_LOCAL
+    # The model as the user named it (as vLLM does); a remote target without --target: its own name.
+    served = args.served_model_name or args.target or (DEFAULT_TARGET if args.role == ROLE_LOCAL else None)
+    engine = Engine(Metrics(), args.request_timeout, served)
     app = build_app(engine, keys, args.cors_origin)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=GRACEFUL_S, access_log=level <= logging.DEBUG))

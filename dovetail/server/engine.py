@@ -111,10 +111,14 @@ class Engine:
             raise bad_request(str(e), "prompt") from None
         limit = coord.target_info.max_context
         max_tokens = s.max_tokens if s.max_tokens is not None else (limit - len(ids) if limit else None)
-        if limit and (max_tokens is None or len(ids) + max_tokens > limit):
+        if limit and max_tokens < 1:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens and the prompt has "
+                                f"{len(ids)}: no room for a completion", param="messages",
+                           code="context_length_exceeded")
+        if limit and len(ids) + max_tokens > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens; the request needs "
-                                f"{len(ids) + (max_tokens or 0)} ({len(ids)} in the prompt, {max_tokens or 0} for "
-                                "the completion): shorten the prompt or lower max_tokens",
+                                f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the "
+                                "completion): shorten the prompt or lower max_tokens",
                            param="max_tokens", code="context_length_exceeded")
         if max_tokens is None:
             raise bad_request("max_tokens is required: the target does not report its context length", "max_tokens")

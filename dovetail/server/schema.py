@@ -68,7 +68,7 @@ class _Common(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)  # OpenAI's int64; mapped onto ours below
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -136,7 +136,8 @@ def sampling(req: _Common) -> Sampling:
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options goes with stream: true", "stream_options")
     return Sampling(prompt, max_tokens, 1.0 if req.temperature is None else req.temperature,
-                    1.0 if req.top_p is None else req.top_p, req.seed, stop, req.stream, options.include_usage)
+                    1.0 if req.top_p is None else req.top_p, None if req.seed is None else req.seed % (1 << 63),
+                    stop, req.stream, options.include_usage)
 
 
 def completion_prompt(prompt) -> str | list[int]:

@@ -5,7 +5,7 @@ every module, lazy ones included, follows the layers below, so there is no impor
     protocol                          wire messages; imports nothing else of Dovetail
     spec, system, models, draft       pure rules, the machine, model files, the draft model
     workers | runtime                 the worker processes | the coordinator (never each other)
-    training, cli, dovetail           applications: may import any of the above
+    training, server, cli, dovetail   applications: may import any of the above
 """
 import ast
 import importlib
@@ -50,7 +50,7 @@ LAYERS = {  # layer -> the layers its modules may import
     "app": {"protocol", "base", "workers", "runtime", "app"},
 }
 SUBPACKAGE_LAYER = {"protocol": "protocol", "spec": "base", "system": "base", "models": "base", "draft": "base",
-                    "workers": "workers", "runtime": "runtime", "training": "app", "cli": "app"}
+                    "workers": "workers", "runtime": "runtime", "training": "app", "server": "app", "cli": "app"}
 
 
 def layer_of(module: str) -> str:

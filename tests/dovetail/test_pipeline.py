@@ -242,6 +242,8 @@ def test_bad_requests_are_refused_before_touching_workers(near, reference):
         near.generate([1, 64], max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         near.generate([1], max_new_tokens=0)
+    with pytest.raises(ValueError, match="seed"):
+        near.generate([1], max_new_tokens=4, seed=-1)
     with pytest.raises(TypeError, match="tokenizer"):
         near.generate("text needs a tokenizer", max_new_tokens=4)
     with pytest.raises(TypeError):

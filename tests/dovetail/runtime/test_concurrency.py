@@ -110,11 +110,21 @@ def test_streams_from_threads_are_each_identical_to_running_alone(coord):
     assert out == reference
 
 
-def test_an_error_is_the_one_terminal_event(coord):
+def test_an_error_is_the_one_terminal_event(coord, monkeypatch):
     events = []
-    # A negative seed passes the caller-side checks but not the wire's validation.
-    h = coord.submit([1, 2, 3], max_new_tokens=5, seed=-1, on_event=lambda k, p: events.append(k))
-    with pytest.raises(Exception, match="seed"):
+    real_run = coord.rounds.run
+
+    def failing_run(*args, **kwargs):  # fails after its first round, as a worker fault would
+        rounds = real_run(*args, **kwargs)
+        yield next(rounds)
+        rounds.close()
+        raise RuntimeError("the target failed mid-request")
+
+    monkeypatch.setattr(coord.rounds, "run", failing_run)
+    h = coord.submit([1, 2, 3], max_new_tokens=5, on_event=lambda k, p: events.append(k))
+    with pytest.raises(RuntimeError, match="mid-request"):
         h.result(timeout=60)
+    monkeypatch.undo()
+    assert events[0] == "chunk"
     assert events.count("error") == 1 and events[-1] == "error" and h.terminal == "error"
     assert coord.in_flight == 0 and coord.generate([1, 2, 3], max_new_tokens=3).stats.new_tokens == 3

@@ -57,13 +57,15 @@ class Server:
             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         pids.track(self.proc.pid)
         self.pids = pids
+        self.health_seen: list[tuple[int, dict]] = []  # /health answers while it started
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"the server exited {self.proc.returncode}:\n{self.tail()}"
             try:
-                status, _, _ = self.request("GET", "/health")
+                status, _, body = self.request("GET", "/health", key=None)
+                self.health_seen.append((status, json.loads(body)))
                 if status == 200:
                     return
             except OSError:

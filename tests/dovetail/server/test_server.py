@@ -117,6 +117,7 @@ def test_seeded_sampling_repeats_and_differs_by_seed(client):
                                               max_tokens=N, seed=seed).choices[0].message.content
     a = sample(7)
     assert a == sample(7)
+    assert sample(-7) == sample(-7)  # OpenAI's seeds are int64
     assert any(sample(s) != a for s in (8, 9, 10))
 
 
@@ -135,6 +136,7 @@ ERRORS = [
     ({"model": "tiny", "messages": MESSAGES, "frobnicate": 1}, 400, "frobnicate", "unknown parameter"),
     ({"model": "tiny", "messages": MESSAGES, "max_tokens": 200_000}, 400, "max_tokens", "maximum context length"),
     ({"model": "nope", "messages": MESSAGES}, 404, "model", "does not exist"),
+    ({"model": "tiny", "messages": MESSAGES, "seed": 1 << 64}, 400, "seed", "seed"),
 ]
 
 
@@ -246,3 +248,59 @@ def test_64_concurrent_streams_10_percent_hanging_up(server, reference):
     assert metric(text, "dovetail:spec_decode_num_accepted_tokens_total") == sum(
         metric(text, f'dovetail:spec_decode_num_accepted_tokens_per_pos_total{{position="{p}"}}') for p in range(8))
     assert metric(text, "dovetail:time_to_first_token_seconds_count") >= 64
+
+
+def test_a_client_that_hangs_up_without_streaming_cancels_its_request(server):
+    def scrape():
+        return server.request("GET", "/metrics")[2].decode()
+
+    aborted = metric(scrape(), 'dovetail:request_success_total{finished_reason="abort"}')
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": 100_000}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 30
+    while metric(scrape(), "dovetail:num_requests_running") != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    conn.close()  # gone before any answer
+    t0 = time.monotonic()
+    while metric(text := scrape(), "dovetail:num_requests_running") != 0 and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    assert metric(text, 'dovetail:request_success_total{finished_reason="abort"}') == aborted + 1, text
+    assert metric(text, 'dovetail:worker_open_requests{worker="target"}') == 0
+    print(f"\na non-streamed request was cancelled {time.monotonic() - t0:.2f} s after its client hung up")
+
+
+def test_a_draft_killed_under_load_leaves_every_request_complete_and_exact(server, reference, pids):
+    """Last in this module: the server's draft is gone afterwards, and then the server too."""
+    import os
+    import signal
+
+    import psutil
+    before = metric(server.request("GET", "/metrics")[2].decode(), "dovetail:draft_fallbacks_total")
+    draft = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+             if "dovetail.workers.draft" in " ".join(p.cmdline())]
+    assert len(draft) == 1
+    out: dict = {}
+    threads = []
+    for i in range(16):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                "max_tokens": N, "stream": True}
+        threads.append(threading.Thread(target=read_stream, args=(server, body, None, out, i)))
+        threads[-1].start()
+    deadline = time.monotonic() + 60
+    while not out and time.monotonic() < deadline:  # under load: the first request has finished
+        time.sleep(0.01)
+    os.kill(draft[0].pid, signal.SIGKILL)
+    for t in threads:
+        t.join(300)
+    assert [out.get(i) for i in range(16)] == [reference["prompts"][PROMPTS[i % len(PROMPTS)]] for i in range(16)]
+    text = server.request("GET", "/metrics")[2].decode()
+    assert metric(text, "dovetail:draft_fallbacks_total") > before
+    status, _, body = server.request("GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "degraded", "draft": "dead"}
+    workers = server.worker_pids()
+    assert server.stop() == 0  # SIGTERM: a clean stop
+    assert not pids.wait_gone(workers, 15), "a worker outlived the server"
