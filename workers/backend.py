@@ -54,6 +54,22 @@ class TargetBackend(ABC):
         """One forward over [root, *tree]: logits for all n+1 rows, and their hidden states
         when ``hidden`` (a backend may return them anyway when they cost nothing)."""
 
+    def verify_many(self, seqs: list, roots: list[int], trees: list[tuple[list[int], list[int]]],
+                    hidden: list[bool]) -> list[Forward]:
+        """verify() for several independent sequences; a backend that can runs them in one
+        forward (llama.cpp). Here: one after another. On failure every sequence is left as it was."""
+        outs, done = [], []
+        try:
+            for seq, root, (tokens, parents), h in zip(seqs, roots, trees, hidden):
+                start = self.length(seq)
+                outs.append(self.verify(seq, root, tokens, parents, hidden=h))
+                done.append((seq, start))
+        except BaseException:
+            for seq, start in done:
+                self.rollback(seq, start)
+            raise
+        return outs
+
     @abstractmethod
     def keep(self, seq, start: int, rows: list[int]) -> None:
         """After verify: keep positions [0, start) and the given rows, in that order."""

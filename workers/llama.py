@@ -135,7 +135,7 @@ class LlamaBackend(TargetBackend):
         leaf_ids = [seq.seq_id, *scratch]
         for s in scratch:  # every leaf path shares the committed prefix
             self.lib.llama_memory_seq_cp(self.mem, seq.seq_id, s, -1, -1)
-        rows = list(zip(_row_seq_ids(row_parents, leaves, leaf_ids), row_positions(row_parents, seq.length)))
+        rows = _tree_rows(row_parents, leaves, leaf_ids, seq.length)
         seq.verify_leaves = (leaves, leaf_ids, row_parents)
         try:
             self._decode([root, *tokens], rows, logits=True, hidden=hidden)
@@ -146,6 +146,36 @@ class LlamaBackend(TargetBackend):
         logits = self._read(self.lib.llama_get_logits(self.ctx), n, self.vocab_size)
         feats = self._read(self.lib.llama_get_embeddings(self.ctx), n, self.hidden_size) if hidden else None
         return Forward(logits=logits, hidden=feats)
+
+    def verify_many(self, seqs: list[LlamaSeq], roots: list[int], trees: list[tuple[list[int], list[int]]],
+                    hidden: list[bool]) -> list[Forward]:
+        """Verify several requests' trees in ONE llama_decode: each request's rows carry its own
+        sequence ids (its own and its leaves' scratch ids), so no row attends to another
+        request's; a CPU forward is bound by reading the weights, and rows share that read."""
+        if len({s.seq_id for s in seqs}) != len(seqs):
+            raise ValueError("verify_many takes distinct sequences")
+        tokens, rows, spans = [], [], []
+        try:
+            for seq, root, (tree, parents) in zip(seqs, roots, trees):
+                row_parents = with_root(parents)
+                leaves = _leaves(row_parents)
+                leaf_ids = [seq.seq_id, *self._take_ids(len(leaves) - 1)]
+                seq.verify_leaves = (leaves, leaf_ids, row_parents)
+                for s in leaf_ids[1:]:  # every leaf path shares the committed prefix
+                    self.lib.llama_memory_seq_cp(self.mem, seq.seq_id, s, -1, -1)
+                spans.append((len(tokens), len(row_parents)))
+                tokens += [root, *tree]
+                rows += _tree_rows(row_parents, leaves, leaf_ids, seq.length)
+            self._decode(tokens, rows, logits=True, hidden=any(hidden))
+        except BaseException:
+            for seq in seqs:
+                if seq.verify_leaves is not None:
+                    self._drop_scratch(seq, seq.length)
+            raise
+        logits = self._read(self.lib.llama_get_logits(self.ctx), len(rows), self.vocab_size)
+        feats = self._read(self.lib.llama_get_embeddings(self.ctx), len(rows), self.hidden_size) if any(hidden) else None
+        return [Forward(logits=logits[a:a + n], hidden=feats[a:a + n] if feats is not None and h else None)
+                for (a, n), h in zip(spans, hidden)]
 
     def keep(self, seq: LlamaSeq, start: int, rows: list[int]) -> None:
         leaves, leaf_ids, row_parents = seq.verify_leaves
@@ -278,6 +308,13 @@ def _row_seq_ids(row_parents: list[int], leaves: list[int], leaf_ids: list[int])
             ids[node].append(s)
             node = row_parents[node]
     return ids
+
+
+def _tree_rows(row_parents: list[int], leaves: list[int], leaf_ids: list[int], start: int
+               ) -> list[tuple[list[int], int]]:
+    """(sequence ids, position) of each row of a tree verified after ``start`` committed cells.
+    Rows of several requests go in one batch as they are: their ids never overlap."""
+    return list(zip(_row_seq_ids(row_parents, leaves, leaf_ids), row_positions(row_parents, start)))
 
 
 def _subtree_leaf(row_parents: list[int], leaves: list[int], row: int) -> int:

@@ -25,7 +25,7 @@ import zmq
 
 from dovetail.protocol import (
     HEARTBEAT_ID_PREFIX, MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
-    configure_socket, decode, encode,
+    VerifyRequest, configure_socket, decode, encode,
 )
 from dovetail.system.cpus import parse_cpus
 from dovetail.system.security import (
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 100             # how often the loop wakes to check for a stop request or silence
 COMPUTE_JOIN_S = 3.0      # on exit, how long the request in progress may take to finish
+BATCH_WAIT_FRACTION = 0.1  # of the last batch's forward time, waited for its requests' next verifications
+BATCH_WAIT_MAX_S = 0.005   # and never longer than this
 MAX_BACKLOG = 1000        # messages queued for the compute thread before reading pauses (ZeroMQ's own HWM)
 
 
@@ -213,11 +215,22 @@ class Compute:
         self.outbox.put((peer, out))
         os.write(self.wake_w, b"!")
 
+    def _next(self):
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        return self.inbox.get()
+
     def _loop(self) -> None:
-        while (item := self.inbox.get()) is not None:
+        self._held = None  # an item taken from the inbox while gathering a batch, not yet handled
+        self._last_batch: set = set()  # (peer, request id) of the last batch's verifications
+        self._last_forward_s = 0.0
+        while (item := self._next()) is not None:
             peer, body = item
             if body is _DROP:
                 self._drop(peer, "went silent")
+                continue
+            if getattr(self.handler, "verify_batch", None) is not None and self._run_batch(peer, body):
                 continue
             reply = _dispatch(self.handler, body, self.max_bytes, peer)
             if reply is _STOP and self.sessions:
@@ -229,6 +242,50 @@ class Compute:
                 self._post(peer, out)
             if reply is _STOP:
                 return
+
+    def _run_batch(self, peer: bytes, body) -> bool:
+        """A verification and those right behind it in the inbox, from other requests, in one
+        handler.verify_batch() call (one forward); False when ``body`` is not a verification.
+
+        What is already waiting joins. Beyond that, the requests of the previous batch, whose
+        next verifications are on their way (a coordinator turns a reply round in about a
+        millisecond), are waited for up to BATCH_WAIT_FRACTION of that batch's forward time:
+        after a lone request's forward nobody is waited for. Every request's messages keep
+        their order: the batch stops at the first message that is not a verification, at a
+        second one for the same request, and at the row bound.
+        """
+        msg = _decode_quietly(self.handler, body, self.max_bytes)
+        if not isinstance(msg, VerifyRequest):
+            return False
+        batch, rows = [(peer, msg)], len(msg.tokens) + 1
+        expected = {k for k in self._last_batch if k != (peer, msg.req_id)}
+        deadline = time.monotonic() + min(BATCH_WAIT_MAX_S, BATCH_WAIT_FRACTION * self._last_forward_s)
+        while True:
+            try:
+                left = deadline - time.monotonic()
+                item = self.inbox.get(timeout=left) if expected and left > 0 else self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            nxt = None if item is None or item[1] is _DROP else _decode_quietly(self.handler, item[1], self.max_bytes)
+            if (not isinstance(nxt, VerifyRequest) or rows + len(nxt.tokens) + 1 > self.handler.max_batch_rows
+                    or any(p == item[0] and m.req_id == nxt.req_id for p, m in batch)):
+                self._held = item
+                break
+            batch.append((item[0], nxt))
+            expected.discard((item[0], nxt.req_id))
+            rows += len(nxt.tokens) + 1
+        if len(batch) > 1:
+            log.debug("%s worker: %d verifications, %d rows, in one forward", self.handler.role, len(batch), rows)
+        t0 = time.monotonic()
+        replies = (self.handler.verify_batch(batch) if len(batch) > 1
+                   else [_call(self.handler, m, peer) for _, m in batch])
+        self._last_forward_s = time.monotonic() - t0
+        self._last_batch = {(p, m.req_id) for (p, m), r in zip(batch, replies) if not isinstance(r, BaseException)}
+        for (p, m), reply in zip(batch, replies):
+            if isinstance(reply, BaseException):
+                reply = _error_reply(reply, m.req_id)
+            self._post(p, _encode_reply(reply))
+        return True
 
     def _drop(self, peer: bytes, why: str) -> None:
         """Close what a client left open; in order, after every message it sent before."""
@@ -335,15 +392,34 @@ def _dispatch(handler, frames: list[bytes], max_bytes: int, peer: bytes = b""):
         return Heartbeat(seq=msg.seq, time=time.time())
     if isinstance(msg, Handshake):
         return handler.handshake()
-    req_id = getattr(msg, "req_id", -1)
     try:
         return handler.handle(msg, peer) if getattr(handler, "keys_by_peer", False) else handler.handle(msg)
-    except RequestError as e:
+    except Exception as e:  # keep serving: one bad request must not take the worker down
+        return _error_reply(e, getattr(msg, "req_id", -1))
+
+
+def _call(handler, msg, peer: bytes):
+    """handler.handle(msg), or the exception it raised (turned into an Error by the caller)."""
+    try:
+        return handler.handle(msg, peer)
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def _error_reply(e: BaseException, req_id: int) -> Error:
+    if isinstance(e, RequestError):
         log.warning("request %d refused: %s", e.req_id, e)
         return Error(req_id=e.req_id, code=e.code, message=str(e))
-    except Exception as e:  # keep serving: one bad request must not take the worker down
-        log.exception("request %d failed", req_id)
-        return Error(req_id=req_id, code="internal", message=f"{type(e).__name__}: {e}")
+    log.error("request %d failed", req_id, exc_info=e)
+    return Error(req_id=req_id, code="internal", message=f"{type(e).__name__}: {e}")
+
+
+def _decode_quietly(handler, body, max_bytes: int):
+    """The message, or None for a frame that does not decode (dispatch answers it in turn)."""
+    try:
+        return decode(body, max_bytes=max_bytes, vocab_size=handler.vocab_size)
+    except ProtocolError:
+        return None
 
 
 def _unlink(path: str) -> None:

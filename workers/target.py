@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from dovetail.models.options import (
-    BACKENDS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, check_llama_ctx,
+    BACKENDS, DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, check_llama_ctx,
     check_llama_extra_buffers,
 )
 from dovetail.system.cpus import describe_memory, format_cpus, memory_nodes, numa_nodes, pin_process
@@ -34,6 +34,8 @@ from dovetail.workers.serve import (
 
 log = logging.getLogger("dovetail.target")
 
+MAX_BATCH_ROWS = 512  # llama.cpp's n_batch (workers/llama.py MAX_BATCH)
+
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TargetConfig(WorkerConfig):
     quantize: str = "none"
     llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS  # auto | on | off (workers/llama_buffers.py)
     sessions: bool = False  # a server of many coordinators (workers/sessions.py), until SIGTERM/SIGINT
+    batch_rows: int = DEFAULT_BATCH_ROWS  # most rows of several requests' verifications in one forward (1: none batched)
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,6 +65,8 @@ class TargetConfig(WorkerConfig):
         check_llama_extra_buffers(self.llama_extra_buffers, "--llama-extra-buffers")
         if self.max_requests < 1:
             raise ValueError("max_requests must be at least 1")
+        if not 1 <= self.batch_rows <= MAX_BATCH_ROWS:
+            raise ValueError(f"--batch-rows must be in [1, {MAX_BATCH_ROWS}], got {self.batch_rows}")
 
 
 @dataclass
@@ -91,6 +96,10 @@ class TargetHandler:
     @property
     def vocab_size(self) -> int:
         return self.backend.identity.vocab_size
+
+    @property
+    def max_batch_rows(self) -> int:
+        return self.config.batch_rows
 
     def handshake(self) -> Handshake:
         ident = self.backend.identity
@@ -146,6 +155,55 @@ class TargetHandler:
                       seconds=time.perf_counter() - t0)
 
     def verify(self, msg: VerifyRequest, key: tuple[bytes, int]) -> VerifyResult:
+        seq = self._ready(msg, key)
+        t0 = time.perf_counter()
+        start = self.backend.length(seq.cache)
+        try:
+            out = self.backend.verify(seq.cache, msg.root, msg.tokens, msg.parents, hidden=seq.features)
+            return self._commit(seq, msg, out, start, t0)
+        except BaseException:
+            self.backend.rollback(seq.cache, start)  # a failed step leaves the sequence as it was
+            raise
+
+    def verify_batch(self, items: list[tuple[bytes, VerifyRequest]]) -> list:
+        """Several requests' verifications in one forward (backend.verify_many); a reply (or an
+        Error) for each, in order. Each request is accepted and rolled back on its own, exactly
+        as verify() does; a forward that fails is retried one request at a time, so that its
+        error reaches the request it belongs to."""
+        replies: list = [None] * len(items)
+        ready = []
+        for i, (peer, msg) in enumerate(items):
+            try:
+                ready.append((i, msg, self._ready(msg, (peer, msg.req_id))))
+            except RequestError as e:
+                replies[i] = e
+        if len(ready) > 1:
+            t0 = time.perf_counter()
+            seqs = [seq for _, _, seq in ready]
+            starts = [self.backend.length(seq.cache) for seq in seqs]
+            try:
+                outs = self.backend.verify_many([seq.cache for seq in seqs], [m.root for _, m, _ in ready],
+                                                [(m.tokens, m.parents) for _, m, _ in ready],
+                                                [seq.features for seq in seqs])
+            except Exception:
+                log.warning("a batched verify of %d requests failed; verifying them one by one", len(ready),
+                            exc_info=True)
+            else:
+                for (i, msg, seq), out, start in zip(ready, outs, starts):
+                    try:
+                        replies[i] = self._commit(seq, msg, out, start, t0)
+                    except Exception as e:  # noqa: BLE001 (this request's error, the others go on)
+                        self.backend.rollback(seq.cache, start)
+                        replies[i] = e
+                ready = []
+        for i, msg, _ in ready:
+            try:
+                replies[i] = self.handle(msg, items[i][0])
+            except Exception as e:  # noqa: BLE001 (turned into this request's Error by serve())
+                replies[i] = e
+        return replies
+
+    def _ready(self, msg: VerifyRequest, key: tuple[bytes, int]) -> Sequence:
         seq = self.sequences.get(key)
         if seq is None:
             raise RequestError(msg.req_id, "unknown_request", f"request {msg.req_id} is not open")
@@ -154,20 +212,17 @@ class TargetHandler:
             raise RequestError(msg.req_id, "stale_step", f"verify step {msg.step} but the request is at step {seq.step}")
         if msg.root != seq.pending:
             raise RequestError(msg.req_id, "bad_root", f"root token {msg.root} is not the pending token {seq.pending}")
-        t0 = time.perf_counter()
-        start = self.backend.length(seq.cache)
-        try:
-            out = self.backend.verify(seq.cache, msg.root, msg.tokens, msg.parents, hidden=seq.features)
-            if seq.temperature == 0.0:
-                path, nxt = accept_greedy(out.logits, msg.tokens, msg.parents)
-            else:
-                probs = target_probs(out.logits, seq.temperature, seq.top_p)
-                path, nxt = accept_sampled(probs, msg.tokens, msg.parents, seq.generator)
-            rows = [0] + [c + 1 for c in path]
-            self.backend.keep(seq.cache, start, rows)
-        except BaseException:
-            self.backend.rollback(seq.cache, start)  # a failed step leaves the sequence as it was
-            raise
+        return seq
+
+    def _commit(self, seq: Sequence, msg: VerifyRequest, out, start: int, t0: float) -> VerifyResult:
+        """Accept a path of the verified tree, keep its rows, and say what was committed."""
+        if seq.temperature == 0.0:
+            path, nxt = accept_greedy(out.logits, msg.tokens, msg.parents)
+        else:
+            probs = target_probs(out.logits, seq.temperature, seq.top_p)
+            path, nxt = accept_sampled(probs, msg.tokens, msg.parents, seq.generator)
+        rows = [0] + [c + 1 for c in path]
+        self.backend.keep(seq.cache, start, rows)
         seq.pending, seq.step = nxt, seq.step + 1
         feats = (encode_features(out.hidden[rows], self.config.feature_codec)
                  if seq.features and out.hidden is not None else None)
@@ -191,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 / int4: weight-only int8 or 4-bit (groups of 32) decoder layers, a faster, "
                         "slightly different target; embeddings and LM head stay in --dtype (default: none)")
     add_extra_buffers_flag(p)
+    p.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS,
+                   help="verify the waiting requests together, up to this many rows in one forward "
+                        f"(1: one request per forward; default: {DEFAULT_BATCH_ROWS})")
     p.add_argument("--sessions", action="store_true",
                    help="serve coordinator sessions one after another and several at once, until SIGTERM or "
                         "SIGINT: a client's Shutdown, or its silence for --heartbeat-timeout, closes only its "

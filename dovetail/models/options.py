@@ -42,3 +42,5 @@ def check_llama_ctx(value, name: str = "llama_ctx") -> int:
 def llama_installed() -> bool:
     import importlib.util
     return importlib.util.find_spec("llama_cpp") is not None
+
+DEFAULT_BATCH_ROWS = 64  # rows of several requests' verifications the target runs in one forward

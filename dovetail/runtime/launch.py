@@ -16,7 +16,7 @@ import zmq
 from dovetail.models.loading import load_tokenizer, stop_token_ids, tokenizer_hash
 from dovetail.runtime.client import WorkerClient, WorkerError
 from dovetail.models.options import (
-    BACKENDS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, QUANTIZE_CHOICES, check_llama_ctx,
+    BACKENDS, DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, QUANTIZE_CHOICES, check_llama_ctx,
     check_llama_extra_buffers, llama_installed,
 )
 from dovetail.runtime.config import DEFAULT_DRAFT_LM, DEFAULT_DRAFT_LM_TOKENIZER, CoordinatorConfig
@@ -36,7 +36,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
            target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "auto",
            draft_backend: str | None = None, target_quantize: str = "none", draft_quantize: str = "none",
            llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS, llama_ctx: int = DEFAULT_LLAMA_CTX,
-           **options) -> Coordinator:
+           batch_rows: int = DEFAULT_BATCH_ROWS, **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -66,6 +66,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     "on" / "off" force them. Ignored by transformers workers.
     ``llama_ctx``: the llama.cpp target's context in tokens, shared by all its open requests;
     one request (prompt and output) fits in it and in the model's trained context.
+    ``batch_rows``: the target verifies the requests waiting for it together, up to this many
+    rows in one forward (1: one request per forward); llama.cpp runs them in one decode.
     Other keyword options are fields of :class:`CoordinatorConfig`.
 
     ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
@@ -140,7 +142,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         else:
             tgt = _spawn(ctx, "target", run_dir, [
                 "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
-                "--backend", backend, "--quantize", target_quantize,
+                "--backend", backend, "--quantize", target_quantize, "--batch-rows", str(batch_rows),
                 *(["--llama-extra-buffers", llama_extra_buffers, "--ctx", str(llama_ctx)]
                   if backend == "llama.cpp" else []),
                 *(["--cpus", format_cpus(cpus)] if cpus else [])], config)

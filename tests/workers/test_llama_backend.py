@@ -198,3 +198,34 @@ def test_requests_that_together_overflow_the_shared_cells_get_a_named_refusal(gg
         handler.handle(OpenRequest(2, long), b"b")  # and its cells serve the next one
     finally:
         backend.close()
+
+
+def test_verify_many_runs_each_request_as_its_own_verify_would(backend, prompt):
+    """Three requests (a tree, a chain, target-only) in one decode: each row's logits are the
+    single-request verify's up to llama.cpp's batch drift, and keep/rollback go on per request."""
+    g = greedy_chain(backend, prompt, 3)
+    wrong = [t + 1 for t in g]
+    prompts = [prompt, prompt[: len(prompt) // 2], prompt[5:]]
+    trees = [([g[0], g[1], wrong[0]], [-1, 0, -1]), ([7, 8], [-1, 0]), ([], [])]
+    alone = []
+    for p, (tokens, parents) in zip(prompts, trees):
+        seq = open_seq(backend, p)
+        alone.append(backend.verify(seq, p[-1], tokens, parents, hidden=True))
+        backend.rollback(seq, backend.length(seq))
+        backend.release(seq)
+    free = len(backend.free_ids)
+    seqs = [open_seq(backend, p) for p in prompts]
+    starts = [backend.length(s) for s in seqs]
+    outs = backend.verify_many(seqs, [p[-1] for p in prompts], trees, [True, False, True])
+    for out, ref, (tokens, _) in zip(outs, alone, trees):
+        assert out.logits.shape == ref.logits.shape == (len(tokens) + 1, backend.vocab_size)
+        assert (out.logits - ref.logits).abs().max() < LLAMA_DRIFT_LOGITS
+        for row in range(len(tokens) + 1):
+            same_argmax_or_near_tie(out.logits[row], int(ref.logits[row].argmax()))
+    assert outs[1].hidden is None and outs[0].hidden.shape == (4, backend.hidden_size)
+    for seq, start, (tokens, _) in zip(seqs, starts, trees):
+        backend.keep(seq, start, [0])  # the root alone, as a target-only step would
+        assert backend.length(seq) == start + 1
+    for seq in seqs:
+        backend.release(seq)
+    assert len(backend.free_ids) == free  # the scratch ids of the tree went back too

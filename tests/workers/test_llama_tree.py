@@ -65,3 +65,35 @@ def _ancestors(rows: list[int], node: int) -> list[int]:
         node = rows[node]
         out.append(node)
     return out
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_several_requests_in_one_batch_see_only_their_own_rows_and_prefix(seed):
+    """verify_many's batch: each request's rows under its own ids (its sequence id and its
+    leaves' scratch ids, drawn from one pool), after its own committed prefix. The visibility
+    over all rows and prefix cells must be each request's tree mask, and nothing across."""
+    from dovetail.workers.llama import _tree_rows
+    rng = random.Random(seed)
+    free = list(range(1000))
+    rows, owner, prefix_cells = [], [], []  # prefix_cells: (sequence ids, position) of committed cells
+    trees = []
+    for req in range(rng.randrange(2, 6)):
+        row_parents = with_root(random_parents(rng, rng.randrange(0, 12)))
+        leaves = _leaves(row_parents)
+        leaf_ids = [free.pop(rng.randrange(len(free))) for _ in leaves]
+        start = rng.randrange(1, 8)
+        prefix_cells += [(set(leaf_ids), p) for p in range(start)]  # seq_cp copies the prefix to every leaf id
+        trees.append((len(rows), row_parents, start))
+        rows += _tree_rows(row_parents, leaves, leaf_ids, start)
+        owner += [req] * len(row_parents)
+    n = len(rows)
+    seen = [[rows[i][0][0] in rows[j][0] and rows[j][1] <= rows[i][1] for j in range(n)] for i in range(n)]
+    for a, row_parents, _ in trees:
+        k = len(row_parents)
+        block = [r[a:a + k] for r in seen[a:a + k]]
+        assert block == ancestor_mask(row_parents).tolist()
+    assert all(not seen[i][j] for i in range(n) for j in range(n) if owner[i] != owner[j])
+    for i in range(n):  # the committed cells a row sees: exactly its own request's prefix
+        start = trees[owner[i]][2]
+        visible = sum(rows[i][0][0] in ids and p <= rows[i][1] for ids, p in prefix_cells)
+        assert visible == start

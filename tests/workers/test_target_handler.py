@@ -235,3 +235,34 @@ def test_a_client_whose_session_ends_has_all_its_requests_closed_and_only_those(
     assert handler.drop_peer(b"gone") == 0
     res = handler.handle(VerifyRequest(1, 0, PROMPT[-1], [], []), b"stays")  # the other client goes on
     assert res.tokens == truth[:1]
+
+
+def test_a_batch_of_verifications_commits_what_each_would_alone(handler, backend, model_path, truth):
+    """verify_batch: requests at different steps, a chain, a tree, a wrong draft, target-only
+    and sampled, plus a stale one that must get its own error and change nothing."""
+    from dovetail.protocol import OpenRequest
+    alone = TargetHandler(backend, TargetConfig(bind="inproc://alone", model=str(model_path)))
+    wrong = (truth[0] + 1) % VOCAB
+    drafts = [([truth[0], truth[1], truth[2]], None), ([wrong, truth[0]], [-1, -1]), ([], None),
+              ([truth[0], wrong], None)]
+    opens = [OpenRequest(1, PROMPT), OpenRequest(2, PROMPT), OpenRequest(3, PROMPT[:5]),
+             OpenRequest(4, PROMPT, temperature=1.0, top_p=0.9, seed=3)]
+    for h in (handler, alone):
+        for m in opens:
+            h.handle(m, b"c")
+    items = [(b"c", VerifyRequest(m.req_id, 0, m.prompt[-1], tokens, parents or chain_parents(len(tokens))))
+             for m, (tokens, parents) in zip(opens, drafts)]
+    items.append((b"c", VerifyRequest(1, 5, PROMPT[-1], [], [])))  # a stale step
+    got = handler.verify_batch(items)
+    want = [alone.handle(m, p) for p, m in items[:-1]]
+    for g, w in zip(got, want):
+        assert (g.tokens, g.accepted, g.cache_len) == (w.tokens, w.accepted, w.cache_len)
+    assert isinstance(got[-1], RequestError) and got[-1].code == "stale_step"
+    assert got[0].tokens == truth[:4]  # the chain of three truths, all accepted, plus the next
+    for key in handler.sequences:  # and every request goes on in step with its twin
+        assert handler.sequences[key].step == alone.sequences[key].step == 1
+
+
+def test_batch_rows_is_checked(model_path):
+    with pytest.raises(ValueError, match="--batch-rows"):
+        TargetConfig(bind="inproc://t", model=str(model_path), batch_rows=0)
