@@ -129,23 +129,7 @@ class LlamaBackend(TargetBackend):
 
     def verify(self, seq: LlamaSeq, root: int, tokens: list[int], parents: list[int],
                hidden: bool = True) -> Forward:
-        row_parents = with_root(parents)
-        leaves = _leaves(row_parents)
-        scratch = self._take_ids(len(leaves) - 1)
-        leaf_ids = [seq.seq_id, *scratch]
-        for s in scratch:  # every leaf path shares the committed prefix
-            self.lib.llama_memory_seq_cp(self.mem, seq.seq_id, s, -1, -1)
-        rows = _tree_rows(row_parents, leaves, leaf_ids, seq.length)
-        seq.verify_leaves = (leaves, leaf_ids, row_parents)
-        try:
-            self._decode([root, *tokens], rows, logits=True, hidden=hidden)
-        except BaseException:
-            self._drop_scratch(seq, seq.length)
-            raise
-        n = len(rows)
-        logits = self._read(self.lib.llama_get_logits(self.ctx), n, self.vocab_size)
-        feats = self._read(self.lib.llama_get_embeddings(self.ctx), n, self.hidden_size) if hidden else None
-        return Forward(logits=logits, hidden=feats)
+        return self.verify_many([seq], [root], [(tokens, parents)], [hidden])[0]
 
     def verify_many(self, seqs: list[LlamaSeq], roots: list[int], trees: list[tuple[list[int], list[int]]],
                     hidden: list[bool]) -> list[Forward]:

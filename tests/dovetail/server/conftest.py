@@ -91,6 +91,14 @@ class Server:
         import psutil
         return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
 
+    def worker(self, role: str):
+        """The psutil.Process of this server's one ``role`` worker."""
+        import psutil
+        found = [p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                 if f"dovetail.workers.{role}" in " ".join(p.cmdline())]
+        assert len(found) == 1, found
+        return found[0]
+
     def tail(self, n: int = 4000) -> str:
         self.log.flush()
         return self.log_path.read_text(errors="replace")[-n:]

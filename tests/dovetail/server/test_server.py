@@ -213,16 +213,21 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def start_streams(server, n: int, out: dict, hang_up=lambda i: False) -> list[threading.Thread]:
+    """n greedy streaming clients, client i on PROMPTS[i % len(PROMPTS)], its text into out[i];
+    those with hang_up(i) leave after 3 events."""
+    threads = []
+    for i in range(n):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "temperature": 0, "max_tokens": N, "stream": True}
+        threads.append(threading.Thread(target=read_stream, args=(server, body, 3 if hang_up(i) else None, out, i)))
+        threads[-1].start()
+    return threads
+
+
 def test_64_concurrent_streams_10_percent_hanging_up(server, reference):
     out: dict = {}
-    threads = []
-    for i in range(64):
-        prompt = PROMPTS[i % len(PROMPTS)]
-        body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                "max_tokens": N, "stream": True}
-        t = threading.Thread(target=read_stream, args=(server, body, 3 if i % 10 == 5 else None, out, i))
-        threads.append(t)
-        t.start()
+    threads = start_streams(server, 64, out, hang_up=lambda i: i % 10 == 5)
     for t in threads:
         t.join(300)
     assert len(out) == 64, f"{64 - len(out)} clients did not finish"
@@ -277,23 +282,14 @@ def test_a_draft_killed_under_load_leaves_every_request_complete_and_exact(serve
     import os
     import signal
 
-    import psutil
     before = metric(server.request("GET", "/metrics")[2].decode(), "dovetail:draft_fallbacks_total")
-    draft = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-             if "dovetail.workers.draft" in " ".join(p.cmdline())]
-    assert len(draft) == 1
+    draft = server.worker("draft")
     out: dict = {}
-    threads = []
-    for i in range(16):
-        prompt = PROMPTS[i % len(PROMPTS)]
-        body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                "max_tokens": N, "stream": True}
-        threads.append(threading.Thread(target=read_stream, args=(server, body, None, out, i)))
-        threads[-1].start()
+    threads = start_streams(server, 16, out)
     deadline = time.monotonic() + 60
     while not out and time.monotonic() < deadline:  # under load: the first request has finished
         time.sleep(0.01)
-    os.kill(draft[0].pid, signal.SIGKILL)
+    os.kill(draft.pid, signal.SIGKILL)
     for t in threads:
         t.join(300)
     assert [out.get(i) for i in range(16)] == [reference["prompts"][PROMPTS[i % len(PROMPTS)]] for i in range(16)]

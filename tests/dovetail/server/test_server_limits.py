@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 
 from dovetail.cli import main
@@ -93,11 +92,9 @@ def test_listening_off_loopback_needs_a_key(capsys):
 
 
 def test_a_dead_target_is_a_500_for_requests_and_a_503_for_health(tight):
-    target = [p for p in psutil.Process(tight.proc.pid).children(recursive=True)
-              if "dovetail.workers.target" in " ".join(p.cmdline())]
-    assert len(target) == 1
-    os.kill(target[0].pid, signal.SIGKILL)
-    target[0].wait(10)
+    target = tight.worker("target")
+    os.kill(target.pid, signal.SIGKILL)
+    target.wait(10)
     status, _, body = tight.request("POST", "/v1/chat/completions", {**LONG, "max_tokens": 3})
     err = json.loads(body)["error"]
     assert status == 500 and err["type"] == "server_error" and "SIGKILL" in err["message"], body
