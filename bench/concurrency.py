@@ -6,8 +6,8 @@ verification does. Runs the same requests (tiny random float32 models, greedy, a
 draft) at each --active setting and prints tokens/s and how busy each worker was.
 
 A real GGUF (--model qwen2.5-coder-1.5b-instruct): the llama.cpp backend on --cpus, ShareGPT
-chat prompts, waves of N requests submitted at once for each --concurrency N: aggregate
-tokens/s and mean per-request latency for target-only and Dovetail (--draft, on the CPU),
+chat prompts, the same requests at every level in waves of N submitted at once for each
+--concurrency N (so x1 is them one at a time): aggregate tokens/s and mean per-request latency for target-only and Dovetail (--draft, on the CPU),
 against llama.cpp's own batched decoding of N sequences (llama-cpp-python's low-level API,
 one sequence id per request, the same threads), systems taking turns level by level.
 """
@@ -37,9 +37,10 @@ def run(target, draft, active: int, prompts: list[list[int]], max_new: int) -> d
             "target_busy": sum(r.stats.verify_s + r.stats.prefill_s for r in results) / wall}
 
 
-def llama_batched(llm_ctx, lib, prompts: list[list[int]], max_new: int) -> dict:
+def llama_batched(llm_ctx, lib, prompts: list[list[int]], max_new: int, stop_ids) -> dict:
     """llama.cpp decoding len(prompts) sequences side by side: each prompt prefilled under its
-    own sequence id, then one decode of one row per sequence per step, greedy."""
+    own sequence id, then one decode of one row per unfinished sequence per step, greedy. A
+    sequence ends at a stop token, as our requests do: both systems do the same work."""
     import numpy as np
     ctx, vocab, batch = llm_ctx
     mem = lib.llama_get_memory(ctx)
@@ -54,23 +55,26 @@ def llama_batched(llm_ctx, lib, prompts: list[list[int]], max_new: int) -> dict:
         if lib.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
 
-    nxt = []
+    nxt, done_s = [], {}
     for sid, p in enumerate(prompts):
         for a in range(0, len(p), 512):  # n_batch rows per decode
             decode([(t, i, sid, i == len(p) - 1) for i, t in enumerate(p) if a <= i < a + 512])
         logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(vocab,))
         nxt.append(int(logits.argmax()))
-    pos = [len(p) for p in prompts]
-    tokens = len(prompts)
-    for _ in range(max_new - 1):
-        decode([(t, pos[s], s, True) for s, t in enumerate(nxt)])
-        for s in range(len(prompts)):
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, s), shape=(vocab,))
+    pos, made = [len(p) for p in prompts], [1] * len(prompts)
+    live = [s for s in range(len(prompts)) if nxt[s] not in stop_ids and max_new > 1]
+    done_s.update({s: time.perf_counter() - t0 for s in range(len(prompts)) if s not in live})
+    while live:
+        decode([(nxt[s], pos[s], s, True) for s in live])
+        for i, s in enumerate(live):
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i), shape=(vocab,))
             nxt[s] = int(logits.argmax())
             pos[s] += 1
-        tokens += len(prompts)
+            made[s] += 1
+        live = [s for s in live if nxt[s] not in stop_ids and made[s] < max_new]
+        done_s.update({s: time.perf_counter() - t0 for s in range(len(prompts)) if s not in live and s not in done_s})
     wall = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": wall, "latency_s": wall}
+    return {"tokens": sum(made), "seconds": wall, "latency_s": sum(done_s.values()) / len(prompts)}
 
 
 def ours_wave(coord, prompts: list[list[int]], max_new: int) -> dict:
@@ -92,11 +96,12 @@ def real_main(args) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     cpus = parse_cpus(args.cpus) or sorted(os.sched_getaffinity(0))
     gguf = resolve_model(args.model)
+    stops = {"stop_token_ids": []} if args.ignore_eos else {}
     systems = {"target-only": dovetail.launch(gguf, None, backend="llama.cpp", target_cpus=cpus,
-                                              max_active=max(levels))}
+                                              max_active=max(levels), **stops)}
     if args.draft != "none":
         systems["dovetail"] = dovetail.launch(gguf, args.draft, backend="llama.cpp", target_cpus=cpus,
-                                              draft_device="cpu", force_draft=True, max_active=max(levels))
+                                              draft_device="cpu", force_draft=True, max_active=max(levels), **stops)
     lib = llama_cpp.llama_cpp
     lib.llama_backend_init()
     mparams = lib.llama_model_default_params()
@@ -110,15 +115,17 @@ def real_main(args) -> int:
     vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
     try:
         coord = next(iter(systems.values()))
+        # Every level runs the same requests, in waves of its size: x1 is them one at a time.
         chats = load_sharegpt_chats(limit=max(levels) * args.waves)
         prompts = [coord.encode_prompt(c) for c in chats]
+        stop_ids = set(coord.config.stop_token_ids or ())  # empty with --ignore-eos
         rows = []
         for c in levels:
             for name in [*systems, "llama.cpp batched"]:
                 runs = []
-                for w in range(args.waves):
-                    wave = prompts[w * c:(w + 1) * c]
-                    runs.append(llama_batched((ctx, vocab, batch), lib, wave, args.max_new_tokens)
+                for w in range(0, len(prompts), c):
+                    wave = prompts[w:w + c]
+                    runs.append(llama_batched((ctx, vocab, batch), lib, wave, args.max_new_tokens, stop_ids)
                                 if name == "llama.cpp batched" else ours_wave(systems[name], wave, args.max_new_tokens))
                 tokens, seconds = sum(r["tokens"] for r in runs), sum(r["seconds"] for r in runs)
                 rows.append({"system": name, "concurrency": c, "tokens": tokens, "seconds": seconds,
@@ -131,14 +138,16 @@ def real_main(args) -> int:
         lib.llama_batch_free(batch)
         lib.llama_free(ctx)
         lib.llama_model_free(model)
-    print(f"{cpu_model()}, {len(cpus)} CPUs, {gguf.name}, {args.max_new_tokens} tokens per request, "
-          f"{args.waves} wave(s) per level\n")
+    print(f"{cpu_model()}, {len(cpus)} CPUs, {gguf.name}, {args.max_new_tokens} tokens per request"
+          f"{' (end-of-text ignored)' if args.ignore_eos else ' at most'}, "
+          f"the same {len(prompts)} requests at every level\n")
     print("| system | concurrent | tokens | seconds | tok/s | mean latency |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['system']} | {r['concurrency']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | "
               f"{r['latency_s']:.2f} s |")
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": cpu_model(), "cpus": len(cpus), "model": gguf.name,
+                                              "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
                                               "rows": rows}, indent=1))
     return 0
 
@@ -149,7 +158,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a GGUF (file or registry name): the real-model measurement")
     p.add_argument("--draft", default="auto", help="with --model: Dovetail's draft, or none (default: auto)")
     p.add_argument("--concurrency", default="1,2,4,8", help="with --model: requests submitted at once")
-    p.add_argument("--waves", type=int, default=1, help="with --model: waves of requests per level")
+    p.add_argument("--waves", type=int, default=1, help="with --model: the requests are max(--concurrency) x this, run "
+                   "in waves of each level's size")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="with --model: every request makes --max-new-tokens tokens (decoding, not prompts, dominates)")
     p.add_argument("--cpus", default=None, help="with --model: CPUs for every system (default: all)")
     p.add_argument("--out", default=None, help="with --model: write the rows as JSON here")
     p.add_argument("--active", default="1,4", help="comma list of max_active settings to compare")

@@ -29,7 +29,7 @@ import logging
 import sys
 
 from dovetail.models.options import (
-    DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, MIN_LLAMA_CTX,
+    DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, MIN_LLAMA_CTX,
 )
 from dovetail.runtime.config import DEFAULT_DRAFT_LM
 
@@ -89,6 +89,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="llama.cpp's extra (repacked / AMX) weight buffers for the workers on llama.cpp: auto "
                         "(default) keeps them unless a test decode with them, run once per machine in a child "
                         "process and cached, crashed (as AMX buffers do on some Intel Xeons); on / off force them")
+    m.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="ROWS",
+                   help="the target verifies the requests waiting for it in one forward, up to this many rows "
+                        "in all, or fewer where its measured cost per row stops falling; 1 verifies them one by "
+                        f"one (default: {DEFAULT_BATCH_ROWS})")
     m.add_argument("--llama-ctx", type=int, default=DEFAULT_LLAMA_CTX, metavar="TOKENS",
                    help="context of a llama.cpp target, shared by all its open requests; one request's prompt "
                         f"and output must fit (default: {DEFAULT_LLAMA_CTX}, at least {MIN_LLAMA_CTX})")
@@ -226,7 +230,7 @@ def start_coordinator(args, **options):
                            target_cpus=args.target_cpus, draft_device=draft_device, dtype=args.dtype,
                            backend=args.backend, draft_backend=args.draft_backend,
                            target_quantize=args.target_quantize, draft_quantize=args.draft_quantize,
-                           llama_extra_buffers=args.llama_extra_buffers, llama_ctx=args.llama_ctx, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
+                           llama_extra_buffers=args.llama_extra_buffers, llama_ctx=args.llama_ctx, batch_rows=args.batch_rows, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                            auto_tree=args.auto_tree, gate=args.gate, force_draft=args.force_draft,
                            overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,
                            heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness,
@@ -253,7 +257,7 @@ def serve_target(args) -> int:
         return 1
     from dovetail.workers import target as target_worker
     argv = ["--bind", args.listen, "--model", str(model), "--dtype", args.dtype, "--backend", backend,
-            "--quantize", args.target_quantize,
+            "--quantize", args.target_quantize, "--batch-rows", str(args.batch_rows),
             *(["--llama-extra-buffers", args.llama_extra_buffers, "--ctx", str(args.llama_ctx)]
               if backend == "llama.cpp" else []),
             "--sessions", "--heartbeat-timeout", str(window), "--log-level", "info" if args.log_level == "warning" else args.log_level,

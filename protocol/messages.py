@@ -27,7 +27,7 @@ from typing import ClassVar
 
 __all__ = [
     "PROTOCOL_TAG", "PROTOCOL_VERSION", "HEADER",
-    "MAX_FRAME_BYTES", "MAX_TOKENS", "MAX_TREE_NODES", "MAX_STRING", "MAX_FEATURE_DIMS",
+    "MAX_FRAME_BYTES", "MAX_TOKENS", "MAX_TREE_NODES", "MAX_STRING", "MAX_FEATURE_DIMS", "MAX_BATCH_SHAPES",
     "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES", "HEARTBEAT_ID_PREFIX", "SESSION_ID_PREFIX",
     "Feature", "Handshake", "OpenRequest", "Opened", "DraftRequest", "DraftProposal",
     "VerifyRequest", "VerifyResult", "Close", "Closed", "Heartbeat", "Error", "Shutdown",
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 PROTOCOL_TAG = b"DVTL"
-PROTOCOL_VERSION = 3  # 2: Handshake.max_context; 3: Handshake.open_requests
+PROTOCOL_VERSION = 4  # 2: Handshake.max_context; 3: Handshake.open_requests; 4: Handshake.batch_verify_us
 # tag (4 bytes), protocol version (uint16), message type code (uint8); big-endian.
 HEADER = struct.Struct(">4sHB")
 
@@ -43,6 +43,7 @@ HEADER = struct.Struct(">4sHB")
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # default cap for one frame
 MAX_TOKENS = 1 << 20                # longest token-id list (prompt, new_tokens, ...)
 MAX_TREE_NODES = 1024               # most draft nodes in one tree
+MAX_BATCH_SHAPES = 64               # most batch shapes a target's handshake reports the cost of
 MAX_STRING = 4096                   # longest str field, in characters
 MAX_FEATURE_DIMS = 4                # most dimensions of a Feature's shape
 
@@ -101,6 +102,9 @@ class Handshake:
     max_context: int = 0
     # Workers: requests open on this worker now, from every client (what /metrics reports).
     open_requests: int = 0
+    # Target only: measured time of one forward verifying several requests at once, as flat
+    # triples (requests, rows per request, microseconds); empty when not measured.
+    batch_verify_us: list[int] = field(default_factory=list)
 
 
 

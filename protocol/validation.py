@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 
 from .errors import InvalidField
 from .messages import (
-    FEATURE_CODECS, FEATURE_DTYPES, MAX_FEATURE_DIMS, MAX_STRING, MAX_TOKENS, MAX_TREE_NODES,
+    FEATURE_CODECS, FEATURE_DTYPES, MAX_BATCH_SHAPES, MAX_FEATURE_DIMS, MAX_STRING, MAX_TOKENS, MAX_TREE_NODES,
     MESSAGE_TYPES, ROLES, DraftProposal, DraftRequest, Error, Feature, Handshake, OpenRequest,
     VerifyRequest, VerifyResult,
 )
@@ -168,6 +168,11 @@ def validate(msg, *, vocab_size: int | None = None) -> None:
         if len(msg.verify_us) > MAX_TREE_NODES + 1 or any(t < 0 for t in msg.verify_us):
             raise InvalidField(where, "verify_us", f"must hold at most {MAX_TREE_NODES + 1} "
                                "non-negative microsecond figures")
+        b = msg.batch_verify_us
+        if len(b) % 3 or len(b) > 3 * MAX_BATCH_SHAPES or any(t < 0 for t in b) or any(
+                n < 1 for n in b[0::3] + b[1::3]):
+            raise InvalidField(where, "batch_verify_us", f"must be at most {MAX_BATCH_SHAPES} triples (requests >= 1, "
+                               "rows per request >= 1, microseconds >= 0)")
         return
     if isinstance(msg, Error):
         _at_least(msg, where, -1, "req_id")  # -1: not about one request

@@ -124,6 +124,23 @@ class HFBackend(TargetBackend):
         rows = None if is_chain(parents) else with_root(parents)
         return self.lm.forward(seq, [root, *tokens], rows)
 
+    def verify_many(self, seqs: list, roots: list[int], trees: list[tuple[list[int], list[int]]],
+                    hidden: list[bool]) -> list[Forward]:
+        """One padded forward for all (CausalLM.forward_batch); one by one for a sliding-window
+        model and while some sequence holds nothing yet (an empty cache has no layers to pad)."""
+        if len(seqs) < 2 or self.lm.window is not None or any(self.length(s) == 0 for s in seqs):
+            return super().verify_many(seqs, roots, trees, hidden)
+        if len({id(s) for s in seqs}) != len(seqs):
+            raise ValueError("verify_many takes distinct sequences")
+        starts = [self.length(s) for s in seqs]
+        try:
+            return self.lm.forward_batch(seqs, [([root, *tokens], with_root(parents))
+                                                for root, (tokens, parents) in zip(roots, trees)])
+        except BaseException:
+            for seq, start in zip(seqs, starts):
+                self.rollback(seq, start)
+            raise
+
     def keep(self, seq, start: int, rows: list[int]) -> None:
         self.lm.keep_rows(seq, start, rows)
 

@@ -26,6 +26,10 @@ OTHERS_MAX_CORES = 0.25  # a pass is quiet when other processes kept at most thi
 MIN_JUDGED_S = 0.5       # shorter passes are not judged: /proc/stat counts CPU time in 10 ms ticks
 NOISY_SPREAD = 1.3       # k = 1 this much slower in one quiet pass than in another: not cached
 CACHE_MIN_BYTES = 50 << 20  # smaller (test) models are cheaper to measure than to cache
+BATCH_REQUESTS = (2, 4, 8)  # batch shapes measured: this many requests ...
+BATCH_ROWS = (1, 2, 4)      # ... each verifying a chain of this many rows, in one forward
+BATCH_CONTEXT = 32          # tokens of context per request while measuring them (each is prefilled)
+BOUND_SLACK = 0.1           # the row bound: the fewest rows costing at most this much more per row than the best
 
 
 class OtherLoad:
@@ -106,8 +110,59 @@ def measure_verify_us(backend, vocab_size: int, ks: int | None = None, context: 
         backend.release(seq)
 
 
-def cache_key(model: str, backend: str, dtype: str, threads: int) -> str | None:
-    """Same file, backend, dtype, threads and CPU model -> same curve; None: do not cache."""
+def measure_batch_us(backend, vocab_size: int, max_rows: int, repeats: int | None = None) -> list[int]:
+    """Microseconds of one verify_many() of n requests with r-row chains each, for the
+    BATCH_REQUESTS x BATCH_ROWS shapes within ``max_rows`` rows and the sequences the backend
+    holds, as flat triples (n, r, us): the fastest of ``repeats`` passes over all shapes.
+    What the tree sizer prices a draft token at while other requests share the forward."""
+    import torch
+    repeats = repeats or CALIBRATE_REPEATS
+    gen = torch.Generator().manual_seed(1)
+    seqs = []
+    try:
+        for _ in range(max(BATCH_REQUESTS)):
+            try:
+                seqs.append(backend.new_sequence())
+            except RuntimeError:  # the backend holds fewer sequences: measure what fits
+                break
+        ids = [torch.randint(0, vocab_size, (BATCH_CONTEXT + max(BATCH_ROWS),), generator=gen).tolist()
+               for _ in seqs]
+        for seq, row in zip(seqs, ids):
+            backend.prefill(seq, row[:BATCH_CONTEXT], hidden=False)
+        shapes = [(n, r) for n in BATCH_REQUESTS for r in BATCH_ROWS if n <= len(seqs) and n * r <= max_rows]
+        best: dict[tuple[int, int], float] = {}
+        for _ in range(repeats):
+            for n, r in shapes:
+                trees = [(row[BATCH_CONTEXT + 1:BATCH_CONTEXT + r], list(range(-1, r - 2))) for row in ids[:n]]
+                t0 = time.perf_counter()
+                backend.verify_many(seqs[:n], [row[BATCH_CONTEXT] for row in ids[:n]], trees, [False] * n)
+                took = time.perf_counter() - t0
+                for seq in seqs[:n]:
+                    backend.rollback(seq, BATCH_CONTEXT)
+                best[n, r] = min(took, best.get((n, r), took))
+        return [x for (n, r) in shapes for x in (n, r, int(1e6 * best[n, r]))]
+    finally:
+        for seq in seqs:
+            backend.release(seq)
+
+
+def batch_row_bound(verify_us: list[int], batch_us: list[int], cap: int) -> int:
+    """The most rows one forward gathers from several requests: the fewest measured rows
+    whose cost per row is within BOUND_SLACK of the best measured (a bigger batch adds latency
+    to every request in it and saves little; CPU kernels are not monotonic in the rows, so
+    the best, not the first dip, decides), at most ``cap``. Without batch costs, ``cap``."""
+    if not batch_us or not verify_us:
+        return cap
+    per_row: dict[int, float] = {1: verify_us[0]}
+    for n, r, us in zip(batch_us[0::3], batch_us[1::3], batch_us[2::3]):
+        per_row[n * r] = min(us / (n * r), per_row.get(n * r, float("inf")))
+    best = min(per_row.values())
+    bound = min(rows for rows, cost in per_row.items() if cost <= (1 + BOUND_SLACK) * best)
+    return max(1, min(cap, bound))
+
+
+def cache_key(model: str, backend: str, dtype: str, threads: int, max_rows: int) -> str | None:
+    """Same file, backend, dtype, threads, row bound and CPU model -> same curves; None: do not cache."""
     path = Path(model)
     size = path.stat().st_size if path.is_file() else sum(
         p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else 0
@@ -116,7 +171,8 @@ def cache_key(model: str, backend: str, dtype: str, threads: int) -> str | None:
     from dovetail.system.cpus import cpu_model
     mtime = int(path.stat().st_mtime)
     raw = json.dumps([str(path.resolve()), size, mtime, backend, dtype, threads, cpu_model(),
-                      CALIBRATE_KS, CALIBRATE_CONTEXT, os.environ.get("OMP_WAIT_POLICY", "")])
+                      CALIBRATE_KS, CALIBRATE_CONTEXT, BATCH_REQUESTS, BATCH_ROWS, BATCH_CONTEXT, max_rows,
+                      os.environ.get("OMP_WAIT_POLICY", "")])
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
@@ -125,12 +181,16 @@ def cache_dir() -> Path:
     return default_cache_dir() / "verify_cost"
 
 
-def load_or_measure(backend, model: str, backend_name: str, dtype: str, threads: int) -> list[int]:
-    key = cache_key(model, backend_name, dtype, threads)
+def load_or_measure(backend, model: str, backend_name: str, dtype: str, threads: int,
+                    max_rows: int = 1) -> tuple[list[int], list[int]]:
+    """The verify-cost curve (measure_verify_us) and, when forwards may hold several requests
+    (``max_rows`` > 1), the batch costs (measure_batch_us): cached, or measured now."""
+    key = cache_key(model, backend_name, dtype, threads, max_rows)
     path = cache_dir() / f"{key}.json" if key else None
     if path is not None and path.exists():
         try:
-            return [int(t) for t in json.loads(path.read_text())["verify_us"]]
+            cached = json.loads(path.read_text())
+            return [int(t) for t in cached["verify_us"]], [int(t) for t in cached.get("batch_verify_us", [])]
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable verify-cost cache %s", path)
     t0, passes = time.perf_counter(), []
@@ -138,6 +198,12 @@ def load_or_measure(backend, model: str, backend_name: str, dtype: str, threads:
     quiet = [p for p in passes if p.quiet]
     log.info("verify cost for k=1..%d measured in %.1f s (%d of %d passes quiet): %s ms", len(curve),
              time.perf_counter() - t0, len(quiet), len(passes), " ".join(f"{t / 1000:.0f}" for t in curve))
+    batch = []
+    if max_rows > 1:
+        t0 = time.perf_counter()
+        batch = measure_batch_us(backend, backend.identity.vocab_size, max_rows)
+        log.info("batched verify cost (requests x rows: ms) measured in %.1f s: %s", time.perf_counter() - t0,
+                 ", ".join(f"{n}x{r}: {us / 1000:.0f}" for n, r, us in zip(batch[0::3], batch[1::3], batch[2::3])))
     firsts = [p.seconds[0] for p in quiet]
     if path is not None and len(quiet) < CALIBRATE_REPEATS:
         log.warning("other processes kept up to %.1f cores busy while measuring: not caching the verify-cost "
@@ -151,6 +217,6 @@ def load_or_measure(backend, model: str, backend_name: str, dtype: str, threads:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"model": model, "backend": backend_name, "dtype": dtype,
-                                   "threads": threads, "verify_us": curve}))
+                                   "threads": threads, "verify_us": curve, "batch_verify_us": batch}))
         tmp.replace(path)
-    return curve
+    return curve, batch

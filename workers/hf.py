@@ -108,6 +108,61 @@ class CausalLM:
         hidden, self._hidden = self._hidden[0], None
         return Forward(logits=logits, hidden=hidden)
 
+    @torch.inference_mode()
+    def forward_batch(self, caches: list, trees: list[tuple[list[int], list[int]]]) -> list[Forward]:
+        """Several sequences' trees in ONE forward (``trees``: each one's tokens and row parents,
+        rows in draft order), every row with its logits; each cache gains its own rows.
+
+        Padded layout: the caches are copied side by side into one batch cache, each left-
+        aligned and padded to the longest; each tree's rows follow at the same offset,
+        padded to the biggest tree. A row sees its own cache's columns and its ancestors
+        only. Keys are stored already rotated (RoPE), so where a column sits in the batch
+        does not matter, only its mask. Copying the caches costs a read of every cached key
+        and value per forward; on a CPU the forward itself reads every weight, far more at
+        the contexts a verification has. Not for sliding-window models (their masks follow
+        cached positions): the caller verifies those one by one.
+        """
+        from transformers import DynamicCache
+        if self.window is not None:
+            raise ValueError("forward_batch does not take sliding-window models")
+        starts = [c.get_seq_length() for c in caches]
+        width, n_rows = max(starts), max(len(t) for t, _ in trees)
+        batch = len(caches)
+        ids = torch.zeros(batch, n_rows, dtype=torch.long)
+        positions = torch.zeros(batch, n_rows, dtype=torch.long)
+        allowed = torch.zeros(batch, n_rows, width + n_rows, dtype=torch.bool)
+        for b, ((tokens, parents), start) in enumerate(zip(trees, starts)):
+            n = len(tokens)
+            ids[b, :n] = torch.tensor(tokens)
+            positions[b, :n] = torch.tensor(row_positions(parents, start))
+            positions[b, n:] = start + n  # padding rows: any position, their outputs are dropped
+            allowed[b, :n, :start] = True
+            allowed[b, :n, width:width + n] = ancestor_mask(parents)
+            allowed[b, n:, width + n:] = torch.eye(n_rows - n, dtype=torch.bool)  # a pad row sees itself
+        joined = DynamicCache(config=self.config)
+        layers = [layer for layer in caches[0].layers]
+        for i in range(len(layers)):
+            keys = [c.layers[i].keys for c in caches]
+            values = [c.layers[i].values for c in caches]
+            joined.update(_pad_stack(keys, width), _pad_stack(values, width), i)
+        kwargs = {self._cache_kw: joined, "use_cache": True, "position_ids": positions.to(self.device),
+                  "attention_mask": self._additive_batch(allowed)}
+        logits = self.model(input_ids=ids.to(self.device), logits_to_keep=0, **kwargs).logits.float()
+        hidden, self._hidden = self._hidden, None
+        for b, ((tokens, _), cache) in enumerate(zip(trees, caches)):
+            n = len(tokens)
+            for i, layer in enumerate(cache.layers):
+                done = joined.layers[i]
+                layer.keys = torch.cat([layer.keys, done.keys[b:b + 1, :, width:width + n]], dim=2)
+                layer.values = torch.cat([layer.values, done.values[b:b + 1, :, width:width + n]], dim=2)
+        return [Forward(logits=logits[b, :len(t)], hidden=hidden[b, :len(t)]) for b, (t, _) in enumerate(trees)]
+
+    def _additive_batch(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[batch, 1, n, kv] additive float mask from a boolean [batch, n, kv] one."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[:, None].to(self.device)
+
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         """Additive float mask [1, 1, n, kv]: works for both the sdpa and eager attention kernels."""
         mask = torch.zeros(allowed.shape, dtype=self.dtype)
@@ -164,6 +219,15 @@ class CausalLM:
             keep = torch.cat([torch.arange(start), index]).to(layer.keys.device)
             layer.keys = layer.keys.index_select(2, keep)
             layer.values = layer.values.index_select(2, keep)
+
+
+def _pad_stack(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """[1, heads, len_i, dim] tensors stacked to [n, heads, width, dim], zero-padded on the right."""
+    first = tensors[0]
+    out = first.new_zeros(len(tensors), first.shape[1], width, first.shape[3])
+    for b, t in enumerate(tensors):
+        out[b, :, :t.shape[2]] = t[0]
+    return out
 
 
 def sliding_window(config) -> int | None:

@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 
 from dovetail.models.options import (
-    BACKENDS, DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, check_llama_ctx,
+    BACKENDS, DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, QUANTIZE_CHOICES, check_batch_rows,
+    check_llama_ctx,
     check_llama_extra_buffers,
 )
 from dovetail.system.cpus import describe_memory, format_cpus, memory_nodes, numa_nodes, pin_process
@@ -34,7 +35,6 @@ from dovetail.workers.serve import (
 
 log = logging.getLogger("dovetail.target")
 
-MAX_BATCH_ROWS = 512  # llama.cpp's n_batch (workers/llama.py MAX_BATCH)
 
 
 
@@ -65,8 +65,7 @@ class TargetConfig(WorkerConfig):
         check_llama_extra_buffers(self.llama_extra_buffers, "--llama-extra-buffers")
         if self.max_requests < 1:
             raise ValueError("max_requests must be at least 1")
-        if not 1 <= self.batch_rows <= MAX_BATCH_ROWS:
-            raise ValueError(f"--batch-rows must be in [1, {MAX_BATCH_ROWS}], got {self.batch_rows}")
+        check_batch_rows(self.batch_rows, "--batch-rows")
 
 
 @dataclass
@@ -92,6 +91,8 @@ class TargetHandler:
     role: str = "target"
     sequences: dict[tuple[bytes, int], Sequence] = field(default_factory=dict)
     verify_us: list[int] = field(default_factory=list)  # cost of verifying k = 1, 2, ... tokens
+    batch_verify_us: list[int] = field(default_factory=list)  # (requests, rows each, us) triples
+    batch_bound: int | None = None  # rows one forward gathers, from the measured costs (None: --batch-rows)
 
     @property
     def vocab_size(self) -> int:
@@ -99,7 +100,7 @@ class TargetHandler:
 
     @property
     def max_batch_rows(self) -> int:
-        return self.config.batch_rows
+        return self.config.batch_rows if self.batch_bound is None else self.batch_bound
 
     def handshake(self) -> Handshake:
         ident = self.backend.identity
@@ -107,6 +108,7 @@ class TargetHandler:
                          hidden_size=ident.hidden_size, dtype=ident.dtype,
                          feature_codec=self.config.feature_codec, model=ident.model,
                          device=ident.device, pid=os.getpid(), verify_us=list(self.verify_us),
+                         batch_verify_us=list(self.batch_verify_us),
                          max_context=self.backend.max_context, open_requests=len(self.sequences))
 
     def handle(self, msg, peer: bytes = b""):
@@ -293,8 +295,14 @@ def main(argv=None) -> None:
     handler = TargetHandler(backend, cfg)
 
     def calibrate() -> None:  # on the compute thread, where every later forward runs (serve())
-        from dovetail.workers.calibrate import load_or_measure
-        handler.verify_us = load_or_measure(backend, cfg.model, cfg.backend, backend.identity.dtype, len(pinned))
+        from dovetail.workers.calibrate import BOUND_SLACK, batch_row_bound, load_or_measure
+        handler.verify_us, handler.batch_verify_us = load_or_measure(
+            backend, cfg.model, cfg.backend, backend.identity.dtype, len(pinned), cfg.batch_rows)
+        handler.batch_bound = batch_row_bound(handler.verify_us, handler.batch_verify_us, cfg.batch_rows)
+        if cfg.batch_rows > 1:
+            log.info("verifications of several requests share a forward up to %d rows (--batch-rows %d; the "
+                     "measured cost per row is within %.0f%% of its best there)", handler.batch_bound, cfg.batch_rows,
+                     100 * BOUND_SLACK)
 
     serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys, heartbeat_timeout=cfg.heartbeat_timeout,
           parent_death_signal=cfg.parent_death_signal, warmup=calibrate if cfg.calibrate else None,

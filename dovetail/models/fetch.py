@@ -509,7 +509,9 @@ def resolve_model(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """An existing path (file or directory) as is; a registry name or ModelSpec fetched."""
+    """An existing path (file or directory) as is; a registry name or ModelSpec fetched; a
+    Hugging Face Hub id (org/repo, org/repo:QUANT, org/repo:FILE.gguf) from the Hugging Face
+    cache or the Hub (dovetail/models/hub.py)."""
     if isinstance(spec, ModelSpec):
         return fetch_model(spec, cache_dir, progress)
     path = Path(spec).expanduser()
@@ -517,9 +519,13 @@ def resolve_model(
         return path
     if str(spec) in MODELS:
         return fetch_model(str(spec), cache_dir, progress)
+    from dovetail.models.hub import parse_hub_id, resolve_hub
+    ref = parse_hub_id(str(spec))
+    if ref is not None:
+        return resolve_hub(ref, progress)
     raise ModelNotFound(
-        f"{str(spec)!r} is neither an existing path nor a known model; "
-        f"known models: {', '.join(sorted(MODELS))}"
+        f"{str(spec)!r} is not an existing path, a known model or a Hugging Face Hub id (org/repo, "
+        f"org/repo:QUANT); known models: {', '.join(sorted(MODELS))}"
     )
 
 
@@ -527,19 +533,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dovetail.models.fetch", description="Fetch models into the dovetail cache and print their paths."
     )
-    parser.add_argument("names", nargs="+", metavar="NAME", help=f"one of: {', '.join(sorted(MODELS))}")
+    parser.add_argument("names", nargs="+", metavar="NAME",
+                        help=f"a registry name ({', '.join(sorted(MODELS))}) or a Hugging Face Hub id "
+                             "(org/repo, org/repo:QUANT, org/repo:FILE.gguf)")
     parser.add_argument(
-        "--cache-dir", default=None, help=f"cache directory (default ${CACHE_ENV} or ~/.cache/dovetail)"
+        "--cache-dir", default=None,
+        help=f"cache directory of registry models (default ${CACHE_ENV} or ~/.cache/dovetail); Hub models go to "
+             "the Hugging Face cache"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    from dovetail.models.hub import parse_hub_id
     for name in args.names:
-        if name not in MODELS:
-            parser.error(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+        if name not in MODELS and parse_hub_id(name) is None:
+            parser.error(f"unknown model {name!r}: not a Hub id (org/repo), and known models are "
+                         f"{', '.join(sorted(MODELS))}")
     try:
         for name in args.names:
-            print(fetch_model(name, args.cache_dir, progress=not args.quiet))
-    except FetchError as err:
+            print(fetch_model(name, args.cache_dir, progress=not args.quiet) if name in MODELS
+                  else resolve_model(name, progress=not args.quiet))
+    except (FetchError, ModelNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -44,3 +44,10 @@ def llama_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 DEFAULT_BATCH_ROWS = 64  # rows of several requests' verifications the target runs in one forward
+MAX_BATCH_ROWS = 512     # llama.cpp's n_batch (workers/llama.py MAX_BATCH)
+
+
+def check_batch_rows(value, name: str = "batch_rows") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BATCH_ROWS:
+        raise ValueError(f"{name} must be an int in [1, {MAX_BATCH_ROWS}], got {value!r}")
+    return value

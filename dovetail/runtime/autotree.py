@@ -35,10 +35,21 @@ MAX_GATE = 0.9        # a gate never asks for more certainty than this
 
 
 class TreeSizer:
-    def __init__(self, verify_us: list[int], max_depth: int, top_k: int, max_nodes: int, overlap: bool):
+    """``batch_us``: the target's batched costs, flat (requests, rows each, us) triples
+    (Handshake.batch_verify_us); without them several requests are priced as one."""
+
+    def __init__(self, verify_us: list[int], max_depth: int, top_k: int, max_nodes: int, overlap: bool,
+                 batch_us: list[int] | tuple = ()):
         if not verify_us:
             raise ValueError("the tree sizer needs the target's verify-cost curve")
         self.verify_ms_k = [t / 1000 for t in verify_us]  # [k-1] -> ms to verify k tokens
+        # requests -> [(rows in the forward, ms)], the single-request curve as 1
+        self.batch_points: dict[int, list[tuple[int, float]]] = {1: [(k + 1, t) for k, t in enumerate(self.verify_ms_k)]}
+        for n, r, us in zip(batch_us[0::3], batch_us[1::3], batch_us[2::3]):
+            self.batch_points.setdefault(n, []).append((n * r, us / 1000))
+        for points in self.batch_points.values():
+            points.sort()
+        self.in_flight: dict[int, tuple[int, float]] = {}  # request -> (rows, expected tokens) of its round
         self.max_depth, self.top_k, self.max_nodes, self.overlap = max_depth, top_k, max_nodes, overlap
         self.tries = [0] * (max_depth + 1)  # rounds that reached level i (1-based)
         self.hits = [0] * (max_depth + 1)   # ... and had it accepted
@@ -57,6 +68,19 @@ class TreeSizer:
             return c[k - 1]
         slope = (c[-1] - c[-2]) if len(c) > 1 else c[-1]
         return c[-1] + max(slope, 0.0) * (k - len(c))
+
+    def batch_ms(self, requests: int, rows: int) -> float:
+        """Cost of one forward verifying ``rows`` rows of ``requests`` requests: interpolated
+        in rows on the measured shapes of the nearest request counts, then between them."""
+        counts = sorted(self.batch_points)
+        if requests <= 1 or len(counts) == 1:
+            return self.verify_ms(rows)
+        lo = max(c for c in counts if c <= requests)
+        hi = min((c for c in counts if c >= requests), default=lo)
+        at_lo, at_hi = _along(self.batch_points[lo], rows), _along(self.batch_points[hi], rows)
+        if hi == lo:
+            return at_lo
+        return at_lo + (at_hi - at_lo) * (requests - lo) / (hi - lo)
 
     def min_prob(self) -> float:
         """The gate: the path probability at which a draft token pays for itself."""
@@ -82,28 +106,43 @@ class TreeSizer:
             total += reach
         return total
 
-    def round_ms(self, depth: int) -> float:
-        verify = self.verify_ms(self.nodes(depth) + 1)
+    def round_ms(self, depth: int, others: tuple[int, int] = (0, 0)) -> float:
+        """A round's time; ``others``: (requests, rows) verified in the same forward."""
+        verify = self.batch_ms(others[0] + 1, others[1] + self.nodes(depth) + 1)
         draft = depth * (self.draft_ms_per_level or 0.0)
         return (max(verify, draft) if self.overlap else verify + draft) + (self.wire_ms or 0.0)
 
-    def tokens_per_ms(self, depth: int) -> float:
-        return self.expected_tokens(depth) / self.round_ms(depth)
+    def tokens_per_ms(self, depth: int, others: tuple[int, int, float] = (0, 0, 0.0)) -> float:
+        """Tokens per ms of the forward this round shares with ``others`` (requests, rows,
+        expected tokens): all requests' tokens count, so a draft token is priced at the
+        batch's marginal row, not at a lone request's."""
+        return (self.expected_tokens(depth) + others[2]) / self.round_ms(depth, others[:2])
 
     # ---- decisions and feedback -----------------------------------------------------------
-    def choose(self) -> int:
-        """Levels to draft this round (0: verify the root alone)."""
+    def choose(self, req: int | None = None) -> int:
+        """Levels to draft this round (0: verify the root alone), for request ``req``, priced
+        with the other requests in flight (their last choices) sharing the forward."""
         with self._lock:
-            return self._choose()
+            others = [v for r, v in self.in_flight.items() if r != req]
+            load = (len(others), sum(r for r, _ in others), sum(e for _, e in others))
+            depth = self._choose(load)
+            if req is not None:
+                self.in_flight[req] = (self.nodes(depth) + 1, self.expected_tokens(depth))
+            return depth
 
-    def _choose(self) -> int:
+    def forget(self, req: int) -> None:
+        """The request is over: it no longer shares forwards."""
+        with self._lock:
+            self.in_flight.pop(req, None)
+
+    def _choose(self, load: tuple[int, int, float] = (0, 0, 0.0)) -> int:
         if self.draft_ms_per_level is None:  # the draft's speed is unknown: find out first
             return self.max_depth
-        best = max(range(self.max_depth + 1), key=self.tokens_per_ms)
+        best = max(range(self.max_depth + 1), key=lambda d: self.tokens_per_ms(d, load))
         if best > 0:
             self.probe_every = PROBE_EVERY
         elif self.rounds_since_draft + 1 >= self.probe_every:
-            best = max(range(1, self.max_depth + 1), key=self.tokens_per_ms)
+            best = max(range(1, self.max_depth + 1), key=lambda d: self.tokens_per_ms(d, load))
             self.probe_every = min(2 * self.probe_every, PROBE_EVERY_MAX)
         self.last_choice = best
         return best
@@ -155,6 +194,17 @@ def skip_draft_reason(verify_us: list[int], max_depth: int, top_k: int, max_node
             f"({PRIOR_ALPHA} per level) would commit {1000 * sizer.tokens_per_ms(depth):.1f} tokens/s against "
             f"{1000 * alone:.1f} decoding alone; decoding with the target alone "
             "(force a draft with --force-draft, or launch(..., force_draft=True))")
+
+
+def _along(points: list[tuple[int, float]], rows: int) -> float:
+    """Linear interpolation through (rows, ms) points; beyond them, along the nearest two
+    (never downhill, never below zero)."""
+    if len(points) == 1:
+        return points[0][1] * rows / points[0][0]
+    i = next((j for j in range(1, len(points)) if rows <= points[j][0]), len(points) - 1)
+    (r0, t0), (r1, t1) = points[i - 1], points[i]
+    slope = max(0.0, (t1 - t0) / (r1 - r0)) if r1 != r0 else 0.0
+    return max(0.0, t0 + slope * (rows - r0))
 
 
 def _ema(old: float | None, new: float) -> float:

@@ -1,6 +1,8 @@
 """The coordinator's end of one worker: its process, its socket, calls with timeouts.
 
-Every wait polls in short slices so that a dead worker is noticed at once, and every
+One I/O thread per client owns the socket: request threads queue what they send and wait
+on per-request mailboxes, so several requests' sends and replies never wait on each other.
+Every wait wakes in short slices so that a dead worker is noticed at once, and every
 timeout error names the setting that controls it. A worker that died is reported by
 describe_exit() (dovetail/system/worker_log.py): the signal that killed it, what that usually means,
 and the last lines of its log.
@@ -26,9 +28,10 @@ from dovetail.system.worker_log import LOG_EOF_WAIT_S, WorkerLog, describe_exit
 log = logging.getLogger("dovetail")
 
 POLL_SLICE_S = 0.05       # how often a wait checks that the worker process still lives
-SHARED_SLICE_S = 0.002    # how long one of several waiting threads holds the socket
-SHUTDOWN_GRACE_S = 5.0    # how long a worker may take to exit after Shutdown before SIGTERM
+IO_POLL_MS = 50           # how often the I/O thread wakes when nothing happens
 SEND_RETRY_S = 0.01       # how often a send with nowhere to go tries again
+IO_JOIN_S = 2.0           # how long closing waits for the I/O thread to send what is queued and stop
+SHUTDOWN_GRACE_S = 5.0    # how long a worker may take to exit after Shutdown before SIGTERM
 
 
 class WorkerError(RuntimeError):
@@ -79,31 +82,37 @@ class WorkerClient:
         self.max_bytes = max_bytes
         self.vocab_size: int | None = None
         self.pid = proc.pid if proc else None
-        self._io = threading.Lock()          # the socket, one thread at a time
-        self._cv = threading.Condition()     # the mailboxes below
+        self._cv = threading.Condition()     # the mailboxes and the outbox below
         self._mail: dict[int, deque] = {-1: deque()}  # replies by request id (-1: not about one)
-        self._waiting = 0                    # threads inside recv()
+        self._outbox: deque[list[bytes]] = deque()    # encoded messages for the I/O thread to send
+        self._stopping = False
+        self._linger_ms = 0
+        self._io_error: BaseException | None = None
         self.keys = keys  # the heartbeat monitor opens its own socket to the same worker
         # Set by the heartbeat monitor (dovetail/runtime/liveness.py, another thread) while the worker
         # misses heartbeats; cleared when it answers again. A str is set and read atomically.
         self.unresponsive: str | None = None
+        # The socket belongs to one I/O thread (zmq sockets are not thread-safe): request
+        # threads queue what they send and wait on their mailbox, so no request's send waits
+        # for another's wait, and a pipe wakes the thread at once.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._io = threading.Thread(target=self._run_io, name=f"dovetail-{role}-io", daemon=True)
+        self._io.start()
 
     def send(self, msg) -> None:
-        """Queue ``msg``; while the socket has no peer to queue it for (a remote target whose
-        connection dropped), retry until check_alive says the worker is dead or silent."""
+        """Queue ``msg`` for the I/O thread, which sends it at once; while the socket has no
+        peer to queue it for (a remote target whose connection dropped), it tries again every
+        SEND_RETRY_S, and the request's wait finds out when the worker is dead or silent."""
         frames = encode(msg)
         req_id = getattr(msg, "req_id", -1)
-        with self._cv:  # the reply must find a mailbox, however soon another thread reads it
+        with self._cv:  # the reply must find a mailbox, however soon the I/O thread reads it
+            if self._stopping:
+                raise WorkerError(self.role, "closed", "this client to the worker is closed")
             self._mail.setdefault(req_id, deque())
-        while True:
-            with self._io:
-                try:
-                    self.sock.send_multipart(frames, zmq.NOBLOCK)  # multipart: all frames or none
-                    return
-                except zmq.Again:
-                    pass
-            self.check_alive()
-            time.sleep(SEND_RETRY_S)
+            self._outbox.append(frames)
+            self._wake()
 
     def close_mailbox(self, req_id: int) -> None:
         """The request is over: later replies for it are stale and dropped on arrival."""
@@ -117,41 +126,20 @@ class WorkerClient:
             return sorted(r for r in self._mail if r != -1)
 
     def recv(self, match: Callable[[object], bool], timeout_s: float, knob: str, req_id: int = -1):
-        """Wait for the first message for ``req_id`` that ``match`` accepts; stale ones are dropped.
-
-        Many request threads share this socket. Whoever finds the socket free reads it and
-        sorts what arrives into per-request mailboxes (zmq sockets are not thread-safe, so one
-        thread at a time, under ``_io``); the others wait on their mailbox.
-        """
+        """Wait for the first message for ``req_id`` that ``match`` accepts; stale ones are
+        dropped. The I/O thread sorts what arrives into per-request mailboxes."""
         deadline = time.monotonic() + timeout_s
-        with self._cv:
-            self._waiting += 1
-        try:
-            while True:
-                with self._cv:
-                    msg = self._take(req_id, match)
-                    if msg is not None:
-                        return msg
+        while True:
+            with self._cv:
+                msg = self._take(req_id, match)
+                if msg is not None:
+                    return msg
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WorkerTimeout(self.role, "timeout", f"no reply within {timeout_s:g} s (raise {knob} if the model is just slow)")
-                if self._io.acquire(blocking=False):
-                    try:
-                        # Alone, wait long in poll; with company, hand the socket over often
-                        # so that other threads' sends are not held up.
-                        slice_s = POLL_SLICE_S if self._waiting <= 1 else SHARED_SLICE_S
-                        if self.sock.poll(int(1000 * min(left, slice_s))):
-                            self._sort_incoming()
-                    finally:
-                        self._io.release()
-                else:
-                    with self._cv:
-                        if not self._ready(req_id):
-                            self._cv.wait(min(left, SHARED_SLICE_S))
-                self.check_alive()
-        finally:
-            with self._cv:
-                self._waiting -= 1
+                if not self._ready(req_id):
+                    self._cv.wait(min(left, POLL_SLICE_S))
+            self.check_alive()
 
     def call(self, msg, reply_type: type, timeout_s: float, knob: str):
         req_id = getattr(msg, "req_id", -1)
@@ -159,8 +147,79 @@ class WorkerClient:
         return self.recv(lambda m: isinstance(m, reply_type) and getattr(m, "req_id", -1) == req_id,
                          timeout_s, knob, req_id)
 
+    # ---- the I/O thread ------------------------------------------------------------------
+    def _wake(self) -> None:
+        """Wake the I/O thread (caller holds ``_cv``, so the pipe is still open)."""
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:  # a full pipe wakes it as well
+            pass
+
+    def _run_io(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while True:
+                with self._cv:
+                    stopping = self._stopping  # read first: what was queued before it goes out
+                waiting = self._flush()
+                if stopping:
+                    break
+                events = dict(poller.poll(int(1000 * SEND_RETRY_S) if waiting else IO_POLL_MS))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if self.sock in events:
+                    self._sort_incoming()
+        except BaseException as e:  # a bug here must not leave requests waiting for nothing
+            log.exception("%s: the client's I/O thread failed", self.role)
+            self._io_error = e
+        finally:
+            self.sock.close(linger=self._linger_ms)
+
+    def _flush(self) -> bool:
+        """Send what is queued, in order; True if some of it found no peer and waits."""
+        while True:
+            with self._cv:
+                if not self._outbox:
+                    return False
+                frames = self._outbox[0]
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK)  # multipart: all frames or none
+            except zmq.Again:
+                with self._cv:
+                    if self._stopping:  # a worker gone or unreachable gets no goodbye
+                        self._outbox.clear()
+                        return False
+                return True
+            with self._cv:
+                self._outbox.popleft()
+
+    def _stop_io(self, linger_ms: int) -> None:
+        """Stop the I/O thread after it sent what is queued (if a peer takes it), then close
+        the socket; the pipe closes once the thread is gone."""
+        with self._cv:
+            if self._stopping:
+                return
+            self._stopping, self._linger_ms = True, linger_ms
+            self._wake()
+            self._cv.notify_all()
+        self._io.join(IO_JOIN_S)
+        with self._cv:
+            if not self._io.is_alive():
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+
+    def discard(self) -> None:
+        """Close this client's socket without a word to the worker (tests of abrupt clients)."""
+        self._stop_io(linger_ms=0)
+
     def _sort_incoming(self) -> None:
-        """Read whatever has arrived into the mailboxes (caller holds ``_io``)."""
+        """Read whatever has arrived into the mailboxes (the I/O thread)."""
         got = []
         while self.sock.poll(0):
             try:
@@ -222,6 +281,8 @@ class WorkerClient:
             return self._death
 
     def check_alive(self) -> None:
+        if self._io_error is not None:
+            raise WorkerError(self.role, "internal", f"the client's I/O thread failed: {self._io_error!r}")
         died = self.exit_description()
         if died is not None:
             raise WorkerDied(self.role, "died", died)
@@ -235,14 +296,13 @@ class WorkerClient:
         self.wait_exit()
 
     def request_shutdown(self) -> None:
-        try:
-            if self.proc is None or self.proc.poll() is None:
-                # once, never blocking: a worker gone or unreachable gets no goodbye
-                with self._io:
-                    self.sock.send_multipart(encode(Shutdown()), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        self.sock.close(linger=200)
+        """Send Shutdown once, never blocking (a worker gone or unreachable gets no goodbye),
+        and close the socket."""
+        if self.proc is None or self.proc.poll() is None:
+            with self._cv:
+                if not self._stopping:
+                    self._outbox.append(encode(Shutdown()))
+        self._stop_io(linger_ms=200)
 
     def wait_exit(self) -> None:
         if self.proc is None:

@@ -90,7 +90,7 @@ class Drafter:
         """(depth, max_nodes) of the next draft: the sizer's choice, or the configured shape."""
         if self.sizer is None:
             return self.cfg.depth, self.cfg.max_nodes
-        depth = self.sizer.choose()
+        depth = self.sizer.choose(self.req)
         return depth, max(1, self.sizer.nodes(depth))
 
     def gate(self) -> float:

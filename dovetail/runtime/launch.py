@@ -16,7 +16,8 @@ import zmq
 from dovetail.models.loading import load_tokenizer, stop_token_ids, tokenizer_hash
 from dovetail.runtime.client import WorkerClient, WorkerError
 from dovetail.models.options import (
-    BACKENDS, DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, QUANTIZE_CHOICES, check_llama_ctx,
+    BACKENDS, DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, QUANTIZE_CHOICES, check_batch_rows,
+    check_llama_ctx,
     check_llama_extra_buffers, llama_installed,
 )
 from dovetail.runtime.config import DEFAULT_DRAFT_LM, DEFAULT_DRAFT_LM_TOKENIZER, CoordinatorConfig
@@ -67,7 +68,9 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     ``llama_ctx``: the llama.cpp target's context in tokens, shared by all its open requests;
     one request (prompt and output) fits in it and in the model's trained context.
     ``batch_rows``: the target verifies the requests waiting for it together, up to this many
-    rows in one forward (1: one request per forward); llama.cpp runs them in one decode.
+    rows in one forward (1: one request per forward), or fewer where the cost per row it
+    measured at start-up stops falling; llama.cpp runs them in one decode, transformers in
+    one padded forward.
     Other keyword options are fields of :class:`CoordinatorConfig`.
 
     ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
@@ -88,6 +91,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         raise ValueError(f"draft_quantize must be 'none' or 'int8', got {draft_quantize!r}")
     check_llama_extra_buffers(llama_extra_buffers)
     check_llama_ctx(llama_ctx)
+    check_batch_rows(batch_rows)
     remote = target_address is not None
     if remote:
         check_remote(target_address, client_keys, target_cpus)

@@ -111,6 +111,8 @@ class RoundLoop:
         return (tokens, False) if stop is None else (tokens[:stop + 1], True)
 
     def _close_request(self, req: int, drafter: Drafter | None) -> None:
+        if self.sizer is not None:
+            self.sizer.forget(req)  # its rows no longer share the target's forwards
         # Also after a failed draft call: a draft that timed out or refused a step still holds
         # the request's state, and max_requests leaks would leave it answering only "busy".
         if drafter is not None and self.health.state != DEAD:
@@ -139,4 +141,5 @@ def make_sizer(config: CoordinatorConfig, hs_target: Handshake, overlap: bool) -
     """A TreeSizer when auto sizing is on and the target measured its verify-cost curve."""
     if not config.auto_tree or not hs_target.verify_us:
         return None
-    return TreeSizer(hs_target.verify_us, config.depth, config.top_k, config.max_nodes, overlap)
+    return TreeSizer(hs_target.verify_us, config.depth, config.top_k, config.max_nodes, overlap,
+                     batch_us=hs_target.batch_verify_us)

@@ -84,6 +84,15 @@ def test_the_gate_keeps_the_text_and_needs_automatic_sizing(models, reference, c
     assert "auto_tree" in err
 
 
+def test_batch_rows_reach_the_target_and_bad_ones_are_refused_first(models, reference, capsys):
+    rc, out, err = run_cli(capsys, "--target", models[0], "--no-draft", "--batch-rows", "1", "--prompt", PROMPT)
+    assert rc == 0, err
+    assert out.strip("\n") == reference
+    rc, out, err = run_cli(capsys, "--target", models[0], "--no-draft", "--batch-rows", "0", "--prompt", PROMPT)
+    assert rc == 1 and out == ""
+    assert "batch_rows must be an int in [1, 512], got 0" in err
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--target", tmp_path / "nope", "--no-draft", "--prompt", PROMPT)
     assert rc == 1

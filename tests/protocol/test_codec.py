@@ -285,3 +285,11 @@ def test_fuzzed_frames_only_raise_protocol_errors():
         except ProtocolError:
             continue
         assert type(msg) in MESSAGE_TYPES.values()  # a lucky flip may still be valid
+
+
+def test_batch_costs_travel_as_triples_and_bad_ones_are_refused():
+    hs = Handshake("target", 100, "h", 8, "float32", "fp16", verify_us=[10, 12], batch_verify_us=[2, 1, 15, 4, 2, 30])
+    assert decode(encode(hs)) == hs
+    for bad in ([2, 1], [0, 1, 5], [2, 0, 5], [2, 1, -5]):  # not triples; no requests; no rows; negative time
+        with pytest.raises(InvalidField, match=r"Handshake\.batch_verify_us"):
+            encode(Handshake("target", 100, "h", 8, "float32", "fp16", batch_verify_us=bad))

@@ -69,8 +69,35 @@ def test_quiet_passes_are_exactly_the_repeats(tiny, quiet):
     assert [p.others for p in passes] == [0.0, 0.0]
 
 
+class SeqLimited(CountingBackend):
+    """Holds at most ``limit`` sequences (as llama.cpp holds n_seq_max); records verify_many shapes."""
+
+    def __init__(self, path, limit):
+        super().__init__(path)
+        self.limit, self.batches = limit, []
+
+    def new_sequence(self):
+        if self.open >= self.limit:
+            raise RuntimeError("all sequence ids are in use")
+        return super().new_sequence()
+
+    def verify_many(self, seqs, roots, trees, hidden):
+        assert all(self.length(s) == calibrate.BATCH_CONTEXT for s in seqs)  # rolled back each time
+        self.batches.append((len(seqs), len(trees[0][0]) + 1))
+        return super().verify_many(seqs, roots, trees, hidden)
+
+
+def test_batch_shapes_fit_the_row_bound_and_the_sequences_held(tiny):
+    b = SeqLimited(tiny, limit=5)
+    batch = calibrate.measure_batch_us(b, b.identity.vocab_size, max_rows=8, repeats=2)
+    shapes = list(zip(batch[0::3], batch[1::3]))
+    assert shapes == [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2)]  # 8 requests: more than held; 4x4: > 8 rows
+    assert all(us > 0 for us in batch[2::3])
+    assert b.batches == shapes * 2 and b.open == 0
+
+
 def test_small_models_are_measured_not_cached(tiny):
-    assert calibrate.cache_key(str(tiny), "transformers", "float32", 2) is None
+    assert calibrate.cache_key(str(tiny), "transformers", "float32", 2, 64) is None
 
 
 def test_the_curve_is_cached_per_model_backend_and_threads(tiny, tmp_path, monkeypatch, quiet):
@@ -79,17 +106,20 @@ def test_the_curve_is_cached_per_model_backend_and_threads(tiny, tmp_path, monke
     monkeypatch.setattr(calibrate, "CALIBRATE_KS", 3)
     monkeypatch.setattr(calibrate, "NOISY_SPREAD", 1e9)  # this box may be busy: cache regardless
     b = CountingBackend(tiny)
-    first = calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2)
+    first = calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2, 8)
     files = list((tmp_path / "verify_cost").glob("*.json"))
-    assert len(first) == 3 and len(files) == 1
-    assert json.loads(files[0].read_text())["verify_us"] == first
+    assert len(first[0]) == 3 and len(files) == 1
+    assert len(first[1]) == 3 * 6  # (n, r, us) for 2x1 2x2 2x4 4x1 4x2 8x1: at most 8 rows
+    cached = json.loads(files[0].read_text())
+    assert (cached["verify_us"], cached["batch_verify_us"]) == first
     measured = len(b.sizes)
-    assert calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2) == first
+    assert calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2, 8) == first
     assert len(b.sizes) == measured  # read back, not measured again
-    calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 4)  # other threads: new entry
-    assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 2
+    calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 4, 8)  # other threads: new entry
+    calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2, 1)  # no batches: new entry
+    assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 3
     files[0].write_text("not json")
-    assert len(calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2)) == 3  # re-measured
+    assert len(calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2, 8)[0]) == 3  # re-measured
 
 
 def test_a_curve_measured_on_a_busy_machine_is_not_cached(tiny, tmp_path, monkeypatch):
@@ -105,7 +135,8 @@ def test_a_curve_measured_on_a_busy_machine_is_not_cached(tiny, tmp_path, monkey
         return [10_000, 20_000]
     for fake in (spread, others):
         monkeypatch.setattr(calibrate, "measure_verify_us", fake)
-        assert calibrate.load_or_measure(CountingBackend(tiny), str(tiny), "transformers", "float32", 2) == [10_000, 20_000]
+        assert calibrate.load_or_measure(CountingBackend(tiny), str(tiny), "transformers", "float32", 2) == (
+            [10_000, 20_000], [])
         assert not list(tmp_path.glob("verify_cost/*.json")), fake.__name__
 
 
@@ -195,3 +226,14 @@ def test_other_load_reads_this_process_and_the_machine():
     child_s = usage.ru_utime + usage.ru_stime
     assert child.returncode == 0 and child_s > 0.1, child_s
     assert others_s > 0.8 * child_s - 0.05, (others_s, child_s)
+
+
+def test_the_row_bound_is_the_fewest_rows_near_the_best_cost_per_row():
+    # the 1.5B Q4_K on 2 cores: 35 ms a row alone, 24 at 4 rows, 27 at 8 (a slower kernel), 16 at 16, 13.5 at 32
+    verify = [35_000, 60_000]
+    batch = [2, 1, 56_000, 4, 1, 95_000, 8, 1, 218_000, 4, 4, 253_000, 8, 4, 431_000]
+    assert calibrate.batch_row_bound(verify, batch, cap=64) == 32  # the dip at 4 rows does not stop it
+    assert calibrate.batch_row_bound(verify, batch, cap=8) == 8    # --batch-rows is the cap
+    flat_end = [2, 1, 40_000, 4, 1, 60_000, 8, 1, 100_000, 4, 4, 185_000, 8, 4, 360_000]  # 11.6 a row at 16
+    assert calibrate.batch_row_bound(verify, flat_end, cap=64) == 16  # 32 rows save under 10% a row
+    assert calibrate.batch_row_bound(verify, [], cap=64) == 64  # not measured: the cap

@@ -169,6 +169,6 @@ def test_liveness_marks_a_silent_worker_and_clears_it_when_it_answers():
         live.stop()
         done.set()
         t.join(5)
-        client.sock.close(linger=0)
+        client.discard()
         router.close(linger=0)
         ctx.term()

@@ -77,7 +77,7 @@ def server(tmp_path):
         yield proc, address, client, ctx
     finally:
         for c in clients:
-            c.sock.close(linger=0)
+            c.discard()
         ctx.term()
         if proc.poll() is None:
             proc.kill()

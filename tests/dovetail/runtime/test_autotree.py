@@ -144,3 +144,39 @@ def test_the_decision_is_the_sizers_own_at_the_prior():
         s = TreeSizer(curve, max_depth=3, top_k=1, max_nodes=3, overlap=False)
         s.draft_ms_per_level, s.wire_ms = 0.0, 0.0
         assert (skip_draft_reason(curve, 3, 1, 3, overlap=False) is None) == (s.choose() > 0), slope
+
+
+# A lone request's extra rows cost little (the curve is flat at 1-4 rows), but 4 requests'
+# forwards are where the cost per row is steep: what llama.cpp on few cores looks like.
+FLAT_ALONE = [int(1000 * (40 + 2 * (k - 1))) for k in range(1, 17)]
+STEEP_BATCH = [n_r_us for n in (2, 4) for r in (1, 2, 4) for n_r_us in (n, r, int(1000 * (40 + 40 * (n * r - 1))))]
+
+
+def test_other_requests_in_the_forward_price_a_draft_token_at_the_batchs_marginal_row():
+    s = TreeSizer(FLAT_ALONE, max_depth=4, top_k=1, max_nodes=16, overlap=True, batch_us=STEEP_BATCH)
+    feed(s, 50, 4, 0.9, 2.0)
+    assert s.choose(req=1) == 4  # alone: extra rows are nearly free
+    for req in (2, 3, 4):
+        s.in_flight[req] = (1, 1.0)  # three target-only requests share the forward
+    assert s.choose(req=1) == 0  # now a row costs 40 ms, more than the batch's 160 ms / 4 tokens
+    for req in (2, 3, 4):
+        s.forget(req)
+    assert s.choose(req=1) == 4 and list(s.in_flight) == [1]
+
+
+def test_without_batch_costs_several_requests_are_priced_as_one_forward_of_their_rows():
+    s = TreeSizer(FLAT_ALONE, 4, 1, 16, overlap=True)
+    assert s.batch_ms(4, 8) == s.verify_ms(8)
+
+
+def test_batch_costs_interpolate_between_measured_shapes():
+    s = TreeSizer(FLAT_ALONE, 4, 1, 16, overlap=True, batch_us=STEEP_BATCH)
+    assert s.batch_ms(2, 4) == pytest.approx(40 + 40 * 3)    # measured: 2 requests x 2 rows
+    assert s.batch_ms(4, 6) == pytest.approx(40 + 40 * 5)    # between 4x1 and 4x2
+    assert s.batch_ms(4, 32) == pytest.approx(40 + 40 * 31)  # extrapolated along 4x2 .. 4x4
+    # With a cost per request too: 3 requests of 3 rows cost halfway between 2 and 4
+    # requests' costs of 3 rows (4 requests: extrapolated below their smallest shape, 4x1)
+    per_request = [x for n in (2, 4) for r in (1, 2) for x in (n, r, 1000 * (40 + 40 * (n * r - 1) + 10 * n))]
+    s = TreeSizer(FLAT_ALONE, 4, 1, 16, overlap=True, batch_us=per_request)
+    assert s.batch_ms(3, 3) == pytest.approx(((40 + 80 + 20) + (40 + 80 + 40)) / 2)
+    assert s.batch_ms(1, 3) == s.verify_ms(3)

@@ -34,12 +34,13 @@ def gguf():
 @pytest.fixture
 def cached_curve(gguf, tmp_path, monkeypatch):
     """Write ``curve`` where the target worker will look for this model's curve."""
+    from dovetail.models.options import DEFAULT_BATCH_ROWS
     from dovetail.workers.calibrate import cache_dir, cache_key
     from dovetail.workers.llama import LlamaBackend
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))  # inherited by the workers
     backend = LlamaBackend(str(gguf), threads=THREADS)
     try:
-        key = cache_key(str(gguf), "llama.cpp", backend.identity.dtype, THREADS)
+        key = cache_key(str(gguf), "llama.cpp", backend.identity.dtype, THREADS, DEFAULT_BATCH_ROWS)
     finally:
         backend.close()
     assert key is not None, "the model is too small to cache a curve: the worker would measure one"
