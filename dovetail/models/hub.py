@@ -91,19 +91,64 @@ def quant_tag(filename: str) -> str:
     return m[1].upper() if m else ""
 
 
-# ---- huggingface_hub ------------------------------------------------------------------------------
-def _cached(ref: HubRef) -> Path | None:
-    """The model from the local cache alone, if all of it is there: the snapshot that the
-    cache's refs/main names, read as huggingface_hub lays it out (its own offline lookup
-    refuses a snapshot of which only some files were fetched, which a GGUF repo always is)."""
-    import json
+# ---- draft="auto" for a Hub target ---------------------------------------------------------------
+# A target repository (pattern, case-insensitive) -> the small model of its family that drafts
+# for it: its transformers repository (whose tokenizer is checked first) and its GGUF.
+FAMILY_DRAFTS = (
+    (r"qwen2\.5-coder-(?:3|7|14|32)b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:Q8_0"),
+    (r"qwen2\.5-(?:3|7|14|32|72)b", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q8_0"),
+    (r"llama-3(?:\.\d)?-(?:8|70)b", "unsloth/Llama-3.2-1B-Instruct", "bartowski/Llama-3.2-1B-Instruct-GGUF:Q8_0"),
+)
+TOKENIZER_FILES = ["tokenizer*", "*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja"]  # no weights
 
+
+def family_draft(target: str, target_tokenizer_hash: str, gguf: bool) -> tuple[str | None, str]:
+    """(draft id, why) for a target named by a Hub id: the small model of its family when
+    FAMILY_DRAFTS knows one and its tokenizer, fetched alone (a few MB) before any weights,
+    hashes as the target's; (None, why not) otherwise."""
+    from dovetail.models.loading import load_tokenizer, tokenizer_hash
+    ref = parse_hub_id(target)
+    if ref is None:
+        return None, f"{target} is not a Hub id"
+    entry = next((e for e in FAMILY_DRAFTS if re.search(e[0], ref.repo, re.IGNORECASE)), None)
+    if entry is None:
+        return None, f"no draft of {ref.repo}'s family is known"
+    _, hf_repo, gguf_id = entry
+    try:
+        folder = _cached_files(hf_repo) or _download(HubRef(hf_repo), TOKENIZER_FILES, progress=False)
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError, RuntimeError) as e:  # FetchError, ModelNotFound, a broken tokenizer
+        return None, f"the tokenizer of {hf_repo} could not be read ({e})"
+    if tokenizer is None or tokenizer_hash(tokenizer, 0) != target_tokenizer_hash:
+        return None, f"{hf_repo}'s tokenizer is not {ref.repo}'s"
+    return (gguf_id if gguf else hf_repo), f"the {hf_repo.split('/')[-1]} of {ref.repo}'s family"
+
+
+# ---- huggingface_hub ------------------------------------------------------------------------------
+def _snapshot(repo: str) -> Path | None:
+    """The cache's snapshot folder of ``repo`` that refs/main names, read as huggingface_hub
+    lays the cache out (its own offline lookup refuses a snapshot of which only some files
+    were fetched, which a GGUF repository's always is); None when there is none."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
-    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo, repo_type="model")
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
     try:
-        folder = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+        return folder / "snapshots" / (folder / "refs" / "main").read_text().strip()
     except OSError:
+        return None
+
+
+def _cached_files(repo: str) -> str | None:
+    """The cached snapshot folder of ``repo`` when it holds a tokenizer, else None."""
+    snapshot = _snapshot(repo)
+    return str(snapshot) if snapshot is not None and any(snapshot.glob("tokenizer*")) else None
+
+
+def _cached(ref: HubRef) -> Path | None:
+    """The model from the local cache alone, if all of it is there."""
+    import json
+    folder = _snapshot(ref.repo)
+    if folder is None:
         return None
     files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]  # a dangling link: not fetched
     ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))

@@ -101,7 +101,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target)) if target is not None else None
     device = _draft_device(draft_device)
-    draft = pick_draft(draft, target_path, device)
+    draft = pick_draft(draft, target_path, device, target_spec=None if target is None else str(target))
     if not remote:
         backend = pick_backend(backend, target_path, target_quantize)
         check_backend(backend, target_path)
@@ -214,8 +214,9 @@ def _skip_draft_reason(hs_target: Handshake, config: CoordinatorConfig, overlap:
     return skip_draft_reason(hs_target.verify_us, config.depth, config.top_k, config.max_nodes, overlap)
 
 
-def pick_draft(draft, target_path, device: str = "cpu"):
-    """Resolve draft="auto" (see launch()) for a draft on ``device``."""
+def pick_draft(draft, target_path, device: str = "cpu", target_spec: str | None = None):
+    """Resolve draft="auto" (see launch()) for a draft on ``device``; ``target_spec``: the
+    target as the user named it (a Hub id gets the small model of its family)."""
     if draft != "auto":
         return draft
     from dovetail.draft.checkpoint import shipped_draft
@@ -223,18 +224,23 @@ def pick_draft(draft, target_path, device: str = "cpu"):
     if shipped is not None:
         log.info("draft: the feature draft shipped for %s on %s (%s)", Path(target_path).name, device, shipped.name)
         return f"feature:{shipped}"
-    if target_path is not None and not default_draft_fits(target_path):
-        log.warning("draft='auto': no feature draft ships for %s and its tokenizer is not %s's, so no draft "
+    if target_path is None:
+        return DEFAULT_DRAFT_LM  # a remote target's tokenizer is checked at the handshake
+    target_hash = tokenizer_hash(load_tokenizer(target_path), 0)
+    why = ""
+    if target_spec is not None and not Path(target_spec).expanduser().exists():
+        from dovetail.models.hub import family_draft, parse_hub_id
+        if parse_hub_id(target_spec) is not None:
+            family, why = family_draft(target_spec, target_hash, gguf=str(target_path).endswith(".gguf"))
+            if family is not None:
+                log.info("draft: %s (%s)", family, why)
+                return family
+    if target_hash != DEFAULT_DRAFT_LM_TOKENIZER:
+        log.warning("draft='auto': no feature draft ships for %s%s, and its tokenizer is not %s's, so no draft "
                     "model here can draft for it; decoding with the target alone (pass draft= a model with "
-                    "the target's tokenizer)", Path(target_path).name, DEFAULT_DRAFT_LM)
+                    "the target's tokenizer)", Path(target_path).name, f" ({why})" if why else "", DEFAULT_DRAFT_LM)
         return None
-    return DEFAULT_DRAFT_LM  # a remote target's tokenizer is checked at the handshake
-
-
-def default_draft_fits(target_path) -> bool:
-    """Whether DEFAULT_DRAFT_LM shares the target's tokenizer, read from the target's own files."""
-    tokenizer = load_tokenizer(target_path)
-    return tokenizer is not None and tokenizer_hash(tokenizer, 0) == DEFAULT_DRAFT_LM_TOKENIZER
+    return DEFAULT_DRAFT_LM
 
 
 def pick_backend(chosen: str, target_path, quantize: str = "none") -> str:

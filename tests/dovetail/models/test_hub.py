@@ -132,3 +132,43 @@ def test_the_fetch_command_takes_hub_ids(hub, capsys):
     assert "no GGUF quantization 'Q2_K'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["not-a-model"])
+
+
+def test_auto_draft_for_a_hub_target_is_the_small_model_of_its_family(hub, tmp_path):
+    import dovetail
+    from dovetail.runtime.launch import pick_draft
+    from tests.helpers import make_tiny_model, make_tiny_tokenizer
+    target = make_tiny_model(tmp_path / "t", seed=0)
+    draft = make_tiny_model(tmp_path / "d", seed=1, noise_from=target, noise=0.005)
+    for folder in (target, draft):
+        make_tiny_tokenizer(folder)
+    hub.add_folder("Qwen/Qwen2.5-Coder-7B-Instruct", target)
+    hub.add_folder("Qwen/Qwen2.5-Coder-0.5B-Instruct", draft)
+    outputs = []
+    for name, d in (("Qwen/Qwen2.5-Coder-7B-Instruct", "auto"), (target, None)):
+        with dovetail.launch(name, d, dtype="float64", draft_device="cpu", force_draft=True) as coord:
+            r = coord.generate("hello there", max_new_tokens=16)
+            outputs.append((r.token_ids, r.stats.drafted))
+    assert outputs[0][0] == outputs[1][0]
+    assert outputs[0][1] > 0 and outputs[1][1] == 0  # the family's draft drafted; alone, nothing
+
+
+def test_a_family_draft_with_another_tokenizer_is_refused_before_its_weights(hub, tmp_path, caplog):
+    from dovetail.runtime.launch import pick_draft
+    from tests.helpers import make_tiny_model, make_tiny_tokenizer
+    target = make_tiny_model(tmp_path / "t", seed=0)
+    other = make_tiny_model(tmp_path / "o", seed=1)
+    make_tiny_tokenizer(target)
+    make_tiny_tokenizer(other, chars="zyxwvutsrqponmlkjihgfedcba ")
+    hub.add_folder("meta-llama/Llama-3.1-8B-Instruct", target)
+    hub.add_folder("unsloth/Llama-3.2-1B-Instruct", other)
+    path = resolve_model("meta-llama/Llama-3.1-8B-Instruct", progress=False)
+    hub.requests.clear()
+    assert pick_draft("auto", path, target_spec="meta-llama/Llama-3.1-8B-Instruct") is None
+    assert "unsloth/Llama-3.2-1B-Instruct's tokenizer is not meta-llama/Llama-3.1-8B-Instruct's" in caplog.text
+    fetched = [d.rsplit("/", 1)[-1] for d in hub.downloads()]
+    assert fetched and not any(f.endswith(".safetensors") for f in fetched)  # its tokenizer only
+    hub.add_folder("org/Unknown-7B", target)
+    path = resolve_model("org/Unknown-7B", progress=False)
+    assert pick_draft("auto", path, target_spec="org/Unknown-7B") is None
+    assert "no draft of org/Unknown-7B's family is known" in caplog.text
