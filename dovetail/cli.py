@@ -37,6 +37,7 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "auto"
 KEYS_SUBCOMMAND = "keys"
 SERVE_SUBCOMMAND = "serve"
+QUANTIZE_SUBCOMMAND = "quantize"
 ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT = "local", "target", "draft"
 ROLES = (ROLE_LOCAL, ROLE_TARGET, ROLE_DRAFT)
 
@@ -160,6 +161,9 @@ def main(argv=None) -> int:
     if argv[:1] == [SERVE_SUBCOMMAND]:
         from dovetail.server.cli import serve_main
         return serve_main(argv[1:])
+    if argv[:1] == [QUANTIZE_SUBCOMMAND]:
+        from dovetail.models.requantize import main as quantize_main
+        return quantize_main(argv[1:], default_target=DEFAULT_TARGET)
     args = build_parser().parse_args(argv)
     try:
         check_role_flags(args)

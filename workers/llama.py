@@ -92,7 +92,7 @@ class LlamaBackend(TargetBackend):
             model=os.path.basename(str(path)), arch=self._meta("general.architecture"),
             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             tokenizer_hash=tokenizer_hash(tok, self.vocab_size),
-            dtype="gguf:" + self._describe(),
+            dtype="gguf:" + self._describe() + self._requantized(),
             device=(device_label or "cpu") + ", llama.cpp" + ("" if self.extra_buffers else ", plain buffers"))
         # One request may fill the whole context (all requests share its cells), and no more
         # than the model was trained for.
@@ -263,6 +263,12 @@ class LlamaBackend(TargetBackend):
         buf = ctypes.create_string_buffer(256)
         n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode(errors="replace") if n >= 0 else "?"
+
+    def _requantized(self) -> str:
+        """', re-quantized from Q4_K_M (FILE)' for a file that dovetail-launch quantize made."""
+        from dovetail.models.requantize import SOURCE_KEY
+        source = self._meta(SOURCE_KEY)
+        return "" if source == "?" else f", re-quantized from {source}"
 
     def _describe(self) -> str:
         buf = ctypes.create_string_buffer(256)
