@@ -8,12 +8,15 @@ trained for another target is refused.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dovetail.draft.model import DraftModelConfig, FeatureDraft, TargetIdentity
+from dovetail.draft.model import (
+    DraftModelConfig, FeatureDraft, TargetIdentity, embedding_fingerprint, fingerprint_ids,
+)
 
 SHIPPED = Path(__file__).parent / "shipped"  # trained checkpoints that come with the package
 DEFAULTS = "defaults.json"  # target file name -> shipped checkpoint folder used by draft="auto"
@@ -88,7 +91,8 @@ def load_target_pieces(path: str | Path) -> TargetPieces:
         head = model.get_output_embeddings().weight.detach()
     vocab, hidden = head.shape
     ident = TargetIdentity(arch=str(cfg.get("model_type", "?")), hidden_size=int(hidden), vocab_size=int(vocab),
-                           tokenizer_hash=tokenizer_hash(load_tokenizer(path), int(vocab)), name=path.name)
+                           tokenizer_hash=tokenizer_hash(load_tokenizer(path), int(vocab)), name=path.name,
+                           fingerprint=embedding_fingerprint(embed[fingerprint_ids(int(vocab))]))
     return TargetPieces(ident, cfg, embed, head)
 
 
@@ -150,8 +154,11 @@ def read_config(folder: str | Path) -> DraftModelConfig:
 
 
 def shipped_draft(target_path: str | Path, device: str = "cpu") -> Path | None:
-    """The shipped checkpoint that SHIPPED/defaults.json names for this target file (by file
-    name; load_feature_draft still checks the whole identity) and draft device, or None.
+    """The shipped checkpoint that SHIPPED/defaults.json names for this target file and draft
+    device, or None. A GGUF file it does not name (another quantization of a listed model: a
+    Q8_0 made by dovetail-launch quantize, a Hub download) gets the entry of the listed target
+    whose identity, embedding fingerprint included, it has (gguf_identity; cheap: no
+    conversion). load_feature_draft still checks the whole identity.
 
     An entry is a folder name (every device) or {"cpu": folder, "cuda": folder} (the devices
     listed). A target is listed for a device only while its feature draft beats the
@@ -159,17 +166,81 @@ def shipped_draft(target_path: str | Path, device: str = "cpu") -> Path | None:
     index = SHIPPED / DEFAULTS
     if not index.is_file():
         return None
-    entry = json.loads(index.read_text()).get(Path(target_path).name)
+    entries = json.loads(index.read_text())
+    name = Path(target_path).name
+    entry = entries.get(name)
+    if entry is None and name.endswith(".gguf") and Path(target_path).is_file():
+        entry = _entry_by_identity(entries, target_path)
+        if entry is None:
+            return None
+    elif entry is not None:
+        folder = _entry_folder(index, name, entry, device)
+        if folder is not None and read_config(folder).target.name != name:
+            raise ValueError(f"{index} maps {name} to {folder}, which was trained for {read_config(folder).target.name}")
+    return _entry_folder(index, name, entry, device) if entry is not None else None
+
+
+def _entry_folder(index: Path, name: str, entry, device: str) -> Path | None:
     if isinstance(entry, dict) and set(entry) - {"cpu", "cuda"}:
-        raise ValueError(f"{index}: {Path(target_path).name} lists devices {sorted(entry)}; only cpu and cuda exist")
+        raise ValueError(f"{index}: {name} lists devices {sorted(entry)}; only cpu and cuda exist")
     folder = entry.get("cuda" if device.startswith("cuda") else "cpu") if isinstance(entry, dict) else entry
-    if folder is None:
-        return None
-    folder = SHIPPED / folder
-    if read_config(folder).target.name != Path(target_path).name:
-        raise ValueError(f"{index} maps {Path(target_path).name} to {folder}, which was trained for "
-                         f"{read_config(folder).target.name}")
-    return folder
+    return None if folder is None else SHIPPED / folder
+
+
+def _entry_by_identity(entries: dict, target_path: str | Path):
+    """The defaults.json entry whose checkpoints were trained for a target with this GGUF's
+    identity, or None."""
+    ident = None
+    for entry in entries.values():
+        folders = entry.values() if isinstance(entry, dict) else [entry]
+        trained_for = {read_config(SHIPPED / f).target for f in folders}
+        for target in trained_for:
+            ident = ident or gguf_identity(target_path)
+            if not target.fingerprint or target.mismatches(ident):
+                break  # a checkpoint without a fingerprint is matched by its file name only
+        else:
+            if trained_for:
+                return entry
+    return None
+
+
+def gguf_identity(path: str | Path) -> TargetIdentity:
+    """A GGUF target's identity read from the file itself: its metadata, tokenizer and the
+    fingerprint rows of its embedding, de-quantized (no conversion to a transformers folder).
+    Parsing a GGUF's metadata takes seconds (its tokenizer arrays), so each file's identity
+    is cached by path, size and modification time."""
+    import dataclasses
+    import hashlib
+
+    from dovetail.models.fetch import default_cache_dir
+    stat = Path(path).stat()
+    key = hashlib.sha256(json.dumps([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]).encode())
+    cached = default_cache_dir() / "identity" / f"{key.hexdigest()[:20]}.json"
+    try:
+        return TargetIdentity(**json.loads(cached.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    ident = _read_gguf_identity(path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(dataclasses.asdict(ident)))
+    tmp.replace(cached)
+    return ident
+
+
+def _read_gguf_identity(path: str | Path) -> TargetIdentity:
+    import gguf
+
+    from dovetail.models.loading import load_tokenizer, tokenizer_hash
+    reader = gguf.GGUFReader(str(path))
+    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    tensors = {t.name: t for t in reader.tensors}
+    embed = tensors["token_embd.weight"]
+    vocab = int((tensors.get("output.weight") or embed).shape[-1])
+    rows = torch.from_numpy(gguf.quants.dequantize(embed.data[fingerprint_ids(vocab)], embed.tensor_type).copy())
+    return TargetIdentity(arch=arch, hidden_size=int(embed.shape[0]), vocab_size=vocab,
+                          tokenizer_hash=tokenizer_hash(load_tokenizer(path), vocab), name=Path(path).name,
+                          fingerprint=embedding_fingerprint(rows))
 
 
 def load_feature_draft(folder: str | Path, target: str | Path | TargetPieces, device: str = "cpu",

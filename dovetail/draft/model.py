@@ -25,6 +25,25 @@ from torch import nn
 KINDS = ("dgf", "eagle")
 
 
+# The embedding fingerprint: the leading dimensions of a few fixed token ids' embedding rows,
+# de-quantized. Two quantizations of one model (Q4_K_M, Q8_0, BF16) stay within the tolerance
+# of each other; another model with the same architecture and tokenizer (a base model and its
+# code fine-tune) does not.
+FINGERPRINT_IDS = (11, 101, 1009, 10007, 50021, 100003)  # those below the vocabulary size count
+FINGERPRINT_DIMS = 32
+FINGERPRINT_TOLERANCE = 0.25  # relative L2 distance; measured: the 0.5B's Q4_K_M re-quantized to
+                              # Q8_0 0.005, to BF16 0.002; unrelated rows ~1.4
+
+
+def embedding_fingerprint(rows: torch.Tensor) -> tuple[float, ...]:
+    """The fingerprint of the embedding rows of FINGERPRINT_IDS below the vocabulary size."""
+    return tuple(round(float(x), 5) for x in rows[:, :FINGERPRINT_DIMS].float().flatten())
+
+
+def fingerprint_ids(vocab_size: int) -> list[int]:
+    return [i for i in FINGERPRINT_IDS if i < vocab_size]
+
+
 @dataclass(frozen=True)
 class TargetIdentity:
     """What a draft must agree with to serve a target: trained features mean nothing elsewhere."""
@@ -33,15 +52,31 @@ class TargetIdentity:
     vocab_size: int
     tokenizer_hash: str
     name: str = ""  # informative only: a renamed copy of the same model is still the same target
+    fingerprint: tuple[float, ...] = ()  # embedding_fingerprint; () where unknown (not compared)
 
     def __post_init__(self):
         if not self.arch or self.hidden_size < 1 or self.vocab_size < 1 or not self.tokenizer_hash:
             raise ValueError(f"incomplete target identity: {self}")
+        object.__setattr__(self, "fingerprint", tuple(self.fingerprint))  # a JSON list comes back a tuple
 
     def mismatches(self, other: "TargetIdentity") -> list[str]:
         keys = ("arch", "hidden_size", "vocab_size", "tokenizer_hash")
-        return [f"{k} {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in keys
-                if getattr(self, k) != getattr(other, k)]
+        bad = [f"{k} {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in keys
+               if getattr(self, k) != getattr(other, k)]
+        if not bad and self.fingerprint and other.fingerprint:
+            distance = fingerprint_distance(self.fingerprint, other.fingerprint)
+            if distance > FINGERPRINT_TOLERANCE:
+                bad.append(f"the embeddings differ by {distance:.2f} (relative; two quantizations of one model "
+                           f"stay under {FINGERPRINT_TOLERANCE}): another model of the same architecture")
+        return bad
+
+
+def fingerprint_distance(a, b) -> float:
+    """Relative L2 distance of two fingerprints (inf when they are of different sizes)."""
+    if len(a) != len(b):
+        return float("inf")
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float((ta - tb).norm() / tb.norm().clamp_min(1e-12))
 
 
 @dataclass

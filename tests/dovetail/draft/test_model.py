@@ -28,7 +28,14 @@ def models(tmp_path_factory):
     make_tiny_tokenizer(vocab80, vocab_size=80)
     hidden48 = make_tiny_model(root / "hidden48", seed=0, hidden_size=48)
     make_tiny_tokenizer(hidden48)
-    return {"target": target, "tokenizer": other_tok, "vocab": vocab80, "hidden": hidden48}
+    # Same architecture, sizes and tokenizer, other weights: another model.
+    weights = make_tiny_model(root / "other-weights", seed=5)
+    make_tiny_tokenizer(weights)
+    # The target's weights, each moved a little (as another quantization moves them): the same model.
+    requantized = make_tiny_model(root / "requantized", seed=0, noise_from=target, noise=0.002)
+    make_tiny_tokenizer(requantized)
+    return {"target": target, "tokenizer": other_tok, "vocab": vocab80, "hidden": hidden48, "weights": weights,
+            "requantized": requantized}
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +130,22 @@ def test_checkpoint_round_trip(pieces, models, tmp_path, kind):
 
 
 @pytest.mark.parametrize("other,why", [("tokenizer", "tokenizer_hash"), ("vocab", "vocab_size"),
-                                       ("hidden", "hidden_size")])
+                                       ("hidden", "hidden_size"), ("weights", "another model of the same architecture")])
 def test_draft_refuses_a_mismatched_target(pieces, models, tmp_path, other, why):
     save_checkpoint(new_feature_draft(pieces), tmp_path)
     with pytest.raises(TargetMismatch, match=why) as err:
         load_feature_draft(tmp_path, models[other])
     assert f"'{models['target'].name}'" in str(err.value) and f"'{models[other].name}'" in str(err.value)
+
+
+def test_another_quantization_of_the_target_is_the_same_target(pieces, models, tmp_path):
+    save_checkpoint(new_feature_draft(pieces), tmp_path)
+    assert load_feature_draft(tmp_path, models["requantized"]) is not None
+    fp = load_target_pieces(models["requantized"]).identity.fingerprint
+    assert len(fp) == len(pieces.identity.fingerprint) > 0 and fp != pieces.identity.fingerprint
+    # A checkpoint saved before fingerprints existed is matched on the rest of the identity.
+    old = TargetIdentity(**{**json.loads((tmp_path / CONFIG).read_text())["target"], "fingerprint": []})
+    assert old.mismatches(load_target_pieces(models["weights"]).identity) == []
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, models):

@@ -46,3 +46,21 @@ def test_bad_requests_are_refused(small, tmp_path, capsys):
     not_gguf.write_bytes(b"x")
     assert main(["quantize", "--target", not_gguf, "--to", "q8_0"]) == 1
     assert "needs a .gguf file" in capsys.readouterr().err
+
+
+def test_the_feature_draft_shipped_for_a_model_serves_its_other_quantizations(tmp_path, monkeypatch):
+    """The 0.5B's Q4_K_M re-quantized to Q8_0 under another name: the shipped 0.5B draft is
+    picked by its identity (embedding fingerprint included), not by the file name; the 1.5B
+    is not another quantization of the 0.5B."""
+    pytest.importorskip("llama_cpp")
+    from dovetail.draft.checkpoint import check_target, gguf_identity, read_config, shipped_draft
+    from dovetail.models.fetch import resolve_model
+    small, big_path = resolve_model("qwen2.5-coder-0.5b-instruct"), resolve_model("qwen2.5-coder-1.5b-instruct")
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path / "cache"))  # identities are cached: read them here
+    q8 = requantize(small, "q8_0", tmp_path / "renamed-q8.gguf")
+    folder = shipped_draft(q8, "cpu")
+    assert folder is not None and folder.name == "qwen2.5-coder-0.5b-dgf1"
+    check_target(read_config(folder).target, gguf_identity(q8))  # what loading it checks
+    assert list((tmp_path / "cache" / "identity").glob("*.json"))  # the identity was cached
+    big = gguf_identity(big_path)
+    assert read_config(folder).target.mismatches(big)
