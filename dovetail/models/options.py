@@ -39,6 +39,15 @@ def check_llama_ctx(value, name: str = "llama_ctx") -> int:
     return value
 
 
+def import_llama():
+    """llama_cpp, or a RuntimeError that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise RuntimeError(LLAMA_MISSING) from e
+    return llama_cpp
+
+
 def llama_installed() -> bool:
     import importlib.util
     return importlib.util.find_spec("llama_cpp") is not None

@@ -80,7 +80,7 @@ def requantized_from(path: str | os.PathLike) -> str | None:
 
 
 def _quantize(src: Path, dst: Path, to: str, threads: int) -> None:
-    from dovetail.workers.llama import import_llama
+    from dovetail.models.options import import_llama
     lib = import_llama().llama_cpp
     lib.llama_backend_init()
     params = lib.llama_model_quantize_default_params()
