@@ -161,6 +161,12 @@ def batch_row_bound(verify_us: list[int], batch_us: list[int], cap: int) -> int:
     return max(1, min(cap, bound))
 
 
+def curve_kind(backend) -> str:
+    """What besides the file, threads and CPU decides a backend's curves: its dtype and, for
+    llama.cpp, whether the weights sit in extra (repacked) or plain buffers (other kernels)."""
+    return backend.identity.dtype + ("" if getattr(backend, "extra_buffers", True) else ", plain buffers")
+
+
 def cache_key(model: str, backend: str, dtype: str, threads: int, max_rows: int) -> str | None:
     """Same file, backend, dtype, threads, row bound and CPU model -> same curves; None: do not cache."""
     path = Path(model)

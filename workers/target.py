@@ -295,9 +295,9 @@ def main(argv=None) -> None:
     handler = TargetHandler(backend, cfg)
 
     def calibrate() -> None:  # on the compute thread, where every later forward runs (serve())
-        from dovetail.workers.calibrate import BOUND_SLACK, batch_row_bound, load_or_measure
+        from dovetail.workers.calibrate import BOUND_SLACK, batch_row_bound, curve_kind, load_or_measure
         handler.verify_us, handler.batch_verify_us = load_or_measure(
-            backend, cfg.model, cfg.backend, backend.identity.dtype, len(pinned), cfg.batch_rows)
+            backend, cfg.model, cfg.backend, curve_kind(backend), len(pinned), cfg.batch_rows)
         handler.batch_bound = batch_row_bound(handler.verify_us, handler.batch_verify_us, cfg.batch_rows)
         if cfg.batch_rows > 1:
             log.info("verifications of several requests share a forward up to %d rows (--batch-rows %d; the "

@@ -237,3 +237,11 @@ def test_the_row_bound_is_the_fewest_rows_near_the_best_cost_per_row():
     flat_end = [2, 1, 40_000, 4, 1, 60_000, 8, 1, 100_000, 4, 4, 185_000, 8, 4, 360_000]  # 11.6 a row at 16
     assert calibrate.batch_row_bound(verify, flat_end, cap=64) == 16  # 32 rows save under 10% a row
     assert calibrate.batch_row_bound(verify, [], cap=64) == 64  # not measured: the cap
+
+
+def test_plain_and_extra_llama_buffers_keep_separate_curves():
+    ident = SimpleNamespace(dtype="gguf:qwen2 1.5B Q8_0")
+    extra, plain = SimpleNamespace(identity=ident, extra_buffers=True), SimpleNamespace(identity=ident, extra_buffers=False)
+    assert calibrate.curve_kind(extra) == "gguf:qwen2 1.5B Q8_0"
+    assert calibrate.curve_kind(plain) == "gguf:qwen2 1.5B Q8_0, plain buffers"
+    assert calibrate.curve_kind(SimpleNamespace(identity=SimpleNamespace(dtype="float32"))) == "float32"  # transformers

@@ -35,12 +35,14 @@ def gguf():
 def cached_curve(gguf, tmp_path, monkeypatch):
     """Write ``curve`` where the target worker will look for this model's curve."""
     from dovetail.models.options import DEFAULT_BATCH_ROWS
-    from dovetail.workers.calibrate import cache_dir, cache_key
+    from dovetail.workers.calibrate import cache_dir, cache_key, curve_kind
     from dovetail.workers.llama import LlamaBackend
+    from dovetail.workers.llama_buffers import decide
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))  # inherited by the workers
-    backend = LlamaBackend(str(gguf), threads=THREADS)
+    # The buffers the worker will decide on (probed once here, cached for it): they key the curve.
+    backend = LlamaBackend(str(gguf), threads=THREADS, extra_buffers=decide("auto", str(gguf), THREADS).extra_buffers)
     try:
-        key = cache_key(str(gguf), "llama.cpp", backend.identity.dtype, THREADS, DEFAULT_BATCH_ROWS)
+        key = cache_key(str(gguf), "llama.cpp", curve_kind(backend), THREADS, DEFAULT_BATCH_ROWS)
     finally:
         backend.close()
     assert key is not None, "the model is too small to cache a curve: the worker would measure one"
