@@ -140,8 +140,7 @@ class CausalLM:
             allowed[b, :n, width:width + n] = ancestor_mask(parents)
             allowed[b, n:, width + n:] = torch.eye(n_rows - n, dtype=torch.bool)  # a pad row sees itself
         joined = DynamicCache(config=self.config)
-        layers = [layer for layer in caches[0].layers]
-        for i in range(len(layers)):
+        for i in range(len(caches[0].layers)):
             keys = [c.layers[i].keys for c in caches]
             values = [c.layers[i].values for c in caches]
             joined.update(_pad_stack(keys, width), _pad_stack(values, width), i)

@@ -169,15 +169,15 @@ def shipped_draft(target_path: str | Path, device: str = "cpu") -> Path | None:
     entries = json.loads(index.read_text())
     name = Path(target_path).name
     entry = entries.get(name)
-    if entry is None and name.endswith(".gguf") and Path(target_path).is_file():
-        entry = _entry_by_identity(entries, target_path)
-        if entry is None:
-            return None
-    elif entry is not None:
+    if entry is not None:
         folder = _entry_folder(index, name, entry, device)
         if folder is not None and read_config(folder).target.name != name:
             raise ValueError(f"{index} maps {name} to {folder}, which was trained for {read_config(folder).target.name}")
-    return _entry_folder(index, name, entry, device) if entry is not None else None
+        return folder
+    if name.endswith(".gguf") and Path(target_path).is_file():
+        entry = _entry_by_identity(entries, target_path)
+        return None if entry is None else _entry_folder(index, name, entry, device)
+    return None
 
 
 def _entry_folder(index: Path, name: str, entry, device: str) -> Path | None:

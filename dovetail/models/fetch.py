@@ -208,8 +208,8 @@ def pip_download(package: str, version: str, sha256: str, downloads: Path, progr
 
 
 def _stderr_fd():
-    """Where pip's progress goes: our stderr's file descriptor (None when it has none: pip's
-    output then goes to ours, which a caller capturing stderr in Python would not see)."""
+    """Where pip's progress goes: our stderr's file descriptor, or nowhere when our stderr has
+    none (a caller capturing it in Python)."""
     try:
         return sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):

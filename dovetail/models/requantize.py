@@ -36,8 +36,9 @@ def requantize(src: str | os.PathLike, to: str, out: str | os.PathLike | None = 
     if not str(src).endswith(".gguf") or not src.is_file():
         raise ValueError(f"re-quantizing needs a .gguf file, got {src}")
     out = Path(out) if out is not None else default_out(src, to)
-    if out.is_file() and requantized_from(out) is not None:
-        log.info("%s is there already (re-quantized from %s)", out, requantized_from(out))
+    made_from = requantized_from(out) if out.is_file() else None  # parsing a GGUF takes seconds: once
+    if made_from is not None:
+        log.info("%s is there already (re-quantized from %s)", out, made_from)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     quantized = out.with_name(out.name + ".quantizing")
