@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-nodes", type=int, default=None, help="fix the most tree tokens per verification")
     p.add_argument("--auto-tree", action="store_true",
                    help="size Dovetail's drafts automatically even with --depth/--max-nodes (they cap it)")
-    p.add_argument("--gate", action="store_true",
-                   help="Dovetail proposes only draft tokens whose probability pays for verifying them (needs auto sizing)")
+    p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="Dovetail proposes only draft tokens whose probability pays for verifying them (needs "
+                        "auto sizing; default: as dovetail-launch, on with it)")
     p.add_argument("--force-draft", action="store_true",
                    help="Dovetail starts its draft even where the target's curve says no draft can pay (default: "
                         "it decodes with the target alone there, as dovetail-launch does)")
@@ -120,7 +121,7 @@ def plan(args, draft_device: str, buffers=None) -> list[tuple[str, callable, dic
         ours = dict(target=args.target, target_cpus=args.target_cpus, dtype=args.dtype, stop_token_ids=[],
                     backend=backend, **{k: getattr(args, k) for k in ("depth", "top_k", "max_nodes")
                                         if getattr(args, k) is not None},
-                    **({"auto_tree": True} if args.auto_tree else {}), **({"gate": True} if args.gate else {}),
+                    **({"auto_tree": True} if args.auto_tree else {}), **({"gate": args.gate} if args.gate is not None else {}),
                     **({"force_draft": True} if args.force_draft else {}),
                     **({"llama_extra_buffers": args.llama_extra_buffers} if args.llama_extra_buffers != "auto" else {}))
         tag = report.backend_tag(backend)

@@ -107,9 +107,10 @@ def add_drafting_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--auto-tree", action=argparse.BooleanOptionalAction, default=None,
                    help="size each draft from the verify-cost curve and the acceptance (default: on unless "
                         "--depth or --max-nodes is given; with --auto-tree they cap it)")
-    d.add_argument("--gate", action="store_true",
-                   help="with automatic sizing: propose only draft tokens whose probability under the draft "
-                        "pays for verifying them (for a steep CPU verify curve, e.g. llama.cpp on few cores)")
+    d.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="propose only draft tokens whose probability under the draft pays for verifying them "
+                        "(needs automatic sizing; default: on with it; it prunes only where a verified row "
+                        "costs a real share of a step)")
     d.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="draft the next round while the target verifies (default: on for a GPU draft)")
 

@@ -16,6 +16,14 @@ it pays when P > (slope + draft level) / plain round. Where verifying k tokens c
 more than one (a GPU draft next to a many-core target) the gate is near 0; on llama.cpp on
 two cores (37, 60, 85, 96 ms for k = 1..4) it is about one half. It relies on the draft's
 probabilities being calibrated: bench.gating measures that.
+
+The curve measured at start-up is where the sizer begins, not where it stays. Each round's
+own verification time moves the estimate for its row count (VERIFY_EMA): a shared machine's
+memory bandwidth drifts by 10-20% within a minute (a bf16 1.5B on two cores: one token in 79
+to 107 ms across four start-ups), and a memory-bound k = 1 drifts most, so a curve measured
+in a slow spell makes every extra row look cheaper than it is. Verifying the root alone is
+never seen while drafting wins, so now and then (RECHECK_EVERY, backing off) the sizer
+verifies the root alone to see what plain decoding costs now.
 """
 from __future__ import annotations
 
@@ -28,8 +36,13 @@ PRIOR_WEIGHT = 2.0    # ... worth this many observed rounds
 EMA = 0.1             # weight of the newest round in the draft/wire time estimates
 PROBE_EVERY = 8       # while d = 0 wins, draft anyway once per this many rounds ...
 PROBE_EVERY_MAX = 128  # ... doubling after each probe that does not change the decision
+PROBE_SHARE = 0.05    # ... and only when the tokens its draft must read first (a 0.5B on two
+                      # cores: ~4 ms each) cost at most this share of the rounds since the last draft
 CATCH_UP_TOKENS = 4   # a draft round that first had to process more committed tokens than
                       # this (a prompt, a long gap) says nothing about the cost per level
+VERIFY_EMA = 0.2      # weight of a round's own verification time in its row count's cost
+RECHECK_EVERY = 16    # while drafting wins, verify the root alone once per this many choices ...
+RECHECK_EVERY_MAX = 256  # ... doubling after each check that does not change the decision
 GATE_SPAN = 4         # verify-curve steps averaged for the cost of one more row
 MAX_GATE = 0.9        # a gate never asks for more certainty than this
 
@@ -42,7 +55,7 @@ class TreeSizer:
                  batch_us: list[int] | tuple = ()):
         if not verify_us:
             raise ValueError("the tree sizer needs the target's verify-cost curve")
-        self.verify_ms_k = [t / 1000 for t in verify_us]  # [k-1] -> ms to verify k tokens
+        self.verify_ms_k = [t / 1000 for t in verify_us]  # [k-1] -> ms to verify k tokens, as last seen
         # requests -> [(rows in the forward, ms)], the single-request curve as 1
         self.batch_points: dict[int, list[tuple[int, float]]] = {1: [(k + 1, t) for k, t in enumerate(self.verify_ms_k)]}
         for n, r, us in zip(batch_us[0::3], batch_us[1::3], batch_us[2::3]):
@@ -54,9 +67,12 @@ class TreeSizer:
         self.tries = [0] * (max_depth + 1)  # rounds that reached level i (1-based)
         self.hits = [0] * (max_depth + 1)   # ... and had it accepted
         self.draft_ms_per_level: float | None = None
+        self.catch_up_ms_per_token: float | None = None  # what a draft pays per token it reads late
         self.wire_ms: float | None = None
         self.rounds_since_draft = 0
         self.probe_every = PROBE_EVERY
+        self.choices_since_plain = 0
+        self.recheck_every = RECHECK_EVERY
         self.last_choice = max_depth
         self._lock = threading.Lock()  # concurrent requests share one sizer
 
@@ -119,13 +135,14 @@ class TreeSizer:
         return (self.expected_tokens(depth) + others[2]) / self.round_ms(depth, others[:2])
 
     # ---- decisions and feedback -----------------------------------------------------------
-    def choose(self, req: int | None = None) -> int:
+    def choose(self, req: int | None = None, behind: int = 0) -> int:
         """Levels to draft this round (0: verify the root alone), for request ``req``, priced
-        with the other requests in flight (their last choices) sharing the forward."""
+        with the other requests in flight (their last choices) sharing the forward; ``behind``:
+        committed tokens the draft has not read yet (a probe pays for reading them)."""
         with self._lock:
             others = [v for r, v in self.in_flight.items() if r != req]
             load = (len(others), sum(r for r, _ in others), sum(e for _, e in others))
-            depth = self._choose(load)
+            depth = self._choose(load, behind)
             if req is not None:
                 self.in_flight[req] = (self.nodes(depth) + 1, self.expected_tokens(depth))
             return depth
@@ -135,24 +152,47 @@ class TreeSizer:
         with self._lock:
             self.in_flight.pop(req, None)
 
-    def _choose(self, load: tuple[int, int, float] = (0, 0, 0.0)) -> int:
+    def _choose(self, load: tuple[int, int, float] = (0, 0, 0.0), behind: int = 0) -> int:
         if self.draft_ms_per_level is None:  # the draft's speed is unknown: find out first
             return self.max_depth
         best = max(range(self.max_depth + 1), key=lambda d: self.tokens_per_ms(d, load))
         if best > 0:
             self.probe_every = PROBE_EVERY
-        elif self.rounds_since_draft + 1 >= self.probe_every:
-            best = max(range(1, self.max_depth + 1), key=lambda d: self.tokens_per_ms(d, load))
-            self.probe_every = min(2 * self.probe_every, PROBE_EVERY_MAX)
+            self.choices_since_plain += 1
+            # What does plain decoding cost now? Only a forward of its own tells (observe()).
+            if self.choices_since_plain >= self.recheck_every and load[0] == 0:
+                best, self.choices_since_plain = 0, 0
+                self.recheck_every = min(2 * self.recheck_every, RECHECK_EVERY_MAX)
+        else:
+            self.choices_since_plain, self.recheck_every = 0, RECHECK_EVERY
+            if self.rounds_since_draft + 1 >= self.probe_every and self._probe_affordable(behind):
+                best = max(range(1, self.max_depth + 1), key=lambda d: self.tokens_per_ms(d, load))
+                self.probe_every = min(2 * self.probe_every, PROBE_EVERY_MAX)
         self.last_choice = best
         return best
 
+    def _probe_affordable(self, behind: int) -> bool:
+        """A probe's draft first reads the tokens committed since it last drafted: on shared
+        cores that can cost more than the probe can tell (a 0.5B reading 150 tokens: 0.5 s)."""
+        if behind <= CATCH_UP_TOKENS or self.catch_up_ms_per_token is None:
+            return True
+        rounds_ms = (self.rounds_since_draft + 1) * (self.verify_ms(1) + (self.wire_ms or 0.0))
+        return behind * self.catch_up_ms_per_token <= PROBE_SHARE * rounds_ms
+
     def observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float,
-                synced: int = 1) -> None:
+                synced: int = 1, verify_s: float | None = None, req: int | None = None) -> None:
         """One verified round: the tree drafted (parents), how many draft tokens were accepted,
-        and how many committed tokens the draft processed first (``synced``)."""
+        how many committed tokens the draft processed first (``synced``), and how long the
+        target took to verify it (``verify_s``; counted only when request ``req`` had the
+        forward to itself)."""
         with self._lock:
             self._observe(parents, accepted, draft_s if synced <= CATCH_UP_TOKENS else None, wire_s)
+            if draft_s is not None and synced > CATCH_UP_TOKENS:
+                self.catch_up_ms_per_token = _ema(self.catch_up_ms_per_token, 1000 * draft_s / synced)
+            alone = not any(r != req for r in self.in_flight)
+            if verify_s is not None and alone and len(parents) < len(self.verify_ms_k):
+                old = self.verify_ms_k[len(parents)]
+                self.verify_ms_k[len(parents)] = (1 - VERIFY_EMA) * old + VERIFY_EMA * 1000 * verify_s
 
     def _observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float) -> None:
         depth = max(depths(parents), default=0)
@@ -169,7 +209,8 @@ class TreeSizer:
     def summary(self) -> dict:
         return {"alpha": [round(self.alpha(i), 3) for i in range(1, self.max_depth + 1)],
                 "draft_ms_per_level": self.draft_ms_per_level, "wire_ms": self.wire_ms,
-                "depth": self.last_choice}
+                "depth": self.last_choice,
+                "verify_ms": [round(t, 1) for t in self.verify_ms_k[:self.nodes(self.max_depth) + 1]]}
 
 
 def skip_draft_reason(verify_us: list[int], max_depth: int, top_k: int, max_nodes: int,

@@ -33,8 +33,10 @@ class CoordinatorConfig:
     overlap: bool | None = None    # draft round n+1 while round n verifies (None: only on a GPU draft)
     auto_tree: bool | None = None  # size each draft from the verify-cost curve and acceptance
                                    # (None: on unless depth or max_nodes is given); depth caps it
-    gate: bool = False             # with auto_tree: propose only draft tokens whose path probability
-                                   # pays for their verification (autotree.TreeSizer.min_prob)
+    gate: bool | None = None       # with auto_tree: propose only draft tokens whose path probability
+                                   # pays for their verification (autotree.TreeSizer.min_prob; None:
+                                   # on with auto_tree: near 0 where rows are cheap, so it only prunes
+                                   # where a row costs a real share of a step)
     force_draft: bool = False      # start the draft even where the target's curve says no draft can pay
                                    # (autotree.skip_draft_reason; only asked when auto_tree is on)
     draft_layers: int | None = None  # run only the first N layers of the draft model

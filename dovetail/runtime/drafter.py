@@ -65,7 +65,7 @@ class Drafter:
             return [], []
         prop, self.ready = self.ready, None
         if prop is None:
-            depth, max_nodes = self.shape()
+            depth, max_nodes = self.shape(len(committed) - (self.synced if self.prefilled else 0))
             if depth == 0:  # drafting does not pay at the moment: verify the root alone
                 return [], []
             self.step += 1
@@ -86,11 +86,12 @@ class Drafter:
         tokens, parents = trim_depth(prop.tokens, prop.parents, max_depth)
         return (tokens, parents) if room is None else trim_nodes(tokens, parents, room)
 
-    def shape(self) -> tuple[int, int]:
-        """(depth, max_nodes) of the next draft: the sizer's choice, or the configured shape."""
+    def shape(self, behind: int = 0) -> tuple[int, int]:
+        """(depth, max_nodes) of the next draft: the sizer's choice, or the configured shape;
+        ``behind``: committed tokens the draft has not read yet."""
         if self.sizer is None:
             return self.cfg.depth, self.cfg.max_nodes
-        depth = self.sizer.choose(self.req)
+        depth = self.sizer.choose(self.req, behind)
         return depth, max(1, self.sizer.nodes(depth))
 
     def gate(self) -> float:

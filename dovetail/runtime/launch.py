@@ -123,11 +123,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
                          f"one, draft_device='cpu'); got draft {draft!r} on {device!r}")
     if draft is not None and draft_device is None and device == "cpu":
         log.warning("no GPU found: the draft runs on the CPU, sharing the target's cores")
-    if config.auto_tree is None:  # a shape the user fixed is kept as given
-        config = replace(config, auto_tree=config.depth is None and config.max_nodes is None)
-    if config.gate and not config.auto_tree:
-        raise ValueError("gate=True prices draft tokens with the automatic tree sizer: it needs auto_tree "
-                         "(pass auto_tree=True to keep depth/max_nodes as caps)")
+    config = settle_sizing(config)
     draft_backend = pick_draft_backend(draft_backend, backend, draft_path, device, config)
     if draft_backend == "llama.cpp":
         check_backend(draft_backend, draft_path)
@@ -205,6 +201,19 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         config = replace(config, stop_token_ids=stop_token_ids(target_path, tokenizer))
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
                        context=ctx, run_dir=run_dir, liveness=liveness)
+
+
+def settle_sizing(config: CoordinatorConfig) -> CoordinatorConfig:
+    """auto_tree and gate as given, or their defaults: automatic sizing unless depth or
+    max_nodes fixes the shape (a shape the user fixed is kept as given), the gate with it."""
+    if config.auto_tree is None:
+        config = replace(config, auto_tree=config.depth is None and config.max_nodes is None)
+    if config.gate is None:
+        config = replace(config, gate=config.auto_tree)
+    if config.gate and not config.auto_tree:
+        raise ValueError("gate=True prices draft tokens with the automatic tree sizer: it needs auto_tree "
+                         "(pass auto_tree=True to keep depth/max_nodes as caps)")
+    return config
 
 
 def _skip_draft_reason(hs_target: Handshake, config: CoordinatorConfig, overlap: bool) -> str | None:

@@ -80,7 +80,7 @@ class RoundLoop:
                     drafter.settle(committed, res, tokens, parents)
                     if drafter.sizer is not None:
                         drafter.sizer.observe(parents, len(res.accepted), drafter.last_draft_s, wire,
-                                              drafter.last_synced)
+                                              drafter.last_synced, verify_s=res.seconds, req=req)
                 new, stop = self._cut(res.tokens[:budget])
                 committed.extend(new)
                 stats.new_tokens += len(new)

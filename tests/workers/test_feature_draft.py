@@ -366,12 +366,16 @@ def test_a_gated_draft_is_lossless_and_drafts_less(coords):
     """gate=True: the sizer prices a token from a steep verify curve (llama.cpp on two cores)
     and the draft proposes only tokens above that path probability."""
     from dovetail.runtime.autotree import TreeSizer
+    class SteepCurve(TreeSizer):  # keeps the curve it was given: the tiny target's own is nearly flat
+        def observe(self, *args, verify_s=None, **kwargs):
+            super().observe(*args, **kwargs)
+
     coord = coords["trained"]
     saved_cfg, saved_sizer = coord.config, coord.sizer
     try:
         coord.config = dataclasses.replace(saved_cfg, auto_tree=True, gate=True)
-        coord.sizer = TreeSizer([37000, 60000, 85000, 96000, 118000], max_depth=4, top_k=2, max_nodes=8,
-                                overlap=False)
+        coord.sizer = SteepCurve([37000, 60000, 85000, 96000, 118000], max_depth=4, top_k=2, max_nodes=8,
+                                 overlap=False)
         assert 0.5 < coord.sizer.min_prob() < 0.6  # (118 - 37) / 4 ms per row against a 37 ms step
         drafted = {"gated": 0, "open": 0}
         rounds = dict(drafted)
@@ -388,5 +392,24 @@ def test_a_gated_draft_is_lossless_and_drafts_less(coords):
             drafted["open"] += r.stats.drafted
             rounds["open"] += r.stats.rounds
         assert drafted["gated"] / rounds["gated"] < drafted["open"] / rounds["open"], (drafted, rounds)
+    finally:
+        coord.config, coord.sizer = saved_cfg, saved_sizer
+
+
+@pytest.mark.timeout(120)
+def test_rounds_teach_the_sizer_what_verifying_costs(coords):
+    """Each round's own verification time reaches the sizer: a curve that says 500 ms per
+    forward moves toward the tiny target's few ms at the row counts the rounds used."""
+    from dovetail.runtime.autotree import TreeSizer
+    coord = coords["trained"]
+    saved_cfg, saved_sizer = coord.config, coord.sizer
+    try:
+        coord.config = dataclasses.replace(saved_cfg, auto_tree=True)
+        coord.sizer = TreeSizer([500_000] * 12, max_depth=4, top_k=2, max_nodes=8, overlap=False)
+        r = coord.generate(E2E_PROMPTS["long"], max_new_tokens=MAX_NEW)
+        assert r.token_ids == coords["base"].generate(E2E_PROMPTS["long"], max_new_tokens=MAX_NEW).token_ids
+        seen = coord.sizer.verify_ms_k
+        assert min(seen) < 100, seen  # rows it verified: learned
+        assert max(seen) == 500, seen  # rows it never verified (10 to 12): as measured
     finally:
         coord.config, coord.sizer = saved_cfg, saved_sizer

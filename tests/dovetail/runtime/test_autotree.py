@@ -1,7 +1,7 @@
 """The tree sizer: depth from the verify-cost curve, the draft's speed and observed acceptance."""
 import pytest
 
-from dovetail.runtime.autotree import PROBE_EVERY, TreeSizer
+from dovetail.runtime.autotree import PROBE_EVERY, RECHECK_EVERY, TreeSizer
 from dovetail.spec.tree import chain_parents
 
 pytestmark = pytest.mark.timeout(30)
@@ -10,17 +10,23 @@ FLAT = [int(1000 * (250 + 3 * k)) for k in range(1, 17)]    # 16-core server: k 
 STEEP = [int(1000 * (37 + 25 * (k - 1))) for k in range(1, 17)]  # 2 cores, llama.cpp Q4_K
 
 
+def accept(credit, depth, accept_rate):
+    """(levels accepted, credit left): each level accepted at accept_rate, deterministically."""
+    accepted = 0
+    for _level in range(depth):
+        credit += accept_rate
+        if credit < 1:
+            break
+        credit -= 1
+        accepted += 1
+    return accepted, credit
+
+
 def feed(sizer, rounds, depth, accept_rate, draft_ms_per_level, wire_ms=0.5):
     """Rounds of a chain draft whose levels are each accepted with accept_rate (deterministic)."""
     credit = 0.0
     for _ in range(rounds):
-        accepted = 0
-        for _level in range(depth):
-            credit += accept_rate
-            if credit < 1:
-                break
-            credit -= 1
-            accepted += 1
+        accepted, credit = accept(credit, depth, accept_rate)
         sizer.observe(chain_parents(depth), accepted, depth * draft_ms_per_level / 1000, wire_ms / 1000)
 
 
@@ -180,3 +186,74 @@ def test_batch_costs_interpolate_between_measured_shapes():
     s = TreeSizer(FLAT_ALONE, 4, 1, 16, overlap=True, batch_us=per_request)
     assert s.batch_ms(3, 3) == pytest.approx(((40 + 80 + 20) + (40 + 80 + 40)) / 2)
     assert s.batch_ms(1, 3) == s.verify_ms(3)
+
+
+# ---- the curve as the rounds see it -------------------------------------------------------
+# A bf16 1.5B on two shared cores (llama.cpp, 2026-11-30): measured at start-up in a slow
+# spell (k = 1 at 107 ms), then decoding at 88 ms per token (bench/results/sweep-2core-bf16-*).
+SLOW_SPELL_BF16 = [107000, 134000, 149000, 155000, 153000, 163000, 183000, 182000]
+NOW_BF16 = [88, 118, 137, 145, 152, 160, 172, 180]
+
+
+def run_rounds(s, rounds, accept_rate, draft_ms_per_level, report_verify=True):
+    """Rounds chosen by the sizer, verified at NOW_BF16's cost, each level accepted at
+    accept_rate (deterministically); returns the depths chosen."""
+    credit, chosen = 0.0, []
+    for _ in range(rounds):
+        d = s.choose(req=1)
+        accepted, credit = accept(credit, d, accept_rate)
+        rows = s.nodes(d) + 1
+        s.observe(chain_parents(d), accepted, d * draft_ms_per_level / 1000 if d else None, 0.001,
+                  verify_s=NOW_BF16[rows - 1] / 1000 if report_verify else None, req=1)
+        chosen.append(d)
+    return chosen
+
+
+def test_a_rounds_own_verification_time_moves_its_rows_cost():
+    s = TreeSizer(SLOW_SPELL_BF16, max_depth=3, top_k=1, max_nodes=3, overlap=False)
+    for _ in range(30):
+        s.observe(chain_parents(2), 2, 0.02, 0.001, verify_s=0.137, req=1)
+    assert s.verify_ms(3) == pytest.approx(137, abs=1)
+    assert s.verify_ms(1) == 107 and s.verify_ms(4) == 155  # rows it did not see keep their cost
+    s.in_flight[2] = (3, 1.5)  # another request shares the forwards: its times are not one request's
+    s.observe(chain_parents(2), 2, 0.02, 0.001, verify_s=0.5, req=1)
+    assert s.verify_ms(3) == pytest.approx(137, abs=1)
+
+
+def test_a_curve_measured_in_a_slow_spell_stops_misleading_the_sizer():
+    """At the start-up curve a draft accepted at 0.36 per level looks worth it (rows look cheap
+    next to a slow k = 1); at what verifying costs now, it is not. The sizer must find out."""
+    def sizer():
+        s = TreeSizer(SLOW_SPELL_BF16, max_depth=3, top_k=1, max_nodes=3, overlap=False)
+        s.draft_ms_per_level = 7.0
+        return s
+    blind = run_rounds(sizer(), 300, 0.36, 7.0, report_verify=False)
+    seeing = run_rounds(sizer(), 300, 0.36, 7.0)
+    assert sum(d > 0 for d in blind[-100:]) > 90  # the start-up curve alone keeps it drafting
+    assert sum(d > 0 for d in seeing[-100:]) < 15  # probes only
+
+
+def test_while_drafting_wins_plain_decoding_is_rechecked_now_and_then():
+    s = TreeSizer(FLAT, max_depth=6, top_k=1, max_nodes=16, overlap=True)
+    feed(s, 50, 6, 0.9, 2.0)
+    plain = [r for r in range(300) if s.choose(req=1) == 0]
+    assert plain[0] == RECHECK_EVERY - 1 and 3 <= len(plain) <= 5, plain
+    gaps = [b - a for a, b in zip(plain, plain[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0], plain  # backing off
+
+
+def test_a_probe_waits_while_reading_what_its_draft_missed_costs_more_than_it_can_tell():
+    def probes(behind):
+        s = TreeSizer(STEEP, max_depth=4, top_k=1, max_nodes=16, overlap=False)
+        feed(s, 50, 4, 0.2, 13.0)
+        s.observe(chain_parents(4), 0, 0.6, 0.0005, synced=150)  # a probe that first read 150 tokens: 4 ms each
+        assert s.catch_up_ms_per_token == pytest.approx(4.0) and s.draft_ms_per_level == pytest.approx(13.0)
+        made = 0
+        for r in range(200):
+            d = s.choose(req=1, behind=behind(r))
+            made += d > 0
+            s.observe(chain_parents(d), 0, 0.013 * d if d else None, 0.0005)
+        return made
+    assert probes(lambda r: 150 + r) == 0  # 600 ms and more to read, against 5% of 37 ms a round
+    assert probes(lambda r: 2) >= 3         # a draft in step: probes as usual
+    assert probes(lambda r: 40) >= 1        # 160 ms: affordable once ~90 plain rounds have passed
