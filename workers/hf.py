@@ -145,7 +145,7 @@ class CausalLM:
             values = [c.layers[i].values for c in caches]
             joined.update(_pad_stack(keys, width), _pad_stack(values, width), i)
         kwargs = {self._cache_kw: joined, "use_cache": True, "position_ids": positions.to(self.device),
-                  "attention_mask": self._additive_batch(allowed)}
+                  "attention_mask": self._additive(allowed)}
         logits = self.model(input_ids=ids.to(self.device), logits_to_keep=0, **kwargs).logits.float()
         hidden, self._hidden = self._hidden, None
         for b, ((tokens, _), cache) in enumerate(zip(trees, caches)):
@@ -156,17 +156,12 @@ class CausalLM:
                 layer.values = torch.cat([layer.values, done.values[b:b + 1, :, width:width + n]], dim=2)
         return [Forward(logits=logits[b, :len(t)], hidden=hidden[b, :len(t)]) for b, (t, _) in enumerate(trees)]
 
-    def _additive_batch(self, allowed: torch.Tensor) -> torch.Tensor:
-        """[batch, 1, n, kv] additive float mask from a boolean [batch, n, kv] one."""
-        mask = torch.zeros(allowed.shape, dtype=self.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return mask[:, None].to(self.device)
-
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """Additive float mask [1, 1, n, kv]: works for both the sdpa and eager attention kernels."""
+        """Additive float mask [batch, 1, n, kv] from a boolean [n, kv] (batch 1) or [batch, n, kv]
+        one: works for both the sdpa and eager attention kernels."""
         mask = torch.zeros(allowed.shape, dtype=self.dtype)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return mask[None, None].to(self.device)
+        return mask.reshape(-1, 1, *allowed.shape[-2:]).to(self.device)
 
     def _window_masks(self, cache, positions: list[int], allowed: torch.Tensor | None):
         """The masks of a sliding-window model: a row at position p sees a visible column only

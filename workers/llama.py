@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dovetail.models.options import DEFAULT_LLAMA_CTX, import_llama
+from dovetail.models.options import DEFAULT_LLAMA_CTX, MAX_BATCH_ROWS, import_llama
 from dovetail.spec.tree import children, row_positions, with_root
 from dovetail.workers.backend import ContextFull, Identity, TargetBackend
 from dovetail.models.loading import load_tokenizer, tokenizer_hash
@@ -29,7 +29,7 @@ log = logging.getLogger("dovetail.target")
 
 DEFAULT_SEQS = 64        # sequence ids: one per open request plus scratch ids for tree leaves
 SCRATCH_SEQS = 16        # the target worker's scratch ids beyond --max-requests (tree leaves)
-MAX_BATCH = 512          # rows per llama_decode call; longer prompts go in chunks
+MAX_BATCH = MAX_BATCH_ROWS  # rows per llama_decode call (its n_batch); longer prompts go in chunks
 
 
 @dataclass

@@ -36,8 +36,6 @@ from dovetail.workers.serve import (
 log = logging.getLogger("dovetail.target")
 
 
-
-
 @dataclass
 class TargetConfig(WorkerConfig):
     model: str

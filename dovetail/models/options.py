@@ -53,7 +53,7 @@ def llama_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 DEFAULT_BATCH_ROWS = 64  # rows of several requests' verifications the target runs in one forward
-MAX_BATCH_ROWS = 512     # llama.cpp's n_batch (workers/llama.py MAX_BATCH)
+MAX_BATCH_ROWS = 512     # rows per llama_decode call: the llama.cpp backend's n_batch (workers/llama.py)
 
 
 def check_batch_rows(value, name: str = "batch_rows") -> int:

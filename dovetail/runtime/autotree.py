@@ -106,8 +106,11 @@ class TreeSizer:
                 return 0.0
             slope = max(0.0, (self.verify_ms(n + 1) - self.verify_ms(1)) / n)
             level = 0.0 if self.overlap else (self.draft_ms_per_level or 0.0)
-            plain = self.verify_ms(1) + (self.wire_ms or 0.0)
-            return min(MAX_GATE, (slope + level) / plain)
+            return min(MAX_GATE, (slope + level) / self.plain_ms())
+
+    def plain_ms(self) -> float:
+        """A round that verifies the root alone: target-only decoding."""
+        return self.verify_ms(1) + (self.wire_ms or 0.0)
 
     def alpha(self, level: int) -> float:
         return (self.hits[level] + PRIOR_ALPHA * PRIOR_WEIGHT) / (self.tries[level] + PRIOR_WEIGHT)
@@ -176,8 +179,7 @@ class TreeSizer:
         cores that can cost more than the probe can tell (a 0.5B reading 150 tokens: 0.5 s)."""
         if behind <= CATCH_UP_TOKENS or self.catch_up_ms_per_token is None:
             return True
-        rounds_ms = (self.rounds_since_draft + 1) * (self.verify_ms(1) + (self.wire_ms or 0.0))
-        return behind * self.catch_up_ms_per_token <= PROBE_SHARE * rounds_ms
+        return behind * self.catch_up_ms_per_token <= PROBE_SHARE * (self.rounds_since_draft + 1) * self.plain_ms()
 
     def observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float,
                 synced: int = 1, verify_s: float | None = None, req: int | None = None) -> None:
@@ -209,8 +211,7 @@ class TreeSizer:
     def summary(self) -> dict:
         return {"alpha": [round(self.alpha(i), 3) for i in range(1, self.max_depth + 1)],
                 "draft_ms_per_level": self.draft_ms_per_level, "wire_ms": self.wire_ms,
-                "depth": self.last_choice,
-                "verify_ms": [round(t, 1) for t in self.verify_ms_k[:self.nodes(self.max_depth) + 1]]}
+                "depth": self.last_choice}
 
 
 def skip_draft_reason(verify_us: list[int], max_depth: int, top_k: int, max_nodes: int,

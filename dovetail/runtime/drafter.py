@@ -65,7 +65,8 @@ class Drafter:
             return [], []
         prop, self.ready = self.ready, None
         if prop is None:
-            depth, max_nodes = self.shape(len(committed) - (self.synced if self.prefilled else 0))
+            behind = len(committed) - (self.synced if self.prefilled else 0)  # tokens the draft reads first
+            depth, max_nodes = self.shape(behind)
             if depth == 0:  # drafting does not pay at the moment: verify the root alone
                 return [], []
             self.step += 1
@@ -78,7 +79,7 @@ class Drafter:
             if prop is None:
                 return [], []
             self.stats.wire_s += max(0.0, time.perf_counter() - t0 - prop.seconds)
-            self.last_synced = len(msg.new_tokens) if self.prefilled else msg.base_len + len(msg.new_tokens)
+            self.last_synced = behind
             self.prefilled = True
             self.synced = len(committed)
         self.stats.draft_s += prop.seconds
