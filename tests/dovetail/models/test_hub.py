@@ -145,7 +145,9 @@ def test_auto_draft_for_a_hub_target_is_the_small_model_of_its_family(hub, tmp_p
     hub.add_folder("Qwen/Qwen2.5-Coder-0.5B-Instruct", draft)
     outputs = []
     for name, d in (("Qwen/Qwen2.5-Coder-7B-Instruct", "auto"), (target, None)):
-        with dovetail.launch(name, d, dtype="float64", draft_device="cpu", force_draft=True) as coord:
+        # A fixed tree: on a tiny model the measured curve is timing noise, and automatic sizing
+        # with its gate may then price every draft token out (drafted 0 on one CI run).
+        with dovetail.launch(name, d, dtype="float64", draft_device="cpu", depth=3, top_k=1, max_nodes=3) as coord:
             r = coord.generate("hello there", max_new_tokens=16)
             outputs.append((r.token_ids, r.stats.drafted))
     assert outputs[0][0] == outputs[1][0]
