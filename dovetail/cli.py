@@ -60,13 +60,19 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "with --role draft only read for its tokenizer (default there: the draft's)")
     m.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="draft: a model with the target's tokenizer, feature:CKPT_DIR (a trained feature draft), "
-                        "or auto (default): the feature draft shipped for the target and the draft's device "
-                        "when there is one (dovetail/draft/shipped/defaults.json), "
-                        f"else {DEFAULT_DRAFT_LM}")
+                        "suffix (trees copied from the prompt, the output and earlier outputs: no model, no "
+                        "draft process), suffix+MODEL (both; each round verifies the one that promises more), "
+                        "or auto (default): suffix without a GPU; with one, suffix beside the feature draft "
+                        "shipped for the target and the draft's device when there is one "
+                        f"(dovetail/draft/shipped/defaults.json), else {DEFAULT_DRAFT_LM}")
     m.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
     m.add_argument("--force-draft", action="store_true",
                    help="start the draft even where the target's measured verify cost says no draft can pay "
                         "(by default the draft is then skipped, with a line that says why)")
+    m.add_argument("--suffix-cache-tokens", type=int, default=1 << 16,
+                   help="earlier outputs the suffix draft may copy from, in tokens (default: 65536; 0: off). "
+                        "The server keeps them per API key: a request that repeats another's output decodes "
+                        "faster, a timing side channel between tenants")
     m.add_argument("--target-cpus", default=None, help="CPUs for the target, e.g. '0-31' or '0,2,4' (default: all)")
     m.add_argument("--draft-gpu", default=None,
                    help="GPU index for the draft, or 'cpu' (default: GPU 0 when there is one, else the CPU)")
@@ -185,9 +191,8 @@ def main(argv=None) -> int:
         print(f"dovetail-launch: {e}", file=sys.stderr)
         return 1
     with coord:
-        info = coord.draft_info
-        print(f"dovetail: target {coord.target_info.model} ({coord.target_info.dtype}, {coord.target_info.device}); draft "
-              + (f"{info.model} ({info.dtype}, {info.device})" if info else "none") + f"; overlap {coord.overlap}",
+        print(f"dovetail: target {coord.target_info.model} ({coord.target_info.dtype}, {coord.target_info.device}); "
+              f"draft {draft_label(coord)}; overlap {coord.overlap}",
               file=sys.stderr)
         prompts = [args.prompt] if args.prompt is not None else _read_prompts()
         for text in prompts:
@@ -200,6 +205,13 @@ def main(argv=None) -> int:
                 return 1
             print(f"\n[{stats.summary()}]", file=sys.stderr)
     return 0
+
+
+def draft_label(coord) -> str:
+    """What drafts: the draft worker's model, the suffix draft, both, or none."""
+    info = coord.draft_info
+    parts = [f"{info.model} ({info.dtype}, {info.device})"] if info else []
+    return " + ".join(parts + (["suffix"] if coord.suffix else [])) or "none"
 
 
 def check_role_flags(args) -> None:
@@ -238,6 +250,7 @@ def start_coordinator(args, **options):
                            llama_extra_buffers=args.llama_extra_buffers, llama_ctx=args.llama_ctx, batch_rows=args.batch_rows, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                            auto_tree=args.auto_tree, gate=args.gate, force_draft=args.force_draft,
                            overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,
+                           suffix_cache_tokens=args.suffix_cache_tokens,
                            heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness,
                            **options)
 

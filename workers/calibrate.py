@@ -17,7 +17,9 @@ from pathlib import Path
 
 log = logging.getLogger("dovetail.target")
 
-CALIBRATE_KS = 16        # measure k = 1..16; the coordinator extrapolates beyond
+CALIBRATE_KS = 16        # measure k = 1..16 each ...
+LONG_KS = (24, 32, 48, 64)  # ... and these longer chains (a suffix draft copies dozens of tokens);
+                         # the curve holds k = 1..64, linear between them; the coordinator extrapolates beyond
 CALIBRATE_CONTEXT = 128  # tokens of context in the cache while measuring
 CALIBRATE_REPEATS = 3    # quiet passes over k = 1..16; the fastest forward of each k counts
 MAX_PASSES = 10          # passes before settling for what a busy machine gave (not cached then)
@@ -72,17 +74,23 @@ class Pass:
 
 
 def measure_verify_us(backend, vocab_size: int, ks: int | None = None, context: int | None = None,
-                      repeats: int | None = None, passes_out: list | None = None) -> list[int]:
-    """Microseconds of one verify of a k-token chain, for k = 1..ks: the fastest of
+                      repeats: int | None = None, passes_out: list | None = None,
+                      long_ks: tuple[int, ...] | None = None) -> list[int]:
+    """Microseconds of one verify of a k-token chain, for k = 1..ks and then up to the last of
+    ``long_ks`` (measured there, linear in between: default LONG_KS beyond CALIBRATE_KS): the fastest of
     ``repeats`` quiet passes over all k (passes, not k after k, so that a burst of load from
     another process slows one pass, not the few k measured during it). Passes that other
     processes disturbed are repeated, up to MAX_PASSES in all and EXTRA_PASSES_S; ``passes_out``
     gets every Pass."""
     import torch
+    if long_ks is None:
+        long_ks = LONG_KS if ks is None else ()
     ks, context = ks or CALIBRATE_KS, context or CALIBRATE_CONTEXT
     repeats = repeats or CALIBRATE_REPEATS
+    long_ks = tuple(k for k in long_ks if k > ks)
+    measured = [*range(1, ks + 1), *long_ks]
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (context + ks + 1,), generator=gen).tolist()
+    ids = torch.randint(0, vocab_size, (context + measured[-1] + 1,), generator=gen).tolist()
     seq = backend.new_sequence()
     load = OtherLoad()
     try:
@@ -95,7 +103,7 @@ def measure_verify_us(backend, vocab_size: int, ks: int | None = None, context: 
                                          and time.perf_counter() - started < EXTRA_PASSES_S):
             times = []
             load.start()
-            for k in range(1, ks + 1):
+            for k in measured:
                 t0 = time.perf_counter()
                 backend.verify(seq, ids[context], ids[context + 1:context + k], list(range(-1, k - 2)),
                                hidden=False)
@@ -105,9 +113,19 @@ def measure_verify_us(backend, vocab_size: int, ks: int | None = None, context: 
         if passes_out is not None:
             passes_out.extend(passes)
         counted = [p for p in passes if p.quiet] or passes
-        return [int(1e6 * min(p.seconds[k] for p in counted)) for k in range(ks)]
+        fastest = [1e6 * min(p.seconds[i] for p in counted) for i in range(len(measured))]
+        return fill_curve(measured, fastest)
     finally:
         backend.release(seq)
+
+
+def fill_curve(ks: list[int], us: list[float]) -> list[int]:
+    """The curve for k = 1..ks[-1] from its values at ``ks`` (ascending, from 1): linear in between."""
+    out = []
+    for (k0, t0), (k1, t1) in zip(zip(ks, us), zip(ks[1:], us[1:])):
+        out.extend(int(t0 + (t1 - t0) * (k - k0) / (k1 - k0)) for k in range(k0, k1))
+    out.append(int(us[-1]))
+    return out
 
 
 def measure_batch_us(backend, vocab_size: int, max_rows: int, repeats: int | None = None) -> list[int]:
@@ -177,7 +195,7 @@ def cache_key(model: str, backend: str, dtype: str, threads: int, max_rows: int)
     from dovetail.system.cpus import cpu_model
     mtime = int(path.stat().st_mtime)
     raw = json.dumps([str(path.resolve()), size, mtime, backend, dtype, threads, cpu_model(),
-                      CALIBRATE_KS, CALIBRATE_CONTEXT, BATCH_REQUESTS, BATCH_ROWS, BATCH_CONTEXT, max_rows,
+                      CALIBRATE_KS, LONG_KS, CALIBRATE_CONTEXT, BATCH_REQUESTS, BATCH_ROWS, BATCH_CONTEXT, max_rows,
                       os.environ.get("OMP_WAIT_POLICY", "")])
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 

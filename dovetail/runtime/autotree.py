@@ -181,6 +181,25 @@ class TreeSizer:
             return True
         return behind * self.catch_up_ms_per_token <= PROBE_SHARE * (self.rounds_since_draft + 1) * self.plain_ms()
 
+    def best_prefix(self, probs: list[float], req: int | None = None) -> int:
+        """How many nodes of a free draft (the suffix draft's: no draft time) to verify, given
+        each node's probability of being accepted, best first and never a node before its
+        parent: the count with the most expected tokens per ms, 0 when none beats decoding
+        alone. Priced on the forward it shares with the other requests in flight."""
+        with self._lock:
+            others = [v for r, v in self.in_flight.items() if r != req]
+            n, rows, tokens = len(others), sum(r for r, _ in others), sum(e for _, e in others)
+            wire = self.wire_ms or 0.0
+            best, best_rate, expected, best_expected = 0, 0.0, 1.0, 1.0
+            for m in range(len(probs) + 1):
+                expected += probs[m - 1] if m else 0.0
+                rate = (expected + tokens) / (self.batch_ms(n + 1, rows + m + 1) + wire)
+                if rate > best_rate:
+                    best, best_rate, best_expected = m, rate, expected
+            if req is not None:
+                self.in_flight[req] = (best + 1, best_expected)
+            return best
+
     def observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float,
                 synced: int = 1, verify_s: float | None = None, req: int | None = None) -> None:
         """One verified round: the tree drafted (parents), how many draft tokens were accepted,
@@ -188,15 +207,25 @@ class TreeSizer:
         target took to verify it (``verify_s``; counted only when request ``req`` had the
         forward to itself)."""
         with self._lock:
-            self._observe(parents, accepted, draft_s if synced <= CATCH_UP_TOKENS else None, wire_s)
+            self._observe(parents, accepted, draft_s if synced <= CATCH_UP_TOKENS else None)
             if draft_s is not None and synced > CATCH_UP_TOKENS:
                 self.catch_up_ms_per_token = _ema(self.catch_up_ms_per_token, 1000 * draft_s / synced)
-            alone = not any(r != req for r in self.in_flight)
-            if verify_s is not None and alone and len(parents) < len(self.verify_ms_k):
-                old = self.verify_ms_k[len(parents)]
-                self.verify_ms_k[len(parents)] = (1 - VERIFY_EMA) * old + VERIFY_EMA * 1000 * verify_s
+            self._observe_verify(len(parents) + 1, verify_s, wire_s, req)
 
-    def _observe(self, parents: list[int], accepted: int, draft_s: float | None, wire_s: float) -> None:
+    def observe_verify(self, rows: int, verify_s: float | None, wire_s: float, req: int | None = None) -> None:
+        """A verification of ``rows`` rows whose draft this sizer did not choose (the suffix
+        draft's): it teaches the curve and the wire, not the model draft's acceptance."""
+        with self._lock:
+            self._observe_verify(rows, verify_s, wire_s, req)
+
+    def _observe_verify(self, rows: int, verify_s: float | None, wire_s: float, req: int | None) -> None:
+        self.wire_ms = _ema(self.wire_ms, 1000 * wire_s)
+        alone = not any(r != req for r in self.in_flight)
+        if verify_s is not None and alone and rows <= len(self.verify_ms_k):
+            old = self.verify_ms_k[rows - 1]
+            self.verify_ms_k[rows - 1] = (1 - VERIFY_EMA) * old + VERIFY_EMA * 1000 * verify_s
+
+    def _observe(self, parents: list[int], accepted: int, draft_s: float | None) -> None:
         depth = max(depths(parents), default=0)
         self.rounds_since_draft = 0 if depth else self.rounds_since_draft + 1
         for level in range(1, depth + 1):
@@ -204,7 +233,6 @@ class TreeSizer:
                 break
             self.tries[level] += 1
             self.hits[level] += level <= accepted
-        self.wire_ms = _ema(self.wire_ms, 1000 * wire_s)
         if depth and draft_s is not None:
             self.draft_ms_per_level = _ema(self.draft_ms_per_level, 1000 * draft_s / depth)
 

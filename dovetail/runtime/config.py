@@ -40,6 +40,9 @@ class CoordinatorConfig:
     force_draft: bool = False      # start the draft even where the target's curve says no draft can pay
                                    # (autotree.skip_draft_reason; only asked when auto_tree is on)
     draft_layers: int | None = None  # run only the first N layers of the draft model
+    suffix_max_nodes: int = 63      # most nodes of a suffix-draft tree (and at most the measured curve's rows - 1)
+    suffix_cache_tokens: int = 1 << 16  # earlier outputs the suffix draft copies from, per scope (API key),
+                                    # in tokens over all scopes; 0: off (runtime/suffix_draft.py: a timing side channel)
     draft_cpus: list[int] | None = None  # CPUs for a CPU draft (default: the target's)
     feature_codec: str = "fp16"
     stop_token_ids: list[int] | None = None  # default: the tokenizer's end-of-turn/text tokens
@@ -70,6 +73,10 @@ class CoordinatorConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if not 1 <= self.suffix_max_nodes <= 1024:
+            raise ValueError(f"suffix_max_nodes must be in 1..1024, got {self.suffix_max_nodes}")
+        if self.suffix_cache_tokens < 0:
+            raise ValueError(f"suffix_cache_tokens must be >= 0 (0 turns the cache off), got {self.suffix_cache_tokens}")
         if self.max_nodes is not None and not 1 <= self.max_nodes <= 1024:
             raise ValueError(f"max_nodes must be in 1..1024, got {self.max_nodes}")
         if not 1 <= self.max_active <= self.max_pending:

@@ -36,13 +36,14 @@ def _round_setting(name: str, doc: str) -> property:
 class Coordinator:
     def __init__(self, target: WorkerClient, draft: WorkerClient | None, hs_target: Handshake,
                  hs_draft: Handshake | None, tokenizer, config: CoordinatorConfig, *, overlap: bool,
-                 context=None, run_dir=None, liveness=None):
+                 context=None, run_dir=None, liveness=None, suffix: bool = False):
         self.target = target
         self.target_info, self.draft_info = hs_target, hs_draft
         self.tokenizer = tokenizer
         self.text = Text(tokenizer, hs_target.vocab_size)
         stop_ids = set(config.stop_token_ids if config.stop_token_ids is not None else default_stop_ids(tokenizer))
-        self.rounds = RoundLoop(target, draft, hs_target, hs_draft, config, overlap=overlap, stop_token_ids=stop_ids)
+        self.rounds = RoundLoop(target, draft, hs_target, hs_draft, config, overlap=overlap, stop_token_ids=stop_ids,
+                                suffix=suffix)
         self._draft_client = draft  # shut down in close() even while rounds.draft is set aside
         self._ctx, self._run_dir = context, run_dir
         self._liveness = liveness  # heartbeats to the workers (runtime/liveness.py), stopped in close()
@@ -53,6 +54,7 @@ class Coordinator:
     overlap = _round_setting("overlap", "Whether the draft drafts round n+1 while the target verifies round n")
     sizer = _round_setting("sizer", "The TreeSizer that shapes drafts (None: the configured shape)")
     draft = _round_setting("draft", "The draft worker's client (None: target-only decoding)")
+    suffix = _round_setting("suffix", "Whether the suffix draft runs (runtime/suffix_draft.py)")
 
     @property
     def stop_token_ids(self) -> set[int]:
@@ -65,21 +67,22 @@ class Coordinator:
 
     # ---- public API -------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop=None) -> GenerationResult:
+                 top_p: float = 1.0, seed: int | None = None, stop=None, *, scope: str = "") -> GenerationResult:
         stats = Stats()
         ids: list[int] = []
         text: list[str] = []
-        for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, stats=stats):
+        for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, stats=stats, scope=scope):
             ids.extend(chunk.token_ids)
             text.append(chunk.text)
         return GenerationResult(ids, self._text_of(text), stats)
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop=None, *, stats: Stats | None = None) -> Iterator[Chunk]:
+               seed: int | None = None, stop=None, *, stats: Stats | None = None, scope: str = "") -> Iterator[Chunk]:
         """Yield committed tokens round by round, as the target verifies them.
 
         ``stop``: a string or a list; the text ends before the first one to appear (also
-        across chunks), and the request with it.
+        across chunks), and the request with it. ``scope``: the suffix draft copies from the
+        earlier outputs of requests with the same scope only (the server: one per API key).
         """
         prompt_ids, seed, stop = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop)
         stats = stats if stats is not None else Stats()
@@ -88,12 +91,13 @@ class Coordinator:
             with self._admission.cancellable(threading.Event()) as cancel, self._admission.slot():
                 if not cancel.is_set():
                     yield from self.text.chunks(self.rounds.run(prompt_ids, max_new_tokens, temperature, top_p,
-                                                                seed, stats, cancel=cancel), stop, stats)
+                                                                seed, stats, cancel=cancel, scope=scope),
+                                                stop, stats)
         finally:
             self._admission.leave()
 
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, on_event=None, stop=None) -> Request:
+               seed: int | None = None, on_event=None, stop=None, *, scope: str = "") -> Request:
         """Start a request in the background and return its handle at once.
 
         Raises CoordinatorBusy right away when max_pending requests are in flight. See
@@ -102,17 +106,17 @@ class Coordinator:
         prompt_ids, seed, stop = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop)
         handle = Request(on_event)
         self._admission.admit()
-        args = (handle, prompt_ids, max_new_tokens, temperature, top_p, seed, stop)
+        args = (handle, prompt_ids, max_new_tokens, temperature, top_p, seed, stop, scope)
         threading.Thread(target=self._serve, args=args, name="dovetail-request", daemon=True).start()
         return handle
 
-    def _serve(self, handle: Request, prompt_ids, max_new, temperature, top_p, seed, stop) -> None:
+    def _serve(self, handle: Request, prompt_ids, max_new, temperature, top_p, seed, stop, scope) -> None:
         text: list[str] = []
         try:
             with self._admission.cancellable(handle._cancel), self._admission.slot():
                 if not handle.cancelled:
                     rounds = self.rounds.run(prompt_ids, max_new, temperature, top_p, seed, handle.stats,
-                                             cancel=handle._cancel)
+                                             cancel=handle._cancel, scope=scope)
                     for chunk in self.text.chunks(rounds, stop, handle.stats):
                         text.append(chunk.text)
                         handle.emit_chunk(chunk)

@@ -14,7 +14,7 @@ from dovetail.protocol import (
 from dovetail.runtime.autotree import TreeSizer
 from dovetail.runtime.client import WorkerClient, WorkerDied, WorkerError, WorkerTimeout
 from dovetail.runtime.config import CoordinatorConfig
-from dovetail.runtime.draft_health import DraftHealth
+from dovetail.runtime.draft_health import DEAD, DraftHealth
 from dovetail.runtime.results import Stats
 from dovetail.spec.tree import main_path, trim_depth, trim_nodes
 
@@ -139,8 +139,18 @@ class Drafter:
             agree += 1
         self.synced = len(committed) + agree
 
-    def close(self) -> None:
+    def observe(self, parents: list[int], res: VerifyResult, wire_s: float) -> None:
+        """Tell the sizer what the round drafted, what it earned and what it cost."""
+        if self.sizer is not None:
+            self.sizer.observe(parents, len(res.accepted), self.last_draft_s, wire_s, self.last_synced,
+                               verify_s=res.seconds, req=self.req)
+
+    def close(self, committed: list[int] | None = None) -> None:
         """End the request on the draft; its reply is dropped on arrival, so no waiting."""
+        # Also after a failed draft call: a draft that timed out or refused a step still holds
+        # the request's state, and max_requests leaks would leave it answering only "busy".
+        if self.health.state == DEAD:
+            return
         try:
             self.client.send(Close(self.req))
         except WorkerError as e:  # it died meanwhile: DraftHealth hears of it from the next call

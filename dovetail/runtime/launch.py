@@ -46,9 +46,14 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     replays a recorded target output instead (workers/replay.py; see the replay_* options).
     ``draft="feature:CKPT_DIR"`` runs a feature draft (DGF or EAGLE, trained by dovetail-train
     for this target; refused for any other) that reads the target's hidden states.
-    ``draft="auto"``: the feature draft shipped for this target (dovetail/draft/shipped/) when there
-    is one for the draft's device (dovetail/draft/shipped/defaults.json), else the standalone draft
-    model DEFAULT_DRAFT_LM.
+    ``draft="suffix"``: the suffix draft alone (runtime/suffix_draft.py): trees copied from the
+    prompt, the output so far and earlier outputs, at no model cost and with no draft process;
+    ``draft="suffix+MODEL"`` runs it beside a model draft (any of the forms here), each round
+    verifying whichever promises more. ``draft="auto"``: without a GPU for the draft, the suffix
+    draft alone (on a CPU a model draft shares the target's cores and seldom pays); with one, the
+    suffix draft beside "suffix+auto"'s model: the feature draft shipped for this target
+    (dovetail/draft/shipped/) when there is one for the draft's device
+    (dovetail/draft/shipped/defaults.json), else the standalone draft model DEFAULT_DRAFT_LM.
     ``target_cpus``: "0-31", "0,2,4" or a list of ints. ``draft_device``: "cpu", "cuda:N", an int N, or None for the
     first GPU when there is one. ``dtype`` forces "float32", "bfloat16" or "float64" on both
     workers. ``backend``: how the target runs, "transformers", "llama.cpp" (a GGUF on
@@ -101,6 +106,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     cpus = parse_cpus(target_cpus)
     target_path = resolve_model(str(target)) if target is not None else None
     device = _draft_device(draft_device)
+    suffix, draft = split_suffix(draft, device)
     draft = pick_draft(draft, target_path, device, target_spec=None if target is None else str(target))
     if not remote:
         backend = pick_backend(backend, target_path, target_quantize)
@@ -200,7 +206,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     if config.stop_token_ids is None and target_path is not None:  # what the model's own files say
         config = replace(config, stop_token_ids=stop_token_ids(target_path, tokenizer))
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,
-                       context=ctx, run_dir=run_dir, liveness=liveness)
+                       context=ctx, run_dir=run_dir, liveness=liveness, suffix=suffix)
 
 
 def settle_sizing(config: CoordinatorConfig) -> CoordinatorConfig:
@@ -221,6 +227,23 @@ def _skip_draft_reason(hs_target: Handshake, config: CoordinatorConfig, overlap:
     if not hs_target.verify_us:  # not measured: nothing to judge by
         return None
     return skip_draft_reason(hs_target.verify_us, config.depth, config.top_k, config.max_nodes, overlap)
+
+
+SUFFIX = "suffix"
+
+
+def split_suffix(draft, device: str) -> tuple[bool, object]:
+    """(whether the suffix draft runs, the model draft) for launch()'s ``draft``."""
+    if draft == "auto":
+        return True, None if device == "cpu" else "auto"
+    if draft == SUFFIX:
+        return True, None
+    if isinstance(draft, str) and draft.startswith(SUFFIX + "+"):
+        model = draft[len(SUFFIX) + 1:]
+        if not model or model == SUFFIX:
+            raise ValueError(f"draft={draft!r}: name the model draft after 'suffix+' (e.g. 'suffix+auto')")
+        return True, model
+    return False, draft
 
 
 def pick_draft(draft, target_path, device: str = "cpu", target_spec: str | None = None):

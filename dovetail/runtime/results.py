@@ -14,6 +14,9 @@ class Stats:
     accepted: int = 0               # tokens committed by verifications (accepted drafts + 1 each)
     accepted_drafts: int = 0        # draft tokens among them
     speculative_hits: int = 0       # overlapped drafts that could be used
+    suffix_rounds: int = 0          # verifications that carried the suffix draft's tree
+    suffix_drafted: int = 0         # its tokens sent for verification ...
+    suffix_accepted: int = 0        # ... and accepted (included in drafted / accepted_drafts)
     seconds: float = 0.0            # wall time of the request, prefill included
     prefill_s: float = 0.0
     draft_s: float = 0.0            # draft worker compute

@@ -16,33 +16,40 @@ from dovetail.protocol import Close, Handshake, OpenRequest, Opened, VerifyReque
 from dovetail.runtime.autotree import TreeSizer
 from dovetail.runtime.client import WorkerClient
 from dovetail.runtime.config import CoordinatorConfig
-from dovetail.runtime.draft_health import DEAD, DraftHealth
+from dovetail.runtime.draft_health import DraftHealth
 from dovetail.runtime.drafter import Drafter
 from dovetail.runtime.results import Stats
+from dovetail.runtime.suffix_draft import AcceptTable, HybridDrafter, SuffixCache, SuffixDrafter
 
 
 class RoundLoop:
     """What every request's rounds share: the two workers, the tree settings, the draft's health.
 
-    ``config``, ``overlap``, ``sizer`` and ``draft`` are read at the start of each request, so
-    a change between requests applies to the next one.
+    ``config``, ``overlap``, ``sizer``, ``draft`` and ``suffix`` are read at the start of each
+    request, so a change between requests applies to the next one. ``suffix``: run the suffix
+    draft (runtime/suffix_draft.py), alone or beside the draft worker; what all requests
+    learned of its acceptance and their outputs (by scope) stay here.
     """
 
     def __init__(self, target: WorkerClient, draft: WorkerClient | None, target_info: Handshake,
                  draft_info: Handshake | None, config: CoordinatorConfig, *, overlap: bool,
-                 stop_token_ids: set[int]):
+                 stop_token_ids: set[int], suffix: bool = False):
         self.target, self.draft = target, draft
         self.draft_info = draft_info
         self.config, self.overlap = config, overlap
         self.stop_token_ids = stop_token_ids
         self.max_context = target_info.max_context  # 0: unknown
         self.health = DraftHealth(draft, config.draft_probe_timeout_s)
-        self.sizer = make_sizer(config, target_info, overlap) if draft is not None else None
+        self.suffix = suffix
+        self.sizer = make_sizer(config, target_info, overlap) if draft is not None or suffix else None
+        self.suffix_accept = AcceptTable()
+        self.suffix_cache = SuffixCache(config.suffix_cache_tokens)
         self._ids = itertools.count(1)
 
     def run(self, prompt: list[int], max_new: int, temperature: float, top_p: float, seed: int,
-            stats: Stats, cancel: threading.Event | None = None) -> Iterator[list[int]]:
-        """Yield the tokens each round commits until a stop token, ``max_new`` tokens or ``cancel``."""
+            stats: Stats, cancel: threading.Event | None = None, scope: str = "") -> Iterator[list[int]]:
+        """Yield the tokens each round commits until a stop token, ``max_new`` tokens or ``cancel``;
+        ``scope``: whose earlier outputs the suffix draft may copy from (the server: the API key's)."""
         cfg, overlap = self.config, self.overlap
         req = next(self._ids)
         t_start = time.perf_counter()
@@ -50,14 +57,14 @@ class RoundLoop:
         # Hidden states travel only to a draft that reads them (its handshake says so).
         features = bool(self.draft_info is not None and self.draft_info.features)
         drafter = None
+        committed = list(prompt)
         try:
             # Inside the try: a prefill that fails or times out still gets its Close, or the
             # target would keep the sequence (and a llama.cpp sequence id) for good.
             opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed, features), Opened,
                                       cfg.prefill_timeout_s, "prefill_timeout_s")
             stats.prefill_s = opened.seconds
-            drafter = self._start_drafter(req, prompt, stats, opened)
-            committed = list(prompt)
+            drafter = self._start_drafter(req, prompt, stats, opened, scope)
             while True:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
@@ -78,9 +85,7 @@ class RoundLoop:
                 count_round(stats, tokens, res, wire)
                 if drafter:
                     drafter.settle(committed, res, tokens, parents)
-                    if drafter.sizer is not None:
-                        drafter.sizer.observe(parents, len(res.accepted), drafter.last_draft_s, wire,
-                                              drafter.last_synced, verify_s=res.seconds, req=req)
+                    drafter.observe(parents, res, wire)
                 new, stop = self._cut(res.tokens[:budget])
                 committed.extend(new)
                 stats.new_tokens += len(new)
@@ -92,31 +97,35 @@ class RoundLoop:
             stats.seconds = time.perf_counter() - t_start
             stats.target_idle_s = max(0.0, stats.seconds - stats.prefill_s - stats.verify_s)
             stats.draft_idle_s = max(0.0, stats.seconds - stats.draft_s) if drafter else 0.0
-            self._close_request(req, drafter)
+            self._close_request(req, drafter, committed)
 
-    def _start_drafter(self, req: int, prompt: list[int], stats: Stats, opened: Opened) -> Drafter | None:
-        """A Drafter for this request, unless there is no draft or its health says not now."""
-        if self.draft is None:
-            return None
-        if not self.health.usable():
-            stats.draft_fallback, stats.draft_fallback_reason = True, self.health.state
-            return None
-        return Drafter(self.draft, self.config, self.health, self.sizer, req, prompt, stats,
-                       wants_features=bool(self.draft_info is not None and self.draft_info.features),
-                       features=opened.features)
+    def _start_drafter(self, req: int, prompt: list[int], stats: Stats, opened: Opened, scope: str):
+        """This request's drafter: the draft worker's (unless its health says not now), the
+        suffix draft, both (HybridDrafter), or None."""
+        model = None
+        if self.draft is not None:
+            if self.health.usable():
+                model = Drafter(self.draft, self.config, self.health, self.sizer, req, prompt, stats,
+                                wants_features=bool(self.draft_info is not None and self.draft_info.features),
+                                features=opened.features)
+            else:
+                stats.draft_fallback, stats.draft_fallback_reason = True, self.health.state
+        if not self.suffix:
+            return model
+        suffix = SuffixDrafter(self.config, self.sizer, self.suffix_accept, self.suffix_cache, scope, req, prompt,
+                               stats)
+        return suffix if model is None else HybridDrafter(model, suffix)
 
     def _cut(self, tokens: list[int]) -> tuple[list[int], bool]:
         """The tokens up to and including the first stop token, and whether there was one."""
         stop = next((i for i, t in enumerate(tokens) if t in self.stop_token_ids), None)
         return (tokens, False) if stop is None else (tokens[:stop + 1], True)
 
-    def _close_request(self, req: int, drafter: Drafter | None) -> None:
+    def _close_request(self, req: int, drafter, committed: list[int]) -> None:
         if self.sizer is not None:
             self.sizer.forget(req)  # its rows no longer share the target's forwards
-        # Also after a failed draft call: a draft that timed out or refused a step still holds
-        # the request's state, and max_requests leaks would leave it answering only "busy".
-        if drafter is not None and self.health.state != DEAD:
-            drafter.close()
+        if drafter is not None:
+            drafter.close(committed)
         try:
             self.target.send(Close(req))
         except Exception:  # the target may be gone; its error was raised already

@@ -8,6 +8,7 @@ started goes out as an error event, then ``[DONE]``: its status line is already 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -37,9 +38,11 @@ DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its clie
 def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | None = None) -> Starlette:
     keys = [k.encode() for k in api_keys]
 
-    def authorize(request: Request) -> None:
+    def authorize(request: Request) -> str:
+        """Refuse a request without a valid key; return its scope: whose earlier outputs the suffix
+        draft may copy from (one per key: speed is a timing side channel between tenants)."""
         if not keys:
-            return
+            return ""
         given = request.headers.get("authorization", "")
         token = given[7:].strip().encode() if given.lower().startswith("bearer ") else b""
         ok = False
@@ -49,12 +52,13 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
             raise APIError(401, "a valid API key is required (Authorization: Bearer KEY)" if token
                            else "missing API key (Authorization: Bearer KEY)",
                            "authentication_error", code="invalid_api_key")
+        return hashlib.sha256(token).hexdigest()[:16]
 
     def guarded(handler, needs_key=True):
         async def endpoint(request: Request) -> Response:
             try:
                 if needs_key:
-                    authorize(request)
+                    request.state.scope = authorize(request)
                 return await handler(request)
             except APIError as e:
                 return error_response(e)
@@ -75,7 +79,7 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
         engine.require_ready()
         engine.check_model(req.model)
         s = sampling(req)
-        events = engine.run(s)
+        events = engine.run(s, scope=request.state.scope)
         first = await anext_or_error(events)  # refusals (400, 503) before any byte is sent
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": engine.served_name}

@@ -124,8 +124,9 @@ class Engine:
             raise bad_request("max_tokens is required: the target does not report its context length", "max_tokens")
         return ids, max_tokens
 
-    async def run(self, s: Sampling) -> AsyncIterator[Chunk | Finished]:
-        """Yield the request's chunks, then one Finished; raise APIError for its failure."""
+    async def run(self, s: Sampling, scope: str = "") -> AsyncIterator[Chunk | Finished]:
+        """Yield the request's chunks, then one Finished; raise APIError for its failure.
+        ``scope``: the API key's (Coordinator.submit): the suffix draft's cache is per key."""
         coord = self.require_ready()
         ids, max_tokens = self.prepare(s)
         loop = asyncio.get_running_loop()
@@ -133,7 +134,7 @@ class Engine:
         on_event = self._observer(loop, events)
         try:
             handle = coord.submit(ids, max_tokens, s.temperature, s.top_p, s.seed, on_event=on_event,
-                                  stop=s.stop or None)
+                                  stop=s.stop or None, scope=scope)
         except CoordinatorBusy as e:
             raise busy(e) from None
         except (ValueError, TypeError) as e:

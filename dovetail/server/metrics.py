@@ -3,7 +3,9 @@
 vLLM's spec-decode counters are per draft round: ``num_drafts`` counts verifications that
 carried draft tokens, ``num_accepted_tokens_per_pos{position=i}`` the rounds whose i-th
 draft token was accepted. Ours on top: where the time went (drafting, verifying, the wire)
-and how often a request ran target-only because the draft failed.
+and how often a request ran target-only because the draft failed; and the spec-decode
+counters split by where the draft came from (``source``: "model", the draft worker, or
+"suffix", the suffix draft).
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ class Metrics:
         self.accepted_per_pos = Counter(p + "spec_decode_num_accepted_tokens_per_pos",
                                         "Rounds whose draft token at this position was accepted",
                                         ["position"], registry=r)
+        self.by_source = {
+            name: Counter(p + "spec_decode_source_" + name, doc + ", by draft source", ["source"], registry=r)
+            for name, doc in (("num_drafts", "Verifications that carried draft tokens"),
+                              ("num_draft_tokens", "Draft tokens sent for verification"),
+                              ("num_accepted_tokens", "Draft tokens the target accepted"))}
         self.running = Gauge(p + "num_requests_running", "Requests decoding now", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests admitted and waiting for a slot", registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests", registry=r)
@@ -66,6 +73,11 @@ class Metrics:
         self.drafts.inc(stats.draft_rounds)
         self.draft_tokens.inc(stats.drafted)
         self.accepted_tokens.inc(stats.accepted_drafts)
+        suffix = (stats.suffix_rounds, stats.suffix_drafted, stats.suffix_accepted)
+        totals = (stats.draft_rounds, stats.drafted, stats.accepted_drafts)
+        for counter, all_, from_suffix in zip(self.by_source.values(), totals, suffix):
+            counter.labels("suffix").inc(from_suffix)
+            counter.labels("model").inc(all_ - from_suffix)
         for length in stats.accept_lengths:  # accepted draft tokens + 1 per round
             for pos in range(min(length - 1, MAX_POSITIONS)):
                 self.accepted_per_pos.labels(str(pos)).inc()

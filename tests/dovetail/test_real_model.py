@@ -68,14 +68,14 @@ def test_greedy_identical_with_and_without_draft(model_path, prompts):
 
 
 def test_shipped_feature_draft_is_the_default_and_lossless(model_path, prompts):
-    """draft="auto" (dovetail-launch's default) picks the DGF draft shipped for this target;
-    through the default backend its greedy output is the target's own, and it is accepted."""
+    """draft="suffix+auto" (dovetail-launch's default beside a GPU) picks the DGF draft shipped for
+    this target; through the default backend its greedy output is the target's own, and it is accepted."""
     from dovetail.draft.checkpoint import shipped_draft
     assert shipped_draft(model_path) is not None, "no feature draft ships for the 0.5B target"
     with dovetail.launch(model_path, None) as base:
         reference = [base.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]
         prompt_ids, backend = [base.encode_prompt(p) for p in prompts], backend_of(base)
-    with dovetail.launch(model_path, "auto", draft_device="cpu", depth=4, top_k=2, max_nodes=8) as coord:
+    with dovetail.launch(model_path, "suffix+auto", draft_device="cpu", depth=4, top_k=2, max_nodes=8) as coord:
         assert coord.draft_info.features and "dgf" in coord.draft_info.model
         results = [coord.generate(p, max_new_tokens=NEW_TOKENS) for p in prompts]
     assert_same_up_to_near_ties(f"shipped feature draft vs target-only ({backend})", model_path, backend,

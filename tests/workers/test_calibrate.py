@@ -104,11 +104,13 @@ def test_the_curve_is_cached_per_model_backend_and_threads(tiny, tmp_path, monke
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
     monkeypatch.setattr(calibrate, "CACHE_MIN_BYTES", 0)
     monkeypatch.setattr(calibrate, "CALIBRATE_KS", 3)
+    monkeypatch.setattr(calibrate, "LONG_KS", (6,))  # k = 1, 2, 3 and 6 measured, 4 and 5 between
     monkeypatch.setattr(calibrate, "NOISY_SPREAD", 1e9)  # this box may be busy: cache regardless
     b = CountingBackend(tiny)
     first = calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2, 8)
     files = list((tmp_path / "verify_cost").glob("*.json"))
-    assert len(first[0]) == 3 and len(files) == 1
+    assert len(first[0]) == 6 and len(files) == 1
+    assert b.sizes[:5] == [1, 1, 2, 3, 6]  # warm-up, then the first pass
     assert len(first[1]) == 3 * 6  # (n, r, us) for 2x1 2x2 2x4 4x1 4x2 8x1: at most 8 rows
     cached = json.loads(files[0].read_text())
     assert (cached["verify_us"], cached["batch_verify_us"]) == first
@@ -119,7 +121,12 @@ def test_the_curve_is_cached_per_model_backend_and_threads(tiny, tmp_path, monke
     calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2, 1)  # no batches: new entry
     assert len(list((tmp_path / "verify_cost").glob("*.json"))) == 3
     files[0].write_text("not json")
-    assert len(calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2, 8)[0]) == 3  # re-measured
+    assert len(calibrate.load_or_measure(b, str(tiny), "transformers", "float32", 2, 8)[0]) == 6  # re-measured
+
+
+def test_long_chains_fill_the_curve_linearly():
+    assert calibrate.fill_curve([1, 2, 4, 8], [10.0, 12.0, 16.0, 32.0]) == [10, 12, 14, 16, 20, 24, 28, 32]
+    assert calibrate.fill_curve([1], [7.5]) == [7]
 
 
 def test_a_curve_measured_on_a_busy_machine_is_not_cached(tiny, tmp_path, monkeypatch):

@@ -83,8 +83,9 @@ def test_a_draft_starts_where_it_may_pay_or_when_forced(gguf, cached_curve):
 
 def test_auto_draft_for_a_foreign_tokenizer_fetches_nothing_and_decodes_target_only(
         launch_tracked, tmp_path, monkeypatch, caplog):
-    """draft="auto" for a target no shipped draft fits and whose tokenizer is not the default
-    draft model's: one warning, target-only decoding, and the 491 MB draft is never fetched."""
+    """draft="suffix+auto" (what "auto" means beside a GPU) for a target no shipped draft fits and
+    whose tokenizer is not the default draft model's: one warning, the suffix draft alone, and
+    the 491 MB draft is never fetched."""
     import logging
 
     import dovetail.models.fetch as fetch
@@ -100,10 +101,32 @@ def test_auto_draft_for_a_foreign_tokenizer_fetches_nothing_and_decodes_target_o
 
     monkeypatch.setattr(fetch, "resolve_model", no_draft_fetch)
     with caplog.at_level(logging.WARNING, logger="dovetail"):
-        coord = launch_tracked(target, "auto", draft_device="cpu")
+        coord = launch_tracked(target, "suffix+auto", draft_device="cpu")
     try:
-        assert coord.draft is None and coord.worker_pids["draft"] is None
+        assert coord.draft is None and coord.worker_pids["draft"] is None and coord.suffix
         assert coord.generate([5, 6, 7], max_new_tokens=4).stats.new_tokens == 4
     finally:
         coord.close()
     assert sum("tokenizer is not" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_auto_without_a_gpu_is_the_suffix_draft_alone(launch_tracked, tiny_target, monkeypatch):
+    """draft="auto" with the draft on the CPU: no draft process and nothing fetched (a model
+    draft sharing the target's cores seldom pays), the suffix draft in the coordinator."""
+    import dovetail.models.fetch as fetch
+    from dovetail.runtime.launch import split_suffix
+
+    assert split_suffix("auto", "cpu") == (True, None)
+    assert split_suffix("auto", "cuda:0") == (True, "auto")
+    assert split_suffix("suffix+x", "cpu") == (True, "x") and split_suffix("x", "cpu") == (False, "x")
+    with pytest.raises(ValueError, match="suffix\\+auto"):
+        split_suffix("suffix+", "cpu")
+    monkeypatch.setattr(fetch, "resolve_model", lambda name, *a, **k: pytest.fail(f"fetched {name}")
+                        if "0.5b" in str(name) else tiny_target)
+    coord = launch_tracked(tiny_target, "auto", draft_device="cpu")
+    try:
+        assert coord.suffix and coord.draft is None and coord.worker_pids["draft"] is None
+        prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7]
+        assert coord.generate(prompt, max_new_tokens=8).stats.new_tokens == 8
+    finally:
+        coord.close()

@@ -253,6 +253,9 @@ def test_64_concurrent_streams_10_percent_hanging_up(server, reference):
     assert metric(text, "dovetail:spec_decode_num_accepted_tokens_total") == sum(
         metric(text, f'dovetail:spec_decode_num_accepted_tokens_per_pos_total{{position="{p}"}}') for p in range(8))
     assert metric(text, "dovetail:time_to_first_token_seconds_count") >= 64
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):  # split by draft source
+        by_source = [metric(text, f'dovetail:spec_decode_source_{name}_total{{source="{s}"}}') for s in ("model", "suffix")]
+        assert sum(by_source) == metric(text, f"dovetail:spec_decode_{name}_total") and by_source[0] > 0
 
 
 def test_a_client_that_hangs_up_without_streaming_cancels_its_request(server):
