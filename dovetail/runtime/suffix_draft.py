@@ -46,24 +46,28 @@ EVICT_TO = 0.75        # a full cache drops its oldest outputs down to this shar
 LOCAL, CACHE = 0, 1    # where a node came from: the request's own text, or earlier outputs
 
 
-def bucket(match_len: int) -> int:
-    return bisect.bisect_right(BUCKET_EDGES, match_len) - 1
+def bucket(match_len: int, seen: int = 2) -> int:
+    """The acceptance bucket of a token proposed after a match of ``match_len`` tokens that
+    occurred ``seen`` times before: by length, and apart for a match seen once (code copied
+    from one place continues as it did there far more often than a common phrase does)."""
+    return 2 * (bisect.bisect_right(BUCKET_EDGES, match_len) - 1) + (seen == 1)
 
 
 class AcceptTable:
-    """Acceptance by (source, match-length bucket): hits over tries, the tries weighted by the
-    node's frequency score, so that hits / tries calibrates score -> probability."""
+    """Acceptance by (source, bucket): hits over tries, the tries weighted by the node's
+    frequency score, so that hits / tries calibrates score -> probability."""
 
     def __init__(self, parent: "AcceptTable | None" = None):
         self.parent = parent
-        self.tries = [[0.0] * len(BUCKET_EDGES) for _ in (LOCAL, CACHE)]
-        self.hits = [[0.0] * len(BUCKET_EDGES) for _ in (LOCAL, CACHE)]
+        self.tries = [[0.0] * 2 * len(BUCKET_EDGES) for _ in (LOCAL, CACHE)]
+        self.hits = [[0.0] * 2 * len(BUCKET_EDGES) for _ in (LOCAL, CACHE)]
         self._lock = threading.Lock() if parent is None else None  # the shared table is written by every request
 
     def rate(self, source: int, b: int) -> float:
         if self.parent is None:
             with self._lock:
-                return (self.hits[source][b] + PRIOR_ACCEPT[b] * PRIOR_WEIGHT) / (self.tries[source][b] + PRIOR_WEIGHT)
+                prior = PRIOR_ACCEPT[b // 2]
+                return (self.hits[source][b] + prior * PRIOR_WEIGHT) / (self.tries[source][b] + PRIOR_WEIGHT)
         prior = self.parent.rate(source, b)
         return (self.hits[source][b] + prior * GLOBAL_WEIGHT) / (self.tries[source][b] + GLOBAL_WEIGHT)
 
@@ -88,7 +92,7 @@ class Node:
     parent: int      # index in the proposal, -1: the root
     prob: float      # estimated probability that verification accepts it
     source: int      # LOCAL or CACHE
-    bucket: int      # match-length bucket it was priced at
+    bucket: int      # acceptance bucket it was priced at (bucket())
     score: float     # its frequency share among its siblings
 
 
@@ -107,7 +111,7 @@ def grow_tree(sources, accept: AcceptTable, max_nodes: int, max_depth: int) -> l
         conts = conts[:BRANCH]
         if total <= 0:
             return
-        b = bucket(match_len)
+        b = bucket(match_len, total)
         rate = accept.rate(source, b)
         for token, count, nxt in conts:
             score = count / total
@@ -226,8 +230,9 @@ class SuffixDrafter:
         self.local.extend_all(prompt)
         self.matcher: Matcher | None = None
         self.cache_version = -1
-        self.nodes: list[Node] = []  # the proposal in verification, for learning
-        self.expected = 0.0          # expected tokens committed by the last proposal
+        self.candidates: list[Node] = []  # the last tree grown, for learning: all of it, sent or not ...
+        self.sent = 0                      # ... and how many of its nodes went to the target
+        self.expected = 0.0                # expected tokens committed by what was sent
         self.last_draft_s: float | None = None
         self.last_synced = 0
 
@@ -241,7 +246,7 @@ class SuffixDrafter:
     def propose(self, committed: list[int], max_depth: int, room: int | None = None
                 ) -> tuple[list[int], list[int]]:
         t0 = time.perf_counter()
-        self.nodes, self.expected = [], 1.0
+        self.candidates, self.sent, self.expected = [], 0, 1.0
         for t in committed[len(self.local):]:
             self.local.extend(t)
         limit = min(self.max_nodes, room if room is not None else self.max_nodes)
@@ -255,14 +260,14 @@ class SuffixDrafter:
                 nodes = grow_tree(sources, self.accept, limit, max_depth)
         else:
             nodes = grow_tree(sources, self.accept, limit, max_depth)
-        keep = self._price(nodes)
-        self.nodes = nodes[:keep]
-        self.expected = 1.0 + sum(n.prob for n in self.nodes)
-        if scope is not None and any(n.source == CACHE for n in self.nodes):
+        self.candidates, self.sent = nodes, self._price(nodes)
+        sent = nodes[:self.sent]
+        self.expected = 1.0 + sum(n.prob for n in sent)
+        if scope is not None and any(n.source == CACHE for n in sent):
             self.cache.touch(self.scope, scope.doc_at(scope.sam.first[self.matcher.state]))
         self.last_draft_s = time.perf_counter() - t0
         self.stats.draft_s += self.last_draft_s
-        return [n.token for n in self.nodes], [n.parent for n in self.nodes]
+        return [n.token for n in sent], [n.parent for n in sent]
 
     def _price(self, nodes: list[Node]) -> int:
         probs = [n.prob for n in nodes]
@@ -286,16 +291,24 @@ class SuffixDrafter:
         """Nothing to overlap: drafting costs no forward."""
 
     def settle(self, committed: list[int], res: VerifyResult, tokens, parents) -> None:
-        """Learn from the verification: every node whose parent was accepted was tried."""
-        if not self.nodes:
-            return
-        accepted = set(res.accepted)
-        for i, node in enumerate(self.nodes):
-            if node.parent < 0 or node.parent in accepted:
-                self.accept.learn(node.source, node.bucket, node.score, i in accepted)
-        self.stats.suffix_rounds += 1
-        self.stats.suffix_drafted += len(self.nodes)
-        self.stats.suffix_accepted += len(res.accepted)
+        """Learn from the verification. The target's tokens this round (``res.tokens``: what it
+        accepted, then its own) judge every node of the grown tree whose parent they reach, sent
+        or not: a node kept back because it looked unlikely is learned from too, or a match
+        length priced out once would never be tried again."""
+        on_path: list[bool] = []  # node i's path is the target's
+        levels: list[int] = []    # node i's depth - 1: the index of the target's token it is judged by
+        for node in self.candidates:
+            level = 0 if node.parent < 0 else levels[node.parent] + 1
+            reached = (node.parent < 0 or on_path[node.parent]) and level < len(res.tokens)
+            hit = reached and node.token == res.tokens[level]
+            levels.append(level)
+            on_path.append(hit)
+            if reached:
+                self.accept.learn(node.source, node.bucket, node.score, hit)
+        if self.sent:
+            self.stats.suffix_rounds += 1
+            self.stats.suffix_drafted += self.sent
+            self.stats.suffix_accepted += len(res.accepted)
 
     def observe(self, parents: list[int], res: VerifyResult, wire_s: float) -> None:
         if self.sizer is not None:
@@ -332,7 +345,7 @@ class HybridDrafter:
             self.model.ready = None  # an overlapped draft for this root: not needed now
             self.used = self.suffix
             return tokens, parents
-        self.suffix.nodes = []  # not verified: nothing to learn from it
+        self.suffix.sent = 0  # not verified; its tree is still judged by the target's tokens
         self.used = self.model
         return self.model.propose(committed, max_depth, room)
 

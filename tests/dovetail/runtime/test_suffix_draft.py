@@ -117,7 +117,7 @@ def test_a_rejected_copy_stops_being_proposed():
         tokens, parents = d.propose(text, max_depth=8)
         rounds_with_drafts += bool(tokens)
         truth = [5000 + r, 0]  # the target never agrees
-        d.settle(None, result(tokens, parents, truth) if tokens else None, tokens, parents)
+        d.settle(None, result(tokens, parents, truth), tokens, parents)
         text.append(truth[0])
         text.extend(code[:10])  # the same match comes back every round
     assert 1 <= rounds_with_drafts <= 3
@@ -164,3 +164,23 @@ def test_a_matched_output_is_kept_over_newer_ones():
     cache.add("", list(range(4000, 4100)))  # past the bound: the least recently used go
     kept = [tuple(v) for s in cache.scopes.values() for v in s.docs.values()]
     assert kept == [tuple(first), tuple(range(4000, 4100))]
+
+
+def test_what_was_not_sent_is_learned_too():
+    """A one-token match is priced out on a steep curve at first, but the target's tokens judge
+    it every round all the same: when they keep confirming it, it starts being drafted."""
+    pairs = [(400 + i, 500 + i) for i in range(30)]
+    prompt = [t for i, (a, b) in enumerate(pairs) for t in (a, b, 600 + i)]  # a_i b_i filler_i
+    plan = [t for i, (a, b) in enumerate(pairs) for t in (700 + i, a, b)]    # new_i a_i b_i: b_i follows a_i again
+    d = drafter(prompt, curve=STEEP)
+    text, i, drafted_at = list(prompt), 0, []
+    while i < len(plan) - 1:
+        tokens, parents = d.propose(text, max_depth=4)
+        res = result(tokens, parents, plan[i:])
+        if tokens:
+            drafted_at.append(i)
+        d.settle(None, res, tokens, parents)
+        text += res.tokens
+        i += len(res.tokens)
+    assert drafted_at and drafted_at[0] > 2  # not the first pair (never tried: only the target's tokens teach it) ...
+    assert len(drafted_at) >= 25             # ... but from then on nearly every one
