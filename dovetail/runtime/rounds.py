@@ -112,6 +112,7 @@ class RoundLoop:
                 stats.draft_fallback, stats.draft_fallback_reason = True, self.health.state
         if not self.suffix:
             return model
+        self.suffix_cache.max_tokens = self.config.suffix_cache_tokens  # the config as of this request
         suffix = SuffixDrafter(self.config, self.sizer, self.suffix_accept, self.suffix_cache, scope, req, prompt,
                                stats)
         return suffix if model is None else HybridDrafter(model, suffix)

@@ -233,8 +233,7 @@ class SuffixDrafter:
         self.candidates: list[Node] = []  # the last tree grown, for learning: all of it, sent or not ...
         self.sent = 0                      # ... and how many of its nodes went to the target
         self.expected = 0.0                # expected tokens committed by what was sent
-        self.last_draft_s: float | None = None
-        self.last_synced = 0
+        self.fed = 0                       # committed tokens the matcher has read
 
     @property
     def max_nodes(self) -> int:
@@ -265,8 +264,7 @@ class SuffixDrafter:
         self.expected = 1.0 + sum(n.prob for n in sent)
         if scope is not None and any(n.source == CACHE for n in sent):
             self.cache.touch(self.scope, scope.doc_at(scope.sam.first[self.matcher.state]))
-        self.last_draft_s = time.perf_counter() - t0
-        self.stats.draft_s += self.last_draft_s
+        self.stats.draft_s += time.perf_counter() - t0
         return [n.token for n in sent], [n.parent for n in sent]
 
     def _price(self, nodes: list[Node]) -> int:
@@ -333,10 +331,6 @@ class HybridDrafter:
     def __init__(self, model, suffix: SuffixDrafter):
         self.model, self.suffix = model, suffix
         self.used = model
-
-    @property
-    def last_draft_s(self) -> float | None:
-        return self.used.last_draft_s
 
     def propose(self, committed: list[int], max_depth: int, room: int | None = None
                 ) -> tuple[list[int], list[int]]:
