@@ -23,7 +23,10 @@ memory bandwidth drifts by 10-20% within a minute (a bf16 1.5B on two cores: one
 to 107 ms across four start-ups), and a memory-bound k = 1 drifts most, so a curve measured
 in a slow spell makes every extra row look cheaper than it is. Verifying the root alone is
 never seen while drafting wins, so now and then (RECHECK_EVERY, backing off) the sizer
-verifies the root alone to see what plain decoding costs now.
+verifies the root alone to see what plain decoding costs now. A row count no round has
+verified yet keeps its start-up price times the drift of the ones that were (``drift``):
+the start-up curve comes from a short context and the backend alone, and a long copy
+priced at it after a run of one-row rounds on a long prompt would look cheaper than it is.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ class TreeSizer:
         if not verify_us:
             raise ValueError("the tree sizer needs the target's verify-cost curve")
         self.verify_ms_k = [t / 1000 for t in verify_us]  # [k-1] -> ms to verify k tokens, as last seen
+        self.start_ms_k = list(self.verify_ms_k)           # ... as measured at start-up
+        self.seen_k = [False] * len(verify_us)             # ... and whether a round has verified k rows since
+        self.drift = 1.0  # what rounds cost over what the start-up curve said, over all row counts seen
         # requests -> [(rows in the forward, ms)], the single-request curve as 1
         self.batch_points: dict[int, list[tuple[int, float]]] = {1: [(k + 1, t) for k, t in enumerate(self.verify_ms_k)]}
         for n, r, us in zip(batch_us[0::3], batch_us[1::3], batch_us[2::3]):
@@ -78,12 +84,20 @@ class TreeSizer:
 
     # ---- the model ----------------------------------------------------------------------
     def verify_ms(self, k: int) -> float:
-        """Measured cost of verifying k tokens; linear beyond the measured range."""
-        c = self.verify_ms_k
-        if k <= len(c):
-            return c[k - 1]
-        slope = (c[-1] - c[-2]) if len(c) > 1 else c[-1]
-        return c[-1] + max(slope, 0.0) * (k - len(c))
+        """Cost of verifying k tokens: as rounds of k rows took, or for a row count no round has
+        verified, as measured at start-up times the drift the rounds showed; linear beyond."""
+        n = len(self.verify_ms_k)
+        if k <= n:
+            return self._row_cost(k - 1)
+        last = self._row_cost(n - 1)
+        slope = (last - self._row_cost(n - 2)) if n > 1 else last
+        return last + max(slope, 0.0) * (k - n)
+
+    def _row_cost(self, i: int) -> float:
+        # The start-up curve is measured on a short context with the backend alone; rounds run
+        # on the request's context through the worker. A row count the rounds never use (a
+        # long copy, after a run of short ones) would keep its start-up price and look cheap.
+        return self.verify_ms_k[i] if self.seen_k[i] else self.verify_ms_k[i] * self.drift
 
     def batch_ms(self, requests: int, rows: int) -> float:
         """Cost of one forward verifying ``rows`` rows of ``requests`` requests: interpolated
@@ -224,6 +238,9 @@ class TreeSizer:
         if verify_s is not None and alone and rows <= len(self.verify_ms_k):
             old = self.verify_ms_k[rows - 1]
             self.verify_ms_k[rows - 1] = (1 - VERIFY_EMA) * old + VERIFY_EMA * 1000 * verify_s
+            self.seen_k[rows - 1] = True
+            ratio = 1000 * verify_s / self.start_ms_k[rows - 1] if self.start_ms_k[rows - 1] > 0 else 1.0
+            self.drift = (1 - VERIFY_EMA) * self.drift + VERIFY_EMA * ratio
 
     def _observe(self, parents: list[int], accepted: int, draft_s: float | None) -> None:
         depth = max(depths(parents), default=0)

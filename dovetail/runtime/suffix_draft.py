@@ -42,6 +42,10 @@ GLOBAL_WEIGHT = 4.0    # what all requests learned is worth this many of a reque
 BRANCH = 3             # most continuations expanded below one node
 MIN_PROB = 0.02        # nodes less likely than this are not worth growing
 CACHE_MATCH_TAIL = 64  # tokens rematched against the cache after it changed
+FIRST_CAP = 8          # a request's first drafts hold at most this many nodes; a draft accepted in
+                       # full doubles its cap, one mostly refused halves it (never below MIN_CAP):
+MIN_CAP = 4            # what was learned on other requests' text can be wrong for this one, and a
+                       # long chain refused early costs many rows (quoted prose ends at a full stop)
 EVICT_TO = 0.75        # a full cache drops its oldest outputs down to this share of its bound
 LOCAL, CACHE = 0, 1    # where a node came from: the request's own text, or earlier outputs
 
@@ -234,10 +238,11 @@ class SuffixDrafter:
         self.sent = 0                      # ... and how many of its nodes went to the target
         self.expected = 0.0                # expected tokens committed by what was sent
         self.fed = 0                       # committed tokens the matcher has read
+        self.cap = FIRST_CAP               # most nodes of the next draft (FIRST_CAP)
 
     @property
     def max_nodes(self) -> int:
-        n = self.cfg.suffix_max_nodes
+        n = min(self.cfg.suffix_max_nodes, self.cap)
         if self.sizer is not None:  # beyond the measured curve a row's cost is a guess
             n = min(n, len(self.sizer.verify_ms_k) - 1)
         return max(n, 0)
@@ -304,6 +309,10 @@ class SuffixDrafter:
             if reached:
                 self.accept.learn(node.source, node.bucket, node.score, hit)
         if self.sent:
+            if len(res.accepted) == self.sent and self.sent * 2 >= self.cap:
+                self.cap *= 2
+            elif 2 * len(res.accepted) < self.sent:
+                self.cap = max(MIN_CAP, self.cap // 2)
             self.stats.suffix_rounds += 1
             self.stats.suffix_drafted += self.sent
             self.stats.suffix_accepted += len(res.accepted)

@@ -214,7 +214,9 @@ def test_a_rounds_own_verification_time_moves_its_rows_cost():
     for _ in range(30):
         s.observe(chain_parents(2), 2, 0.02, 0.001, verify_s=0.137, req=1)
     assert s.verify_ms(3) == pytest.approx(137, abs=1)
-    assert s.verify_ms(1) == 107 and s.verify_ms(4) == 155  # rows it did not see keep their cost
+    # rows it did not see keep their start-up cost, times the drift the rows it saw showed
+    assert s.drift == pytest.approx(137 / (SLOW_SPELL_BF16[2] / 1000), rel=0.01)
+    assert s.verify_ms(1) == pytest.approx(107 * s.drift) and s.verify_ms(4) == pytest.approx(155 * s.drift)
     s.in_flight[2] = (3, 1.5)  # another request shares the forwards: its times are not one request's
     s.observe(chain_parents(2), 2, 0.02, 0.001, verify_s=0.5, req=1)
     assert s.verify_ms(3) == pytest.approx(137, abs=1)
@@ -257,3 +259,18 @@ def test_a_probe_waits_while_reading_what_its_draft_missed_costs_more_than_it_ca
     assert probes(lambda r: 150 + r) == 0  # 600 ms and more to read, against 5% of 37 ms a round
     assert probes(lambda r: 2) >= 3         # a draft in step: probes as usual
     assert probes(lambda r: 40) >= 1        # 160 ms: affordable once ~90 plain rounds have passed
+
+
+def test_row_counts_not_yet_verified_follow_the_drift_of_those_that_were():
+    """Rounds of one row that cost 1.5x the start-up curve make an unverified 8-row round
+    cost 1.5x its start-up price too, while a verified row count keeps what its rounds took."""
+    sizer = TreeSizer([10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 70_000, 80_000], 3, 1, 3, overlap=False)
+    for _ in range(60):
+        sizer.observe_verify(1, 0.015, 0.0)
+    assert sizer.verify_ms(1) == pytest.approx(15.0, rel=0.01)
+    assert sizer.verify_ms(8) == pytest.approx(120.0, rel=0.01)
+    assert sizer.verify_ms(9) == pytest.approx(135.0, rel=0.01)  # extrapolated the same way
+    for _ in range(60):
+        sizer.observe_verify(8, 0.080, 0.0)  # 8 rows now seen at their start-up price
+    assert sizer.verify_ms(8) == pytest.approx(80.0, rel=0.01)
+    assert 1.0 < sizer.drift < 1.1 and sizer.verify_ms(1) == pytest.approx(15.0, rel=0.01)

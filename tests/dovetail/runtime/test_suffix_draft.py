@@ -10,7 +10,7 @@ from dovetail.runtime.autotree import TreeSizer
 from dovetail.runtime.config import CoordinatorConfig
 from dovetail.runtime.results import Stats
 from dovetail.runtime.suffix_draft import (
-    CACHE, EVICT_TO, LOCAL, AcceptTable, SuffixCache, SuffixDrafter, bucket, grow_tree,
+    CACHE, EVICT_TO, FIRST_CAP, LOCAL, AcceptTable, SuffixCache, SuffixDrafter, bucket, grow_tree,
 )
 from dovetail.spec.suffix import SuffixAutomaton
 from dovetail.spec.tree import check_parents, depths
@@ -62,14 +62,20 @@ def test_trees_are_valid_and_within_budget():
 
 
 def test_a_copy_is_proposed_and_followed_to_its_end():
-    code = list(range(100, 140))
+    code = list(range(100, 160))
     d = drafter(code + [7, 8] + code[:12])
-    tokens, parents = d.propose(d.local.tokens, max_depth=30)
-    assert tokens[:15] == code[12:27][:len(tokens)] and len(tokens) == 15  # the curve is flat: all 15 nodes
-    assert parents == list(range(-1, 14))
-    res = result(tokens, parents, code[12:40])
+    text = list(d.local.tokens)
+    tokens, parents = d.propose(text, max_depth=40)
+    # the curve is flat, so every node pays; a request's first draft holds FIRST_CAP of them
+    assert tokens == code[12:12 + FIRST_CAP] and parents == list(range(-1, FIRST_CAP - 1))
+    res = result(tokens, parents, code[12:])
     d.settle(None, res, tokens, parents)
-    assert d.stats.suffix_rounds == 1 and d.stats.suffix_accepted == 15
+    assert d.stats.suffix_rounds == 1 and d.stats.suffix_accepted == FIRST_CAP
+    text += res.tokens
+    tokens, _ = d.propose(text, max_depth=40)  # accepted in full: the cap doubles (the curve allows 15)
+    assert tokens == code[13 + FIRST_CAP:13 + FIRST_CAP + 15]
+    d.settle(None, result(tokens, [-1] + list(range(14)), [0]), tokens, [-1] + list(range(14)))
+    assert d.cap == FIRST_CAP  # refused at once: halved again
 
 
 def test_no_repeats_no_proposal():
@@ -91,7 +97,7 @@ def test_steep_curve_keeps_only_what_pays():
     code = list(range(100, 160))
     d = drafter(code + code[:20], curve=STEEP)
     tokens, _ = d.propose(d.local.tokens, max_depth=30)
-    assert len(tokens) >= 8
+    assert len(tokens) >= 4
 
 
 def test_learning_moves_the_estimate_both_ways():
