@@ -26,6 +26,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from dovetail.protocol import VerifyResult
@@ -77,17 +78,10 @@ class AcceptTable:
 
     def learn(self, source: int, b: int, weight: float, hit: bool) -> None:
         for table in (self, self.parent):
-            if table is None:
-                continue
-            if table._lock is not None:
-                with table._lock:
-                    table._add(source, b, weight, hit)
-            else:
-                table._add(source, b, weight, hit)
-
-    def _add(self, source: int, b: int, weight: float, hit: bool) -> None:
-        self.tries[source][b] += weight
-        self.hits[source][b] += hit
+            if table is not None:
+                with table._lock or nullcontext():
+                    table.tries[source][b] += weight
+                    table.hits[source][b] += hit
 
 
 @dataclass
@@ -258,11 +252,9 @@ class SuffixDrafter:
             return [], []
         sources = [(LOCAL, self.local, *self.local.repeat())]
         scope = self.cache.scope(self.scope) if self.cache is not None else None
-        if scope is not None:
-            with self.cache.lock:
+        with self.cache.lock if scope is not None else nullcontext():  # the cache's automaton may grow
+            if scope is not None:
                 sources.append(self._cache_source(scope, committed))
-                nodes = grow_tree(sources, self.accept, limit, max_depth)
-        else:
             nodes = grow_tree(sources, self.accept, limit, max_depth)
         self.candidates, self.sent = nodes, self._price(nodes)
         sent = nodes[:self.sent]
