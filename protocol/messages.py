@@ -30,12 +30,13 @@ __all__ = [
     "MAX_FRAME_BYTES", "MAX_TOKENS", "MAX_TREE_NODES", "MAX_STRING", "MAX_FEATURE_DIMS", "MAX_BATCH_SHAPES",
     "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES", "HEARTBEAT_ID_PREFIX", "SESSION_ID_PREFIX",
     "Feature", "Handshake", "OpenRequest", "Opened", "DraftRequest", "DraftProposal",
-    "VerifyRequest", "VerifyResult", "Close", "Closed", "Heartbeat", "Error", "Shutdown",
+    "VerifyRequest", "VerifyResult", "Close", "Closed", "Heartbeat", "Error", "Shutdown", "Taken",
     "MESSAGE_TYPES",
 ]
 
 PROTOCOL_TAG = b"DVTL"
-PROTOCOL_VERSION = 4  # 2: Handshake.max_context; 3: Handshake.open_requests; 4: Handshake.batch_verify_us
+PROTOCOL_VERSION = 5  # 2: Handshake.max_context; 3: Handshake.open_requests; 4: Handshake.batch_verify_us;
+                      # 5: Taken, Handshake.kv_cells
 # tag (4 bytes), protocol version (uint16), message type code (uint8); big-endian.
 HEADER = struct.Struct(">4sHB")
 
@@ -105,7 +106,9 @@ class Handshake:
     # Target only: measured time of one forward verifying several requests at once, as flat
     # triples (requests, rows per request, microseconds); empty when not measured.
     batch_verify_us: list[int] = field(default_factory=list)
-
+    # Target only: KV cells all open requests share (llama.cpp's context), which the
+    # coordinator reserves for each request before it starts; 0: each request has its own.
+    kv_cells: int = 0
 
 
 @dataclass(slots=True)
@@ -224,9 +227,19 @@ class Shutdown:
     TYPE: ClassVar[int] = 12
 
 
+@dataclass(slots=True)
+class Taken:
+    """The target took up verification ``step`` of ``req_id`` only now, long after it arrived
+    (other requests' prefill chunks and verifications ran first): the coordinator's
+    verify_timeout_s counts from here. A verification taken up at once gets none."""
+    TYPE: ClassVar[int] = 13
+    req_id: int
+    step: int
+
+
 MESSAGE_TYPES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (Handshake, OpenRequest, Opened, DraftRequest, DraftProposal, VerifyRequest,
-                VerifyResult, Close, Closed, Heartbeat, Error, Shutdown)
+                VerifyResult, Close, Closed, Heartbeat, Error, Shutdown, Taken)
 }
-assert len(MESSAGE_TYPES) == 12, "message type codes must be unique"
+assert len(MESSAGE_TYPES) == 13, "message type codes must be unique"

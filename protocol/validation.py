@@ -164,7 +164,7 @@ def validate(msg, *, vocab_size: int | None = None) -> None:
         if msg.feature_codec not in ("", *FEATURE_CODECS):
             raise InvalidField(where, "feature_codec",
                                f"must be one of {FEATURE_CODECS}, got {msg.feature_codec!r}")
-        _at_least(msg, where, 0, "vocab_size", "hidden_size", "pid")
+        _at_least(msg, where, 0, "vocab_size", "hidden_size", "pid", "max_context", "open_requests", "kv_cells")
         if len(msg.verify_us) > MAX_TREE_NODES + 1 or any(t < 0 for t in msg.verify_us):
             raise InvalidField(where, "verify_us", f"must hold at most {MAX_TREE_NODES + 1} "
                                "non-negative microsecond figures")

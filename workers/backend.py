@@ -36,6 +36,7 @@ class Identity:
 class TargetBackend(ABC):
     identity: Identity
     max_context: int = 0  # most positions one sequence may hold (0: no known limit)
+    kv_cells: int = 0     # KV cells all sequences share (llama.cpp's context; 0: each has its own cache)
 
     @abstractmethod
     def new_sequence(self):

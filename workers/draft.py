@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from dovetail.system.cpus import format_cpus, pin_process, tune_gpu_worker
-from dovetail.protocol import (
-    Close, Closed, DraftProposal, DraftRequest, Handshake, OpenRequest, Opened,
-)
+from dovetail.system.cpus import pin_process
+from dovetail.protocol import DraftProposal, DraftRequest, Handshake
 from dovetail.models.loading import choose_dtype, dtype_name, load_tokenizer, tokenizer_hash
+from dovetail.workers.draft_common import (
+    apply_request, dispatch_draft, expand_level, gate_score, node_mask, place_draft, select_nodes, wire_scores,
+)
 from dovetail.workers.draft_lm import DraftCache, DraftLM
 from dovetail.workers.hf import CausalLM
 from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, check_llama_extra_buffers
 from dovetail.workers.args import add_extra_buffers_flag
 from dovetail.workers.llama_buffers import decide
-from dovetail.workers.serve import (
-    RequestError, WorkerConfig, parse_config, serve, setup_logging, worker_parser,
-)
+from dovetail.workers.serve import WorkerConfig, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.draft")
 
@@ -128,56 +126,6 @@ class DraftHandler:
                              scores=wire_scores(scores))
 
 
-def gate_score(min_prob: float) -> float:
-    """The lowest path log-probability a gated tree keeps."""
-    return math.log(min_prob) if min_prob > 0 else -math.inf
-
-
-def wire_scores(scores: list[float]) -> list[float]:
-    """Path log-probabilities as the protocol takes them: finite and <= 0."""
-    return [min(0.0, max(float(s), -1e4)) for s in scores]
-
-
-def dispatch_draft(handler, msg, max_requests: int, new_state, release=None):
-    """The message handling every draft-side worker shares (draft, feature draft, replay):
-    open a state per request (at most ``max_requests``), draft, close."""
-    if isinstance(msg, OpenRequest):
-        if len(handler.states) >= max_requests and msg.req_id not in handler.states:
-            raise RequestError(msg.req_id, "busy", f"{len(handler.states)} requests open (max_requests)")
-        handler.states[msg.req_id] = new_state(msg)
-        return Opened(req_id=msg.req_id, cache_len=0)
-    if isinstance(msg, DraftRequest):
-        return handler.draft(msg)
-    if isinstance(msg, Close):
-        st = handler.states.pop(msg.req_id, None)
-        if st is not None and release is not None:
-            release(st.cache)
-        return Closed(req_id=msg.req_id)
-    raise RequestError(getattr(msg, "req_id", -1), "unexpected",
-                       f"a draft worker does not take {type(msg).__name__}")
-
-
-def apply_request(states: dict, msg: DraftRequest):
-    """Check a DraftRequest against its request's state and apply base_len + new_tokens.
-
-    Everything the draft knew past ``base_len`` is wrong now (rejected drafts, a lost
-    bet), so ``cached`` is clamped there too: the caller's next forward recomputes it.
-    """
-    st = states.get(msg.req_id)
-    if st is None:
-        raise RequestError(msg.req_id, "unknown_request", f"request {msg.req_id} is not open")
-    if msg.step <= st.step:
-        raise RequestError(msg.req_id, "stale_step", f"draft step {msg.step} after step {st.step}")
-    if msg.base_len > len(st.known):
-        raise RequestError(msg.req_id, "bad_request", f"base_len {msg.base_len} > {len(st.known)} known tokens")
-    if msg.base_len + len(msg.new_tokens) == 0:
-        raise RequestError(msg.req_id, "bad_request", "nothing to draft from")
-    st.step = msg.step
-    st.known = st.known[:msg.base_len] + list(msg.new_tokens)
-    st.cached = min(st.cached, msg.base_len)
-    return st
-
-
 def grow_tree(lm: DraftLM, cache: DraftCache, root_logits: torch.Tensor, depth: int, top_k: int,
               max_nodes: int, min_prob: float = 0.0) -> tuple[list[int], list[int], list[float]]:
     """Beam-style tree growth (EAGLE-2): expand the top_k best nodes per level by path score.
@@ -202,75 +150,10 @@ def grow_tree(lm: DraftLM, cache: DraftCache, root_logits: torch.Tensor, depth: 
     return select_nodes(tok, par, score, max_nodes)
 
 
-def expand_level(logits: torch.Tensor, frontier: list[int], tok: list[int], par: list[int], score: list[float],
-                 top_k: int, column_ids: torch.Tensor | None = None,
-                 min_score: float = -math.inf) -> list[tuple[int, int]]:
-    """One level of EAGLE-2 growth: of the top_k children of every frontier node, keep the
-    top_k by path score (cumulative log-probability), none below ``min_score`` (the gate).
-    Appends them to tok/par/score and returns (new node, frontier row) pairs.
-    ``column_ids`` maps logit columns to token ids (a reduced draft vocabulary); scores are
-    summed on the CPU, whatever the logits' device."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    k = min(top_k, logp.shape[-1])
-    top_lp, top_cols = logp.topk(k, dim=-1)
-    top_ids = top_cols if column_ids is None else column_ids[top_cols]
-    parent_scores = torch.tensor([0.0 if f < 0 else score[f] for f in frontier])[:, None]
-    cand = (parent_scores + top_lp.cpu()).flatten()
-    out = []
-    for b in cand.topk(min(top_k, cand.numel())).indices.tolist():
-        if float(cand[b]) < min_score:
-            break  # best first: the rest are below the gate too
-        r, c = divmod(b, k)
-        par.append(frontier[r])
-        tok.append(int(top_ids[r, c]))
-        score.append(float(cand[b]))
-        out.append((len(tok) - 1, r))
-    return out
-
-
 def forward_nodes(lm: DraftLM, cache: DraftCache, start: int, tok, par, new) -> torch.Tensor:
     assert new[0] == cache.get_seq_length() - start, "tree nodes enter the cache in creation order"
     allowed, positions = node_mask(start, tok, par, new)
     return lm.forward_masked(cache, [tok[n] for n in new], positions, allowed).logits
-
-
-def node_mask(start: int, tok, par, new) -> tuple[torch.Tensor, list[int]]:
-    """Visibility [len(new), cache + new] and positions of a tree level about to be forwarded.
-
-    Each new node sees the ``start`` committed cache entries plus its own ancestors, which
-    sit in the cache in creation order; a node at depth d has position start - 1 + d.
-    """
-    total = start + new[-1] + 1
-    allowed = torch.zeros(len(new), total, dtype=torch.bool)
-    allowed[:, :start] = True
-    depth = []
-    for row, node in enumerate(new):
-        d, a = 0, node
-        while a >= 0:
-            allowed[row, start + a] = True
-            a, d = par[a], d + 1
-        depth.append(d)
-    return allowed, [start - 1 + d for d in depth]
-
-
-def select_nodes(tok, par, score, max_nodes) -> tuple[list[int], list[int], list[float]]:
-    """The max_nodes best nodes by path score: (tokens, parents, path scores), breadth first."""
-    # Sorting by (-score, creation order) puts every parent before its children: a child's
-    # path score is its parent's plus a log-probability <= 0, and it was created later.
-    keep = sorted(range(len(tok)), key=lambda i: (-score[i], i))[:max_nodes]
-    kept = set(keep)
-    keep = [i for i in keep if par[i] < 0 or par[i] in kept]
-    kids: dict[int, list[int]] = {}
-    for i in keep:
-        kids.setdefault(par[i], []).append(i)  # already in score order
-    order: list[int] = []
-    queue = list(kids.get(-1, []))
-    while queue:  # breadth first: parents before children, best sibling first
-        i = queue.pop(0)
-        order.append(i)
-        queue.extend(kids.get(i, []))
-    index = {old: new for new, old in enumerate(order)}
-    return [tok[i] for i in order], [-1 if par[i] < 0 else index[par[i]] for i in order], [score[i] for i in order]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,21 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformers, or llama.cpp for a .gguf draft on the CPU (chains only)")
     add_extra_buffers_flag(p)
     return p
-
-
-def place_draft(device: str, cpus: list[int] | None, role: str = "draft") -> str:
-    """Set this process up for a draft on ``device`` and return where it runs: pinned to
-    ``cpus`` on the CPU (also when CUDA is missing), or tuned for a GPU."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("no CUDA device is available: the %s runs on the CPU", role)
-        device = "cpu"
-    if device == "cpu":
-        pinned = pin_process(cpus)
-        log.info("%s on the CPU (CPUs %s, %d threads)", role, format_cpus(pinned), torch.get_num_threads())
-    else:
-        tune_gpu_worker()
-        log.info("%s on %s (%s)", role, device, torch.cuda.get_device_name(torch.device(device)))
-    return device
 
 
 def load_draft_model(model: str, device: str, dtype: str, layers: int | None, cpus: list[int] | None,

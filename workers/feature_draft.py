@@ -25,8 +25,8 @@ import torch
 
 from dovetail.models.loading import dtype_name
 from dovetail.protocol import DraftProposal, DraftRequest, Handshake, decode_features
-from dovetail.workers.draft import (apply_request, dispatch_draft, expand_level, gate_score, node_mask, place_draft,
-                                    select_nodes, wire_scores)
+from dovetail.workers.draft_common import (apply_request, dispatch_draft, expand_level, gate_score, node_mask,
+                                           place_draft, select_nodes, wire_scores)
 from dovetail.workers.hf import CausalLM
 from dovetail.workers.serve import RequestError
 

@@ -75,6 +75,7 @@ class LlamaBackend(TargetBackend):
         self.mem = self.lib.llama_get_memory(self.ctx)
         self.batch = self.lib.llama_batch_init(MAX_BATCH, 0, n_seqs)
         self.n_seqs, self.n_ctx = n_seqs, n_ctx
+        self.kv_cells = n_ctx  # shared: the coordinator reserves each request's share (Handshake.kv_cells)
         self.free_ids = list(range(n_seqs - 1, -1, -1))
         self.vocab_size = int(self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self.model)))
         self.hidden_size = int(self.lib.llama_model_n_embd(self.model))

@@ -6,11 +6,14 @@ virtualised Sapphire Rapids Xeon the AMX buffer segfaults in the first matmul of
 llama_decode (ggml-org/llama.cpp#20824), taking the whole worker with it; with plain
 buffers the same decode works. A crash cannot be caught in-process, so the decision is a
 probe in a CHILD process: load the model with extra buffers, decode a short prompt, a few
-single tokens and a 4-row batch. A clean exit means "ok"; death by a signal or a non-zero
-exit means "crash"; no exit within the time limit means "hang" (also a failure). The
-verdict is cached per machine and model file under ``<cache>/llama_extra_buffers/<key>.json``
-(see ``cache_key``), like the verify-cost curve in calibrate.py, so the probe (one extra
-model load, seconds) runs once.
+single tokens and a 4-row batch. A clean exit means "ok"; death by a signal of its own
+(SIGSEGV, SIGILL, ...) or a non-zero exit means "crash"; a kill from outside (SIGKILL: the
+OOM killer; SIGTERM) means "killed", and no exit within the time limit "hang" (both also
+failures). The verdict is cached per machine and model file under
+``<cache>/llama_extra_buffers/<key>.json`` (see ``cache_key``), like the verify-cost curve in
+calibrate.py, so the probe (one extra model load, seconds) runs once. A hang or a kill says
+more about the machine at that moment (memory, a cold disk, load) than about the buffers:
+that verdict is kept for RETRY_S only, then the probe runs again.
 
 The setting (``--llama-extra-buffers``, ``launch(llama_extra_buffers=...)``): "auto" uses
 the cached verdict, probing when there is none; "on" / "off" force it, without a probe.
@@ -31,6 +34,7 @@ from typing import Callable
 log = logging.getLogger("dovetail.llama")
 
 OK, CRASH, HANG = "ok", "crash", "hang"
+KILLED = "killed"        # killed from outside (OUTSIDE_SIGNALS), not by a fault of the decode
 ERROR = "error"          # the probe's own Python code failed: no verdict, nothing cached
 HARNESS_EXIT = 86        # the child's exit code for that
 
@@ -50,11 +54,17 @@ PROBE_SINGLE_STEPS = 3   # then this many one-token decodes
 PROBE_BATCH_ROWS = 4     # then one decode of this many rows (a verification's shape)
 STDERR_TAIL = 2000       # characters of the child's stderr kept with a failed verdict
 CACHE_VERSION = 1        # bump when the probe changes what it checks
+# Signals a process gets from outside rather than from its own fault: the OOM killer's
+# SIGKILL, a stop asked for. A probe dead by one of these, or hung, is not known to crash with
+# extra buffers: its verdict is kept this long (not to pay a hung probe's time limit at every
+# start), then the probe runs again.
+OUTSIDE_SIGNALS = ("SIGKILL", "SIGTERM", "SIGINT", "SIGHUP")
+RETRY_S = 3600.0
 
 
 @dataclass
 class Verdict:
-    verdict: str                 # OK, CRASH, HANG (or ERROR: no verdict)
+    verdict: str                 # OK, CRASH, HANG, KILLED (or ERROR: no verdict)
     reason: str                  # "exited cleanly", "died with SIGSEGV", "exit code 1", ...
     signal: str | None = None    # the signal's name when the child died by one
     returncode: int | None = None
@@ -62,10 +72,21 @@ class Verdict:
     stderr_tail: str = ""        # the end of the child's stderr (failures only)
     cache_path: str | None = None
     probed: bool = True          # False: read from the cache
+    retry_after: float | None = None  # a transient verdict: the time.time() after which it is probed again
 
     @property
     def ok(self) -> bool:
         return self.verdict == OK
+
+    @property
+    def transient(self) -> bool:
+        """A hang or a kill from outside: the machine's state then, not known to be the buffers'
+        fault (a SIGKILL cached as a crash by an older version included)."""
+        return self.verdict in (HANG, KILLED) or self.signal in OUTSIDE_SIGNALS
+
+    def expired(self, now: float) -> bool:
+        """Whether a cached verdict no longer holds: a transient one past its retry time."""
+        return self.transient and (self.retry_after is None or now >= self.retry_after)
 
 
 def set_extra_buffers(lib, mparams, on: bool) -> bool:
@@ -199,6 +220,9 @@ def run_probe(model: str, threads: int, *, child: Callable = decode_probe,
     if rc < 0:
         from dovetail.system.worker_log import signal_name  # here: this module's top stays stdlib-only (the child)
         name = signal_name(-rc)
+        if name in OUTSIDE_SIGNALS:
+            return Verdict(KILLED, f"was killed with {name} (out of memory, or stopped from outside)", signal=name,
+                           returncode=rc, seconds=seconds, stderr_tail=_tail(done.stderr))
         return Verdict(CRASH, f"died with {name}", signal=name, returncode=rc, seconds=seconds,
                        stderr_tail=_tail(done.stderr))
     return Verdict(CRASH, f"exited with code {rc}", returncode=rc, seconds=seconds, stderr_tail=_tail(done.stderr))
@@ -276,16 +300,15 @@ def cache_dir() -> Path:
 
 def cached_verdict(model: str, threads: int, *, child: Callable = decode_probe, timeout_s: float | None = None,
                    folder: Path | None = None) -> Verdict:
-    """The verdict cached for this machine and model layout, probing (and caching) when none is."""
+    """The verdict cached for this machine and model layout, probing (and caching) when none
+    is, or when the one there was transient and its retry time has come."""
     key, parts = cache_key(model)
     path = (Path(folder) if folder is not None else cache_dir()) / f"{key}.json"
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            fields = {k: data[k] for k in Verdict.__dataclass_fields__ if k in data}
-            return Verdict(**{**fields, "cache_path": str(path), "probed": False})
-        except (OSError, ValueError, TypeError, KeyError):
-            log.warning("ignoring an unreadable llama.cpp extra-buffer verdict %s", path)
+    cached = read_verdict(path)
+    if cached is not None and not cached.expired(time.time()):
+        return cached
+    if cached is not None:
+        log.info("llama.cpp extra buffers: the cached test decode %s; probing again", cached.reason)
     log.info("llama.cpp extra buffers: a test decode in a child process, once per machine and model file (%s)",
              parts["cpu"])
     verdict = run_probe(model, threads, child=child, timeout_s=timeout_s)
@@ -294,12 +317,31 @@ def cached_verdict(model: str, threads: int, *, child: Callable = decode_probe, 
              verdict.verdict)
     if verdict.verdict == ERROR:
         return verdict  # says nothing about the buffers: probe again next time
+    if verdict.transient:
+        verdict.retry_after = time.time() + RETRY_S
+    save_verdict(path, verdict, {"model": str(model), "threads": threads, "key": parts})
+    return verdict
+
+
+def read_verdict(path: Path) -> Verdict | None:
+    """The verdict cached at ``path``; None when there is none or it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        fields = {k: data[k] for k in Verdict.__dataclass_fields__ if k in data}
+        return Verdict(**{**fields, "cache_path": str(path), "probed": False})
+    except (OSError, ValueError, TypeError, KeyError):
+        log.warning("ignoring an unreadable llama.cpp extra-buffer verdict %s", path)
+        return None
+
+
+def save_verdict(path: Path, verdict: Verdict, about: dict) -> None:
+    """Write ``verdict`` to ``path`` atomically, with what it is about."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**asdict(verdict), "model": str(model), "threads": threads, "key": parts,
-                               "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    tmp.write_text(json.dumps({**asdict(verdict), **about, "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
     tmp.replace(path)
-    return verdict
 
 
 # ---- the setting ---------------------------------------------------------------------------
@@ -341,8 +383,11 @@ def decide(setting: str, model: str, threads: int, *, child: Callable = decode_p
 
 def warning_text(verdict: Verdict) -> str:
     from dovetail.system.cpus import cpu_model
+    kept = (f"verdict kept in {verdict.cache_path} until {time.strftime('%H:%M', time.localtime(verdict.retry_after))}, "
+            "then probed again" if verdict.transient and verdict.retry_after is not None
+            else f"verdict cached in {verdict.cache_path}, delete it to probe again")
     return (f"llama.cpp extra buffer types are off: a test decode with them {verdict.reason} on this CPU "
-            f"({cpu_model()}; verdict cached in {verdict.cache_path}, delete it to probe again). Plain buffers "
+            f"({cpu_model()}; {kept}). Plain buffers "
             f"cost ~{PLAIN_COST_K1:.0%} at k=1 and ~{PLAIN_COST_K4:.0%} at k=4 ({PLAIN_COST_MODEL}); "
             "to use extra buffers anyway: --llama-extra-buffers on")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from collections import deque
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from dovetail.protocol import (
-    HEARTBEAT_ID_PREFIX, MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, ProtocolError, Shutdown,
-    VerifyRequest, configure_socket, decode, encode,
+    HEARTBEAT_ID_PREFIX, MAX_STRING, Error, Handshake, Heartbeat, MAX_FRAME_BYTES, OpenRequest, ProtocolError,
+    Shutdown, Taken, VerifyRequest, configure_socket, decode, encode,
 )
 from dovetail.system.cpus import parse_cpus
 from dovetail.system.security import (
@@ -44,6 +45,8 @@ COMPUTE_JOIN_S = 3.0      # on exit, how long the request in progress may take t
 BATCH_WAIT_FRACTION = 0.1  # of the last batch's forward time, waited for its requests' next verifications
 BATCH_WAIT_MAX_S = 0.005   # and never longer than this
 MAX_BACKLOG = 1000        # messages queued for the compute thread before reading pauses (ZeroMQ's own HWM)
+TAKEN_ACK_S = 0.5         # a verification taken up later than this after it arrived is acknowledged (Taken):
+                          # the coordinator's verify_timeout_s then counts from its take-up, not its send
 
 
 @dataclass(kw_only=True)
@@ -149,6 +152,7 @@ def serve(bind: str, handler, *, parent_pid: int = 0, max_bytes: int = MAX_FRAME
             release()
 
 
+_EMPTY = object()   # inbox: nothing waiting now
 _STOP = object()    # a Shutdown: the worker stops (outbox), or the client's session ends (sessions)
 _DROP = object()    # inbox: close the requests of this peer, whose session went silent
 _ENDED = object()   # outbox: this peer's session ended by its Shutdown, its requests closed
@@ -171,7 +175,7 @@ class Compute:
 
     def submit(self, peer: bytes, body) -> None:
         """Queue a message's frames, or _DROP to close the peer's requests."""
-        self.inbox.put((peer, body))
+        self.inbox.put((peer, body, time.monotonic()))
 
     def full(self) -> bool:
         return self.inbox.qsize() >= MAX_BACKLOG
@@ -215,24 +219,38 @@ class Compute:
         self.outbox.put((peer, out))
         os.write(self.wake_w, b"!")
 
-    def _next(self):
+    def _next(self, block: bool):
+        """The next message; _EMPTY when none waits and ``block`` is False."""
         if self._held is not None:
             item, self._held = self._held, None
             return item
-        return self.inbox.get()
+        try:
+            return self.inbox.get() if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return _EMPTY
 
     def _loop(self) -> None:
+        """Every message waiting is handled before the next prefill chunk: a long prompt's
+        prefill (handler.begin_open) yields to the other requests' verifications after each
+        chunk, and several prefills take turns, chunk by chunk."""
         self._held = None  # an item taken from the inbox while gathering a batch, not yet handled
         self._last_batch: set = set()  # (peer, request id) of the last batch's verifications
         self._last_forward_s = 0.0
-        while (item := self._next()) is not None:
-            peer, body = item
+        self._jobs: deque = deque()  # (peer, job) of the prefills in progress, in turn
+        while (item := self._next(block=not self._jobs)) is not None:
+            if item is _EMPTY:
+                self._step_job()
+                continue
+            peer, body, arrived = item
             if body is _DROP:
                 self._drop(peer, "went silent")
                 continue
-            if getattr(self.handler, "verify_batch", None) is not None and self._run_batch(peer, body):
+            if getattr(self.handler, "verify_batch", None) is not None and self._run_batch(peer, body, arrived):
                 continue
             reply = _dispatch(self.handler, body, self.max_bytes, peer)
+            if isinstance(reply, _Job):
+                self._jobs.append((peer, reply.job))
+                continue
             if reply is _STOP and self.sessions:
                 self._drop(peer, "closed its session")
                 self._post(peer, _ENDED)
@@ -243,7 +261,30 @@ class Compute:
             if reply is _STOP:
                 return
 
-    def _run_batch(self, peer: bytes, body) -> bool:
+    def _step_job(self) -> None:
+        """One chunk of the prefill whose turn it is; its reply once it is done."""
+        peer, job = self._jobs.popleft()
+        if job.aborted:  # closed meanwhile: its Closed went out already
+            return
+        try:
+            reply = job.step()
+        except Exception as e:  # this request's error; the worker goes on
+            self._post(peer, _encode_reply(_error_reply(e, job.req_id)))
+            return
+        if reply is None:
+            self._jobs.append((peer, job))
+        else:
+            self._post(peer, _encode_reply(reply))
+
+    def _ack_late(self, batch: list, arrivals: list[float]) -> None:
+        """Taken for each verification that waited past TAKEN_ACK_S (behind prefill chunks or
+        other batches): its coordinator's verify timeout starts over now."""
+        now = time.monotonic()
+        for (p, m), t in zip(batch, arrivals):
+            if now - t > TAKEN_ACK_S:
+                self._post(p, _encode_reply(Taken(req_id=m.req_id, step=m.step)))
+
+    def _run_batch(self, peer: bytes, body, arrived: float) -> bool:
         """A verification and those right behind it in the inbox, from other requests, in one
         handler.verify_batch() call (one forward); False when ``body`` is not a verification.
 
@@ -257,7 +298,7 @@ class Compute:
         msg = _decode_quietly(self.handler, body, self.max_bytes)
         if not isinstance(msg, VerifyRequest):
             return False
-        batch, rows = [(peer, msg)], len(msg.tokens) + 1
+        batch, rows, arrivals = [(peer, msg)], len(msg.tokens) + 1, [arrived]
         expected = {k for k in self._last_batch if k != (peer, msg.req_id)}
         deadline = time.monotonic() + min(BATCH_WAIT_MAX_S, BATCH_WAIT_FRACTION * self._last_forward_s)
         while True:
@@ -272,10 +313,12 @@ class Compute:
                 self._held = item
                 break
             batch.append((item[0], nxt))
+            arrivals.append(item[2])
             expected.discard((item[0], nxt.req_id))
             rows += len(nxt.tokens) + 1
         if len(batch) > 1:
             log.debug("%s worker: %d verifications, %d rows, in one forward", self.handler.role, len(batch), rows)
+        self._ack_late(batch, arrivals)
         t0 = time.monotonic()
         replies = (self.handler.verify_batch(batch) if len(batch) > 1
                    else [_call(self.handler, m, peer) for _, m in batch])
@@ -393,9 +436,17 @@ def _dispatch(handler, frames: list[bytes], max_bytes: int, peer: bytes = b""):
     if isinstance(msg, Handshake):
         return handler.handshake()
     try:
+        if isinstance(msg, OpenRequest) and hasattr(handler, "begin_open"):
+            return _Job(handler.begin_open(msg, peer))
         return handler.handle(msg, peer) if getattr(handler, "keys_by_peer", False) else handler.handle(msg)
     except Exception as e:  # keep serving: one bad request must not take the worker down
         return _error_reply(e, getattr(msg, "req_id", -1))
+
+
+@dataclass
+class _Job:
+    """_dispatch's answer to an OpenRequest the handler prefills chunk by chunk."""
+    job: object
 
 
 def _call(handler, msg, peer: bytes):

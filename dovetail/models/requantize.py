@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import logging
 import os
 import sys
@@ -21,14 +22,15 @@ from pathlib import Path
 log = logging.getLogger("dovetail")
 
 SOURCE_KEY = "dovetail.requantized_from"  # "Q4_K_M (qwen2.5-coder-1.5b-instruct-q4_k_m.gguf)"
+SOURCE_ID_KEY = "dovetail.requantized_source_id"  # source_id() of the file it was made from
 KINDS = ("q8_0", "bf16", "f16")
 
 
 def requantize(src: str | os.PathLike, to: str, out: str | os.PathLike | None = None,
                threads: int | None = None) -> Path:
     """``src`` re-quantized to ``to`` (one of KINDS) at ``out`` (default: next to the
-    registry's models, ``<cache>/models/<src stem>-as-<to>.gguf``); an ``out`` that an
-    earlier run finished is returned as it is."""
+    registry's models, ``<cache>/models/<src stem>-<source id>-as-<to>.gguf``); an ``out``
+    that an earlier run finished from this same source is returned as it is."""
     to = to.lower()
     if to not in KINDS:
         raise ValueError(f"--to must be one of {', '.join(KINDS)}, got {to!r}")
@@ -36,17 +38,19 @@ def requantize(src: str | os.PathLike, to: str, out: str | os.PathLike | None = 
     if not str(src).endswith(".gguf") or not src.is_file():
         raise ValueError(f"re-quantizing needs a .gguf file, got {src}")
     out = Path(out) if out is not None else default_out(src, to)
-    made_from = requantized_from(out) if out.is_file() else None  # parsing a GGUF takes seconds: once
-    if made_from is not None:
+    made_from, made_from_id = _labels(out) if out.is_file() else (None, None)  # parsing a GGUF takes seconds: once
+    if made_from is not None and made_from_id == source_id(src):
         log.info("%s is there already (re-quantized from %s)", out, made_from)
         return out
+    if made_from is not None:
+        log.info("%s was re-quantized from another file (%s): making it again from %s", out, made_from, src)
     out.parent.mkdir(parents=True, exist_ok=True)
     quantized = out.with_name(out.name + ".quantizing")
     labelled = out.with_name(out.name + ".labelling")
     source = f"{file_type(src)} ({src.name})"
     try:
         _quantize(src, quantized, to, threads or len(os.sched_getaffinity(0)))
-        _label(quantized, labelled, source)
+        _label(quantized, labelled, source, source_id(src))
         os.replace(labelled, out)
     finally:
         quantized.unlink(missing_ok=True)
@@ -57,8 +61,19 @@ def requantize(src: str | os.PathLike, to: str, out: str | os.PathLike | None = 
 
 
 def default_out(src: Path, to: str) -> Path:
-    from dovetail.models.fetch import default_cache_dir
-    return default_cache_dir() / "models" / f"{src.name[:-len('.gguf')]}-as-{to}.gguf"
+    """Where ``src`` re-quantized to ``to`` goes by default: named by the source's identity,
+    not its file name alone, which two different models may share (model-Q4_K_M.gguf)."""
+    from dovetail.models.store import default_cache_dir
+    return default_cache_dir() / "models" / f"{src.name[:-len('.gguf')]}-{source_id(src)}-as-{to}.gguf"
+
+
+def source_id(src: Path) -> str:
+    """What tells one source file from another: its resolved path, size and modification time
+    (as the de-quantized copies in loading.converted_dir are keyed; hashing a GB of weights
+    would take longer than re-quantizing them). A file replaced in place gets a new id."""
+    st = src.stat()
+    key = f"{src.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def file_type(path: str | os.PathLike) -> str:
@@ -75,9 +90,15 @@ def file_type(path: str | os.PathLike) -> str:
 
 def requantized_from(path: str | os.PathLike) -> str | None:
     """What a file made by requantize() was made from; None for any other GGUF."""
+    return _labels(path)[0]
+
+
+def _labels(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(SOURCE_KEY, SOURCE_ID_KEY) of a GGUF, None where it has none; one parse of the file."""
     import gguf
-    field = gguf.GGUFReader(str(path)).get_field(SOURCE_KEY)
-    return None if field is None else str(field.contents())
+    reader = gguf.GGUFReader(str(path))
+    fields = (reader.get_field(key) for key in (SOURCE_KEY, SOURCE_ID_KEY))
+    return tuple(None if f is None else str(f.contents()) for f in fields)
 
 
 def _quantize(src: Path, dst: Path, to: str, threads: int) -> None:
@@ -93,14 +114,16 @@ def _quantize(src: Path, dst: Path, to: str, threads: int) -> None:
         raise RuntimeError(f"llama.cpp could not re-quantize {src} to {to.upper()}")
 
 
-def _label(src: Path, dst: Path, source: str) -> None:
-    """Copy ``src`` to ``dst`` with SOURCE_KEY added (gguf's own metadata copier)."""
+def _label(src: Path, dst: Path, source: str, src_id: str) -> None:
+    """Copy ``src`` to ``dst`` with SOURCE_KEY and SOURCE_ID_KEY added (gguf's own metadata copier)."""
     import gguf
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
     reader = gguf.GGUFReader(str(src))
     arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
     writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
-    copy_with_new_metadata(reader, writer, {SOURCE_KEY: MetadataDetails(gguf.GGUFValueType.STRING, source)}, [])
+    labels = {SOURCE_KEY: MetadataDetails(gguf.GGUFValueType.STRING, source),
+              SOURCE_ID_KEY: MetadataDetails(gguf.GGUFValueType.STRING, src_id)}
+    copy_with_new_metadata(reader, writer, labels, [])
 
 
 def main(argv, default_target: str) -> int:

@@ -2,6 +2,9 @@
 
 One I/O thread per client owns the socket: request threads queue what they send and wait
 on per-request mailboxes, so several requests' sends and replies never wait on each other.
+Replies about no request (a heartbeat's echo, a handshake) share one box, from which each
+caller takes only the reply it matches: /metrics' handshake and the draft probe's heartbeat
+wait there at once.
 Every wait wakes in short slices so that a dead worker is noticed at once, and every
 timeout error names the setting that controls it. A worker that died is reported by
 describe_exit() (dovetail/system/worker_log.py): the signal that killed it, what that usually means,
@@ -32,6 +35,10 @@ IO_POLL_MS = 50           # how often the I/O thread wakes when nothing happens
 SEND_RETRY_S = 0.01       # how often a send with nowhere to go tries again
 IO_JOIN_S = 2.0           # how long closing waits for the I/O thread to send what is queued and stop
 SHUTDOWN_GRACE_S = 5.0    # how long a worker may take to exit after Shutdown before SIGTERM
+UNCLAIMED_S = 60.0        # how long a reply about no request waits for its caller; then it is stale
+
+
+_RESTART = object()  # recv(): a message that starts the timeout over
 
 
 class WorkerError(RuntimeError):
@@ -83,7 +90,8 @@ class WorkerClient:
         self.vocab_size: int | None = None
         self.pid = proc.pid if proc else None
         self._cv = threading.Condition()     # the mailboxes and the outbox below
-        self._mail: dict[int, deque] = {-1: deque()}  # replies by request id (-1: not about one)
+        self._mail: dict[int, deque] = {-1: deque()}  # replies by request id (-1: errors about none)
+        self._untagged: deque[tuple[float, object]] = deque()  # (arrival, reply) about no request
         self._outbox: deque[list[bytes]] = deque()    # encoded messages for the I/O thread to send
         self._stopping = False
         self._linger_ms = 0
@@ -125,20 +133,28 @@ class WorkerClient:
         with self._cv:
             return sorted(r for r in self._mail if r != -1)
 
-    def recv(self, match: Callable[[object], bool], timeout_s: float, knob: str, req_id: int = -1):
+    def recv(self, match: Callable[[object], bool], timeout_s: float, knob: str, req_id: int = -1,
+             restart: Callable[[object], bool] | None = None, cancel: threading.Event | None = None):
         """Wait for the first message for ``req_id`` that ``match`` accepts; stale ones are
-        dropped. The I/O thread sorts what arrives into per-request mailboxes."""
+        dropped. The I/O thread sorts what arrives into per-request mailboxes. A message that
+        ``restart`` accepts (the target's Taken: it took the request up only now) starts the
+        timeout over. Returns None once ``cancel`` is set."""
         deadline = time.monotonic() + timeout_s
         while True:
             with self._cv:
-                msg = self._take(req_id, match)
+                msg = self._take(req_id, match, restart)
+                if msg is _RESTART:
+                    deadline = time.monotonic() + timeout_s
+                    continue
                 if msg is not None:
                     return msg
+                if cancel is not None and cancel.is_set():
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WorkerTimeout(self.role, "timeout", f"no reply within {timeout_s:g} s (raise {knob} if the model is just slow)")
-                if not self._ready(req_id):
-                    self._cv.wait(min(left, POLL_SLICE_S))
+                # _take found nothing under this hold of _cv: whatever arrives next notifies it
+                self._cv.wait(min(left, POLL_SLICE_S))
             self.check_alive()
 
     def call(self, msg, reply_type: type, timeout_s: float, knob: str):
@@ -228,26 +244,30 @@ class WorkerClient:
                 got.append(e)  # a bad frame: raised to whoever waits (it has no request id)
         with self._cv:
             for msg in got:
-                box = self._mail.get(-1 if isinstance(msg, WorkerError) else getattr(msg, "req_id", -1))
+                req_id = -1 if isinstance(msg, WorkerError) else getattr(msg, "req_id", -1)
+                if req_id == -1 and not isinstance(msg, (Error, WorkerError)):
+                    self._untagged.append((time.monotonic(), msg))  # for whichever caller matches it
+                    continue
+                box = self._mail.get(req_id)
                 if box is None:
                     log.debug("%s: dropped a late %s", self.role, type(msg).__name__)
                 else:
                     box.append(msg)
             self._cv.notify_all()
 
-    def _ready(self, req_id: int) -> bool:
-        return bool(self._mail.get(req_id)) or any(isinstance(m, (Error, WorkerError)) for m in self._mail[-1])
-
-    def _take(self, req_id: int, match):
-        """Pop this request's messages until one matches (caller holds ``_cv``)."""
+    def _take(self, req_id: int, match, restart=None):
+        """Pop this request's messages until one matches, or _RESTART for one that ``restart``
+        accepts (caller holds ``_cv``)."""
         shared = self._mail[-1]
         for m in list(shared):
             if isinstance(m, WorkerError):
                 shared.remove(m)
                 raise m
-            if isinstance(m, Error) and req_id != -1:
+            if isinstance(m, Error):
                 shared.remove(m)
                 raise WorkerError(self.role, m.code, m.message)
+        if req_id == -1:
+            return self._claim(match)
         box = self._mail.get(req_id)
         while box:
             msg = box.popleft()
@@ -255,7 +275,23 @@ class WorkerClient:
                 raise WorkerError(self.role, msg.code, msg.message)
             if match(msg):
                 return msg
+            if restart is not None and restart(msg):
+                return _RESTART
             log.debug("%s: dropped stale %s", self.role, type(msg).__name__)
+        return None
+
+    def _claim(self, match):
+        """The first reply about no request that ``match`` accepts (caller holds ``_cv``). The
+        others stay for the callers they answer, who may be waiting at the same time (the draft
+        probe's heartbeat and /metrics' handshake): taking one is never dropping another's.
+        Replies no one claimed within UNCLAIMED_S (their caller timed out) are dropped."""
+        stale = time.monotonic() - UNCLAIMED_S
+        while self._untagged and self._untagged[0][0] < stale:
+            log.debug("%s: dropped stale %s", self.role, type(self._untagged.popleft()[1]).__name__)
+        for i, (_, msg) in enumerate(self._untagged):
+            if match(msg):
+                del self._untagged[i]
+                return msg
         return None
 
     def _read(self):

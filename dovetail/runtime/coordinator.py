@@ -18,6 +18,7 @@ from typing import Iterator
 from dovetail.protocol import Handshake
 from dovetail.runtime.client import WorkerClient, WorkerError
 from dovetail.runtime.config import CoordinatorConfig
+from dovetail.runtime.kvpool import KVPool
 from dovetail.runtime.requests import Admission, Request
 from dovetail.runtime.results import Chunk, GenerationResult, Stats
 from dovetail.runtime.rounds import RoundLoop
@@ -48,6 +49,7 @@ class Coordinator:
         self._ctx, self._run_dir = context, run_dir
         self._liveness = liveness  # heartbeats to the workers (runtime/liveness.py), stopped in close()
         self._admission = Admission(config.max_active, config.max_pending, config.queue_timeout_s)
+        self._kv = KVPool(hs_target.kv_cells, config.queue_timeout_s)  # a llama.cpp target's shared cells
         self._closed = False
 
     config = _round_setting("config", "The CoordinatorConfig the next request runs with")
@@ -77,19 +79,25 @@ class Coordinator:
         return GenerationResult(ids, self._text_of(text), stats)
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop=None, *, stats: Stats | None = None, scope: str = "") -> Iterator[Chunk]:
+               seed: int | None = None, stop=None, *, stats: Stats | None = None, scope: str = "",
+               reserve: int | None = None) -> Iterator[Chunk]:
         """Yield committed tokens round by round, as the target verifies them.
 
         ``stop``: a string or a list; the text ends before the first one to appear (also
         across chunks), and the request with it. ``scope``: the suffix draft copies from the
         earlier outputs of requests with the same scope only (the server: one per API key).
+        ``reserve``: output tokens to reserve KV cells for where the target's cells are shared
+        (default: max_new_tokens); one that outgrows it ends with finish_reason "length" when
+        the cells run out.
         """
         prompt_ids, seed, stop = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop)
+        need = self._kv_need(len(prompt_ids), max_new_tokens, reserve)
         stats = stats if stats is not None else Stats()
         self._admission.admit()
         try:
-            with self._admission.cancellable(threading.Event()) as cancel, self._admission.slot():
-                if not cancel.is_set():
+            with (self._admission.cancellable(threading.Event()) as cancel, self._kv.reserve(need, cancel) as room,
+                  self._admission.slot(cancel)):
+                if room and not cancel.is_set():
                     yield from self.text.chunks(self.rounds.run(prompt_ids, max_new_tokens, temperature, top_p,
                                                                 seed, stats, cancel=cancel, scope=scope),
                                                 stop, stats)
@@ -97,24 +105,27 @@ class Coordinator:
             self._admission.leave()
 
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, on_event=None, stop=None, *, scope: str = "") -> Request:
+               seed: int | None = None, on_event=None, stop=None, *, scope: str = "",
+               reserve: int | None = None) -> Request:
         """Start a request in the background and return its handle at once.
 
         Raises CoordinatorBusy right away when max_pending requests are in flight. See
         :class:`dovetail.runtime.requests.Request` for streaming, results, events and cancelling.
         """
         prompt_ids, seed, stop = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop)
+        need = self._kv_need(len(prompt_ids), max_new_tokens, reserve)
         handle = Request(on_event)
         self._admission.admit()
-        args = (handle, prompt_ids, max_new_tokens, temperature, top_p, seed, stop, scope)
+        args = (handle, prompt_ids, max_new_tokens, temperature, top_p, seed, stop, scope, need)
         threading.Thread(target=self._serve, args=args, name="dovetail-request", daemon=True).start()
         return handle
 
-    def _serve(self, handle: Request, prompt_ids, max_new, temperature, top_p, seed, stop, scope) -> None:
+    def _serve(self, handle: Request, prompt_ids, max_new, temperature, top_p, seed, stop, scope, need) -> None:
         text: list[str] = []
         try:
-            with self._admission.cancellable(handle._cancel), self._admission.slot():
-                if not handle.cancelled:
+            with (self._admission.cancellable(handle._cancel), self._kv.reserve(need, handle._cancel) as room,
+                  self._admission.slot(handle._cancel)):
+                if room and not handle.cancelled:
                     rounds = self.rounds.run(prompt_ids, max_new, temperature, top_p, seed, handle.stats,
                                              cancel=handle._cancel, scope=scope)
                     for chunk in self.text.chunks(rounds, stop, handle.stats):
@@ -145,6 +156,18 @@ class Coordinator:
         ids = self.encode_prompt(prompt)
         self._check_context(len(ids), max_new_tokens)
         return ids, seed, stop
+
+    def _kv_need(self, prompt_len: int, max_new_tokens: int, reserve: int | None) -> int:
+        """KV cells a request reserves: its prompt, its output, and the rows of one draft tree
+        (each row takes a cell while it is verified); checked against the whole pool now."""
+        cfg = self.rounds.config
+        tree_rows = 1 + max(cfg.max_nodes or 0, cfg.suffix_max_nodes if self.rounds.suffix else 0)
+        out = max_new_tokens if reserve is None else min(reserve, max_new_tokens)
+        # Near the end of the context the drafter's trees shrink to the room left (rounds.py),
+        # so a request that fits the pool without a tree never needs more than the pool.
+        need = min(prompt_len + out + tree_rows, max(self._kv.cells, prompt_len + out))
+        self._kv.check(need)
+        return need
 
     def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse before any work a request that cannot fit in the target's context."""

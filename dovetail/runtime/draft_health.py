@@ -25,8 +25,9 @@ class DraftHealth:
         self.client, self.probe_timeout_s = client, probe_timeout_s
         self.state = OK if client is not None else DEAD
         self._probes = itertools.count(1)
-        # One probe at a time: probes share the client's mailbox for messages without a
-        # request id, where a second waiter would drop the first one's echo as stale.
+        # One probe at a time: a suspect draft needs one answer, not one per waiting request.
+        # (Each probe's echo is its own: the client matches replies about no request to their
+        # caller, so a probe and /metrics' handshake may wait at once.)
         self._probing = threading.Lock()
 
     def usable(self) -> bool:

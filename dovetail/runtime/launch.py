@@ -16,7 +16,8 @@ import zmq
 from dovetail.models.loading import load_tokenizer, stop_token_ids, tokenizer_hash
 from dovetail.runtime.client import WorkerClient, WorkerError
 from dovetail.models.options import (
-    BACKENDS, DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, QUANTIZE_CHOICES, check_batch_rows,
+    BACKENDS, DEFAULT_BATCH_ROWS, DEFAULT_LLAMA_CTX, DEFAULT_LLAMA_EXTRA_BUFFERS, LLAMA_MISSING, MAX_BATCH_ROWS, QUANTIZE_CHOICES,
+    check_batch_rows,
     check_llama_ctx,
     check_llama_extra_buffers, llama_installed,
 )
@@ -37,7 +38,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
            target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "auto",
            draft_backend: str | None = None, target_quantize: str = "none", draft_quantize: str = "none",
            llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS, llama_ctx: int = DEFAULT_LLAMA_CTX,
-           batch_rows: int = DEFAULT_BATCH_ROWS, **options) -> Coordinator:
+           batch_rows: int = DEFAULT_BATCH_ROWS, prefill_chunk: int = 0, **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -76,6 +77,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     rows in one forward (1: one request per forward), or fewer where the cost per row it
     measured at start-up stops falling; llama.cpp runs them in one decode, transformers in
     one padded forward.
+    ``prefill_chunk``: the target prefills a prompt this many tokens at a time, verifying the
+    other requests in between (0: as many as take about half a second, measured as it goes).
     Other keyword options are fields of :class:`CoordinatorConfig`.
 
     ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
@@ -97,6 +100,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     check_llama_extra_buffers(llama_extra_buffers)
     check_llama_ctx(llama_ctx)
     check_batch_rows(batch_rows)
+    if not 0 <= prefill_chunk <= MAX_BATCH_ROWS:
+        raise ValueError(f"prefill_chunk must be in 0..{MAX_BATCH_ROWS} (0: sized by time), got {prefill_chunk}")
     remote = target_address is not None
     if remote:
         check_remote(target_address, client_keys, target_cpus)
@@ -149,6 +154,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
             tgt = _spawn(ctx, "target", run_dir, [
                 "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
                 "--backend", backend, "--quantize", target_quantize, "--batch-rows", str(batch_rows),
+                "--prefill-chunk", str(prefill_chunk),
                 *(["--llama-extra-buffers", llama_extra_buffers, "--ctx", str(llama_ctx)]
                   if backend == "llama.cpp" else []),
                 *(["--cpus", format_cpus(cpus)] if cpus else [])], config)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from dovetail.runtime.results import Chunk, GenerationResult, Stats
 
 TERMINAL = ("done", "cancelled", "error")
+SLOT_POLL_S = 0.05  # how often a request waiting for a slot looks at its cancel event
 
 
 class CoordinatorBusy(RuntimeError):
@@ -65,15 +67,26 @@ class Admission:
             return self._lock.wait_for(lambda: self.in_flight == 0, timeout_s)
 
     @contextmanager
-    def slot(self):
-        """Hold one of the active slots while the request runs (waiting at most queue_timeout_s)."""
-        if not self._slots.acquire(timeout=self.queue_timeout_s):
-            raise CoordinatorBusy(f"no free slot within {self.queue_timeout_s:g} s "
-                                  "(raise queue_timeout_s or max_active)")
+    def slot(self, cancel: threading.Event | None = None):
+        """Hold one of the active slots while the request runs (waiting at most queue_timeout_s).
+
+        The wait ends as soon as ``cancel`` is set (the client left, or close()): the body then
+        runs without a slot, and the caller's cancel check skips the work. Yields whether a
+        slot is held.
+        """
+        deadline = time.monotonic() + self.queue_timeout_s
+        # A semaphore wait cannot be interrupted: wait in short steps, looking at the event.
+        while not self._slots.acquire(timeout=max(0.0, min(SLOT_POLL_S, deadline - time.monotonic()))):
+            if cancel is not None and cancel.is_set():
+                yield False
+                return
+            if time.monotonic() >= deadline:
+                raise CoordinatorBusy(f"no free slot within {self.queue_timeout_s:g} s "
+                                      "(raise queue_timeout_s or max_active)")
         with self._lock:
             self.active += 1
         try:
-            yield
+            yield True
         finally:
             with self._lock:
                 self.active -= 1

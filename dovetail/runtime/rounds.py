@@ -8,18 +8,24 @@ bet is thrown away when it loses (runtime/drafter.py).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from typing import Iterator
 
-from dovetail.protocol import Close, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult
+from dovetail.protocol import Close, Handshake, OpenRequest, Opened, Taken, VerifyRequest, VerifyResult
 from dovetail.runtime.autotree import TreeSizer
-from dovetail.runtime.client import WorkerClient
+from dovetail.runtime.client import WorkerClient, WorkerError
 from dovetail.runtime.config import CoordinatorConfig
 from dovetail.runtime.draft_health import DraftHealth
 from dovetail.runtime.drafter import Drafter
+from dovetail.runtime.requests import CoordinatorBusy
 from dovetail.runtime.results import Stats
 from dovetail.runtime.suffix_draft import AcceptTable, HybridDrafter, SuffixCache, SuffixDrafter
+
+log = logging.getLogger("dovetail")
+
+CONTEXT_FULL = "context_full"  # the target's error code when its KV cells have no room (workers/target.py)
 
 
 class RoundLoop:
@@ -61,8 +67,19 @@ class RoundLoop:
         try:
             # Inside the try: a prefill that fails or times out still gets its Close, or the
             # target would keep the sequence (and a llama.cpp sequence id) for good.
-            opened = self.target.call(OpenRequest(req, prompt, temperature, top_p, seed, features), Opened,
-                                      cfg.prefill_timeout_s, "prefill_timeout_s")
+            # A cancel (the client left) ends the wait at once; the Close in the finally
+            # stops the target's prefill before its next chunk.
+            self.target.send(OpenRequest(req, prompt, temperature, top_p, seed, features))
+            try:
+                opened = self.target.recv(lambda m: isinstance(m, Opened) and m.req_id == req,
+                                          cfg.prefill_timeout_s, "prefill_timeout_s", req, cancel=cancel)
+            except WorkerError as e:
+                if e.code == CONTEXT_FULL:  # cells taken by requests we did not reserve for: capacity
+                    raise CoordinatorBusy(f"the target's KV cells are full now: {e.detail}") from e
+                raise
+            if opened is None:
+                stats.finish_reason = "cancelled"
+                return
             stats.prefill_s = opened.seconds
             drafter = self._start_drafter(req, prompt, stats, opened, scope)
             while True:
@@ -78,9 +95,21 @@ class RoundLoop:
                 self.target.send(VerifyRequest(req, stats.rounds, committed[-1], tokens, parents))
                 if drafter and overlap:
                     drafter.speculate(committed, tokens, parents)
-                res = self.target.recv(
-                    lambda m: isinstance(m, VerifyResult) and m.req_id == req and m.step == stats.rounds,
-                    cfg.verify_timeout_s, "verify_timeout_s", req)
+                step = stats.rounds
+                try:
+                    res = self.target.recv(
+                        lambda m: isinstance(m, VerifyResult) and m.req_id == req and m.step == step,
+                        cfg.verify_timeout_s, "verify_timeout_s", req,
+                        restart=lambda m: isinstance(m, Taken) and m.req_id == req and m.step == step)
+                except WorkerError as e:
+                    if e.code != CONTEXT_FULL:
+                        raise
+                    # It outgrew its reservation (Coordinator's reserve=) and the shared cells
+                    # are full: the end of its context, as for any model.
+                    log.warning("request %d: the target's KV cells are full after %d tokens; it ends here (%s)",
+                                req, stats.new_tokens, e.detail)
+                    stats.finish_reason = "length"
+                    return
                 wire = max(0.0, time.perf_counter() - t0 - res.seconds)
                 count_round(stats, tokens, res, wire)
                 if drafter:

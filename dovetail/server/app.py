@@ -1,41 +1,67 @@
 """The HTTP routes: OpenAI's completions and chat completions, models, health and metrics.
 
-Streaming is SSE: ``data: {json}`` events; for chat a first chunk with the role; exactly one
-chunk with a finish_reason, which also carries the ``dovetail`` statistics; a usage chunk
-when stream_options.include_usage; then ``data: [DONE]``. An error after the stream has
-started goes out as an error event, then ``[DONE]``: its status line is already sent.
+A request is checked before any model work: its Host (DNS rebinding), its key, its
+Content-Type, its body size (read no further than the limit), its fields and its text's
+length. Then the chat template and the tokenizer run in a thread, and the coordinator admits
+the request or refuses it (503, 400): all of these are plain HTTP errors.
+
+Streaming is SSE, and starts at once: the status and headers go out as soon as the request
+is admitted, then ``: keep-alive`` comments while it waits for a slot or prefills;
+``data: {json}`` events; for chat a first chunk with the role; exactly one chunk with a
+finish_reason, which also carries the ``dovetail`` statistics; a usage chunk when
+stream_options.include_usage; then ``data: [DONE]``. An error after the stream has started
+goes out as an error event, then ``[DONE]``: its status line is already sent.
+
+A client that leaves cancels its request at any stage: while it is tokenized, queued,
+prefilled or streamed.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
 import uuid
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.concurrency import run_in_threadpool
 
-from dovetail.runtime.results import Chunk, Stats
-from dovetail.server.engine import Engine, Finished
-from dovetail.server.errors import APIError, bad_request
+from dovetail.runtime.results import Stats
+from dovetail.server.engine import Engine, Finished, Run, public_model_name
+from dovetail.server.errors import (APIError, bad_request, client_gone, host_not_allowed, too_large,
+                                    unsupported_media_type)
 from dovetail.server.metrics import CONTENT_TYPE
+from dovetail.server.openapi import openapi_route
 from dovetail.server.schema import ChatRequest, CompletionRequest, parse, sampling
 
 log = logging.getLogger("dovetail.server")
 
-DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is still there
+DISCONNECT_POLL_S = 0.1  # how often a request that is not streaming yet checks that its client is still there
+# Seconds between ': keep-alive' SSE comments while a stream waits for a slot or its prefill:
+# proxies drop a connection that is silent for 60 s (nginx's proxy_read_timeout).
+KEEPALIVE_S = 5.0
+MAX_BODY_BYTES = 4 << 20  # the request body limit unless --max-body-mb says otherwise
+# Host names always answered: a browser page can only send these from a loopback origin.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+JSON_TYPE = "application/json"
+KEEPALIVE = b": keep-alive\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering either
 
 
-def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | None = None) -> Starlette:
+def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | None = None,
+              allowed_hosts: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              keepalive_s: float | None = None) -> Starlette:
+    """``allowed_hosts``: Host names answered besides loopback names and IP addresses ('*': any).
+    ``keepalive_s``: seconds between keep-alive comments (default KEEPALIVE_S)."""
     keys = [k.encode() for k in api_keys]
 
     def authorize(request: Request) -> str:
@@ -62,6 +88,8 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
                 return await handler(request)
             except APIError as e:
                 return error_response(e)
+            except ClientDisconnect:  # gone while its body came: nobody reads the answer
+                return error_response(client_gone())
             except Exception as e:  # a fault: 500, in the envelope
                 log.exception("unhandled error on %s", request.url.path)
                 return error_response(APIError(500, f"{type(e).__name__}: {e}", "server_error",
@@ -75,19 +103,18 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
         return await complete(request, CompletionRequest, chat=False)
 
     async def complete(request: Request, model, chat: bool) -> Response:
-        req = parse(model, await read_json(request))
+        req = parse(model, await read_json(request, max_body_bytes))
         engine.require_ready()
         engine.check_model(req.model)
         s = sampling(req)
-        events = engine.run(s, scope=request.state.scope)
-        first = await anext_or_error(events)  # refusals (400, 503) before any byte is sent
+        engine.check_size(s)
+        ids, max_tokens = await unless_gone(request, engine.prepare(s))
+        run = engine.submit(s, ids, max_tokens, scope=request.state.scope)  # admission refusals: 503, 400
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": engine.served_name}
-        if s.stream:
-            return StreamingResponse(stream(events, first, meta, chat, s.include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await collect(request, events, first, meta, chat))
+        if s.stream:  # the headers go now, not at the first token (which a long prefill delays)
+            return EventStream(stream(run, meta, chat, s.include_usage, keepalive_s or KEEPALIVE_S), run)
+        return JSONResponse(await collect(request, run, meta, chat))
 
     async def models(request: Request) -> Response:
         coord = engine.require_ready()
@@ -95,12 +122,18 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
         return JSONResponse({"object": "list", "data": [{
             "id": engine.served_name, "object": "model", "created": int(time.time()), "owned_by": "dovetail",
             "max_model_len": t.max_context or None,
-            "meta": {"target": {"model": t.model, "dtype": t.dtype, "device": t.device},
-                     "draft": {"model": d.model, "dtype": d.dtype, "device": d.device} if d else None}}]})
+            "meta": {"target": {"model": public_model_name(t.model), "dtype": t.dtype, "device": t.device},
+                     "draft": {"model": public_model_name(d.model), "dtype": d.dtype, "device": d.device}
+                     if d else None}}]})
 
     async def health(request: Request) -> Response:
+        """The status alone; ``?detail=1`` adds the details (a failure's paths, a dead worker's
+        last log lines), behind the key like every other route that shows them."""
         status, body = engine.health()
-        return JSONResponse(body, status_code=status)
+        if request.query_params.get("detail", "0").lower() not in ("", "0", "false", "no"):
+            authorize(request)
+            return JSONResponse(body, status_code=status)
+        return JSONResponse({"status": body["status"]}, status_code=status)
 
     async def metrics(request: Request) -> Response:
         if engine.coord is not None:  # a blocking round trip to each worker: off the event loop
@@ -112,16 +145,20 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
         return error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                        "invalid_request_error", code="not_found" if exc.status_code == 404 else None))
 
-    middleware = []
+    # First: a request from a rebinding page is refused before CORS or a route sees it.
+    middleware = [Middleware(HostAllowlist, allowed=allowed_hosts or [])]
     if cors_origins:
+        # Any request header: the SDKs send their own (X-Stainless-*, OpenAI-Organization, ...),
+        # and with bearer keys, not cookies, a header lets nothing through that a key does not.
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                                     allow_headers=["Authorization", "Content-Type"]))
+                                     allow_headers=["*"], expose_headers=["Retry-After"]))
     routes = [
         Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
         Route("/metrics", guarded(metrics), methods=["GET"]),
         Route("/health", guarded(health, needs_key=False), methods=["GET"]),
+        Route("/openapi.json", guarded(openapi_route, needs_key=False), methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found})
 
@@ -130,19 +167,90 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-async def read_json(request: Request):
-    body = await request.body()
+# ---- what comes in -----------------------------------------------------------------------------
+class HostAllowlist:
+    """Answer only a Host that is a loopback name, an IP address or an allowed name; 421 otherwise.
+
+    A DNS-rebinding page (its own domain re-pointed at 127.0.0.1) reaches a loopback server
+    under that domain's name, which this refuses. An IP address cannot be rebound, so any is
+    answered: a server on 0.0.0.0 is reached by its addresses without naming each one.
+    """
+
+    def __init__(self, app, allowed: list[str]):
+        self.app = app
+        self.allowed = LOOPBACK_HOSTS | {host_name(name) for name in allowed}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if not self.allows(host):
+                # info, not a warning: a page can repeat it endlessly
+                log.info("refused a request for host %r (not in --allowed-host)", host)
+                await error_response(host_not_allowed(host))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def allows(self, host: str | None) -> bool:
+        if host is None or "*" in self.allowed:  # no Host: HTTP/1.0, never a browser
+            return True
+        name = host_name(host)
+        if name in self.allowed:
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, lower case, without its port or IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    if host.count(":") == 1:
+        host = host.split(":")[0]
+    return host.rstrip(".")
+
+
+async def read_json(request: Request, limit: int):
+    given = request.headers.get("content-type", "")
+    # A page may post text/plain cross-origin without a preflight: only JSON is taken as JSON.
+    if given.split(";")[0].strip().lower() != JSON_TYPE:
+        raise unsupported_media_type(given)
+    body = await read_body(request, limit)
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the body is not valid JSON: {e}") from None
 
 
-async def anext_or_error(events):
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) by its Content-Length before a byte is read, or as soon as a
+    chunked body passes the limit; what is left unread is not buffered."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(limit)
+    return bytes(body)
+
+
+async def unless_gone(request: Request, awaitable):
+    """Await ``awaitable``, cancelled (499) if the client leaves meanwhile."""
+    task = asyncio.ensure_future(awaitable)
     try:
-        return await anext(events)
-    except StopAsyncIteration:
-        raise APIError(500, "the request ended without a result", "server_error") from None
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise client_gone()
+    finally:
+        task.cancel()  # a no-op once it is done
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -158,29 +266,27 @@ def dovetail_stats(stats: Stats) -> dict:
             "draft_fallback": stats.draft_fallback}
 
 
-async def collect(request: Request, events, first, meta: dict, chat: bool) -> dict:
-    """The whole completion; a client that disconnects meanwhile cancels it."""
-    async def drain():
-        out = [first]
-        async for item in events:
-            out.append(item)
-        return out
-
-    task = asyncio.ensure_future(drain())
+async def collect(request: Request, run: Run, meta: dict, chat: bool) -> dict:
+    """The whole completion; a client that disconnects meanwhile (queued, prefilling or
+    decoding) cancels it within DISCONNECT_POLL_S."""
+    loop = asyncio.get_running_loop()
+    items = []
+    next_poll = loop.time() + DISCONNECT_POLL_S
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                break
-            if await request.is_disconnected():
-                task.cancel()  # closes the generator: Engine.run cancels the request
-                raise APIError(499, "the client disconnected", "client_closed_request")
-        items = task.result()
+        async for item in run.events(idle_s=DISCONNECT_POLL_S):
+            if loop.time() >= next_poll:  # also between chunks: a long completion streams them steadily
+                if await request.is_disconnected():
+                    raise client_gone()
+                next_poll = loop.time() + DISCONNECT_POLL_S
+            if item is not None:
+                items.append(item)
     finally:
-        if not task.done():
-            task.cancel()
-    text = "".join(i.text for i in items if isinstance(i, Chunk))
-    n_tokens = sum(len(i.token_ids) for i in items if isinstance(i, Chunk))
+        run.cancel()
+    if not items or not isinstance(items[-1], Finished):
+        raise APIError(500, "the request ended without a result", "server_error")
+    chunks = items[:-1]
+    text = "".join(i.text for i in chunks)
+    n_tokens = sum(len(i.token_ids) for i in chunks)
     end: Finished = items[-1]
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                "finish_reason": end.finish_reason} if chat else
@@ -189,7 +295,24 @@ async def collect(request: Request, events, first, meta: dict, chat: bool) -> di
             "usage": usage(end.result.stats, n_tokens), "dovetail": dovetail_stats(end.result.stats)}
 
 
-async def stream(events, first, meta: dict, chat: bool, include_usage: bool):
+class EventStream(StreamingResponse):
+    """An SSE response that cancels its request however it ends: also when the client left
+    before the first byte, when the body iterator never starts (and its finally never runs)."""
+
+    def __init__(self, content, run: Run):
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.cancel()
+
+
+async def stream(run: Run, meta: dict, chat: bool, include_usage: bool, keepalive_s: float):
+    """The SSE body. A client that leaves cancels it at its next await (Starlette listens for
+    the disconnect), and the request with it: queued, prefilling or decoding."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list, **extra) -> bytes:
@@ -205,23 +328,24 @@ async def stream(events, first, meta: dict, chat: bool, include_usage: bool):
     try:
         if chat:
             yield event([piece(None, None, role=True)])
-        item = first
-        while True:
-            if isinstance(item, Finished):
+        async for item in run.events(idle_s=keepalive_s):
+            if item is None:  # waiting for a slot or a prefill: a comment keeps proxies from cutting it
+                yield KEEPALIVE
+            elif isinstance(item, Finished):
                 stats = item.result.stats
                 yield event([piece(None if chat else "", item.finish_reason)], dovetail=dovetail_stats(stats))
                 if include_usage:
                     yield event([], usage=usage(stats, n_tokens))
                 break
-            n_tokens += len(item.token_ids)
-            if item.text:
-                yield event([piece(item.text, None)])
-            item = await anext(events)
+            else:
+                n_tokens += len(item.token_ids)
+                if item.text:
+                    yield event([piece(item.text, None)])
     except APIError as e:
         yield e.sse()
     except Exception as e:  # noqa: BLE001 (a fault mid-stream still ends the stream properly)
         log.exception("stream failed")
         yield APIError(500, f"{type(e).__name__}: {e}", "server_error", code="internal_error").sse()
     finally:
-        await events.aclose()  # a client gone mid-stream cancels the request here
+        run.cancel()  # a client gone mid-stream cancels the request here
     yield b"data: [DONE]\n\n"

@@ -15,10 +15,12 @@ from pathlib import Path
 
 GRACEFUL_S = 5  # seconds open streams get to finish on shutdown before they are cut
 DEFAULT_PORT = 8000
+DEFAULT_MAX_BODY_MB = 4.0  # a chat body of 4 MB is ~1M tokens of text: more than any context we serve
+DEFAULT_KEEPALIVE_S = 5.0  # app.KEEPALIVE_S: well under the 60 s after which proxies cut a silent stream
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
-    from dovetail.cli import add_drafting_flags, add_model_flags, add_role_flags
+    from dovetail.flags import add_drafting_flags, add_model_flags, add_role_flags
     p = argparse.ArgumentParser(prog="dovetail-launch serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     h = p.add_argument_group("HTTP")
@@ -33,8 +35,17 @@ def build_serve_parser() -> argparse.ArgumentParser:
                    help="listen off loopback without an API key: anyone who reaches the port can use the model")
     h.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="allow browser requests from this origin (repeat; '*' for any); default: none")
+    h.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeat; '*' for any); by default only "
+                        "loopback names, IP addresses and --host are answered, which blocks DNS rebinding")
     h.add_argument("--served-model-name", default=None,
-                   help="the model name clients use (default: --target as given, else the remote target's name)")
+                   help="the model name clients use (default: --target as given; a local path by its file "
+                        "name; else the remote target's name)")
+    h.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
+                   help=f"refuse request bodies larger than MB with 413 (default: {DEFAULT_MAX_BODY_MB:g})")
+    h.add_argument("--sse-keepalive", type=float, default=DEFAULT_KEEPALIVE_S, metavar="S",
+                   help="send a ': keep-alive' comment every S seconds while a stream waits for its first "
+                        f"token, so proxies do not cut it (default: {DEFAULT_KEEPALIVE_S:g})")
     h.add_argument("--max-active", type=int, default=4,
                    help="requests decoding at once; their rounds interleave on the workers (default: 4)")
     h.add_argument("--max-pending", type=int, default=64,
@@ -59,7 +70,7 @@ def read_keys(args) -> list[str]:
 
 
 def check_serve_flags(args, keys: list[str]) -> None:
-    from dovetail.cli import ROLE_TARGET, check_role_flags
+    from dovetail.flags import ROLE_TARGET, check_role_flags
     from dovetail.system.security import is_loopback
     if args.role == ROLE_TARGET:
         raise ValueError("serve runs a coordinator: use --role local (default) or --role draft --connect ...")
@@ -68,6 +79,10 @@ def check_serve_flags(args, keys: list[str]) -> None:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.request_timeout <= 0:
         raise ValueError("--request-timeout must be > 0")
+    if args.max_body_mb <= 0:
+        raise ValueError("--max-body-mb must be > 0")
+    if args.sse_keepalive <= 0:
+        raise ValueError("--sse-keepalive must be > 0")
     if not 1 <= args.max_active <= args.max_pending:
         raise ValueError(f"need 1 <= --max-active <= --max-pending, got {args.max_active}, {args.max_pending}")
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -89,20 +104,23 @@ def serve_main(argv) -> int:
         import uvicorn
 
         from dovetail.server.app import build_app
-        from dovetail.server.engine import FAILED, Engine
+        from dovetail.server.engine import FAILED, Engine, public_model_name
         from dovetail.server.metrics import Metrics
     except ImportError as e:
         print(f"dovetail-launch serve: {e.name} is missing: pip install -e '.[serve]'", file=sys.stderr)
         return 1
     level = getattr(logging, args.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from dovetail.cli import start_coordinator
+    from dovetail.flags import start_coordinator
 
-    from dovetail.cli import DEFAULT_TARGET, ROLE_LOCAL
-    # The model as the user named it (as vLLM does); a remote target without --target: its own name.
-    served = args.served_model_name or args.target or (DEFAULT_TARGET if args.role == ROLE_LOCAL else None)
+    from dovetail.flags import DEFAULT_TARGET, ROLE_LOCAL
+    # The model as the user named it (as vLLM does), but a local path by its file name only (a
+    # client has no business with this machine's paths); a remote target without --target: its own name.
+    target = args.target or (DEFAULT_TARGET if args.role == ROLE_LOCAL else None)
+    served = args.served_model_name or (public_model_name(target) if target else None)
     engine = Engine(Metrics(), args.request_timeout, served)
-    app = build_app(engine, keys, args.cors_origin)
+    app = build_app(engine, keys, args.cors_origin, allowed_hosts=[args.host, *(args.allowed_host or [])],
+                    max_body_bytes=int(args.max_body_mb * (1 << 20)), keepalive_s=args.sse_keepalive)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=GRACEFUL_S, access_log=level <= logging.DEBUG))
 

@@ -1,22 +1,26 @@
 """The coordinator behind the server, seen from asyncio.
 
-Each HTTP request becomes one Coordinator.submit(): the coordinator's request thread calls
-back with every chunk and the one terminal event, and the callback hands them to the event
-loop (call_soon_threadsafe). The metrics are taken in that callback, so a request whose
-client went away is still counted when it ends. Whoever stops listening (a disconnect, the
-time limit) cancels the request: the coordinator stops after the round in flight and closes
-it on both workers.
+Each HTTP request is checked for size, then templated and tokenized in a thread (never on
+the event loop, which every stream shares), then becomes one Coordinator.submit(): the
+coordinator's request thread calls back with every chunk and the one terminal event, and
+the callback hands them to the event loop (call_soon_threadsafe). The metrics are taken in
+that callback, so a request whose client went away is still counted when it ends. Whoever
+stops listening (a disconnect, the time limit) cancels the request: a request waiting for a
+slot leaves the queue at once, a running one stops after the round in flight and is closed
+on both workers.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from dovetail.runtime.client import WorkerError
+from dovetail.runtime.kvpool import ContextTooLong
 from dovetail.runtime.requests import CoordinatorBusy
 from dovetail.runtime.results import Chunk, GenerationResult
 from dovetail.server.errors import APIError, bad_request
@@ -25,8 +29,14 @@ from dovetail.server.schema import Sampling
 
 log = logging.getLogger("dovetail.server")
 
+DEFAULT_RESERVE_TOKENS = 1024  # output a request without max_tokens reserves KV cells for (runtime/kvpool.py)
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 LOADING, READY, FAILED = "loading", "ready", "failed"
+# Prompt text longer than this many characters per token of the target's context cannot fit
+# (tokenizers average 3-4 characters a token on text and code): refused before the chat
+# template and the tokenizer spend seconds on it.
+CHARS_PER_TOKEN = 8
+MAX_PROMPT_CHARS = 1 << 20  # the same cap where the target reports no context length
 
 
 @dataclass
@@ -45,6 +55,7 @@ class Engine:
         self.state, self.failure = LOADING, ""
         self.served_name = served_name
         self._ready = threading.Event()
+        self._last_problem = ""  # the health problem logged last (logged again only when it changes)
         metrics.running.set_function(lambda: self.coord.active if self.coord else 0)
         metrics.waiting.set_function(lambda: self.coord.in_flight - self.coord.active if self.coord else 0)
 
@@ -59,7 +70,7 @@ class Engine:
                     raise RuntimeError("the server needs a tokenizer: pass --target (with --role draft, the "
                                        "target's model for its tokenizer)")
                 self.coord = coord
-                self.served_name = self.served_name or coord.target_info.model
+                self.served_name = self.served_name or public_model_name(coord.target_info.model)
                 self.state = READY
                 log.info("ready: serving %s", self.served_name)
             except BaseException as e:  # noqa: BLE001 (reported, and the server stops)
@@ -75,16 +86,27 @@ class Engine:
         return thread
 
     def health(self) -> tuple[int, dict]:
+        """The status, with its details: the app shows those only with a key (they hold paths
+        and a dead worker's last log lines), so they also go to the log, once each."""
         if self.state != READY:
             return 503, {"status": self.state, **({"error": self.failure} if self.failure else {})}
         coord = self.coord
         try:
             coord.target.check_alive()
         except WorkerError as e:
+            self._log_health(str(e))
             return 503, {"status": "target worker down", "error": str(e)}
         # A dead draft still serves every request, losslessly, target-only: degraded, not down.
         draft = coord.draft_health if coord.draft_info is not None else "none"
+        self._log_health(f"the draft is {draft}: serving target-only" if draft not in ("ok", "none") else "")
         return 200, {"status": "ok" if draft in ("ok", "none") else "degraded", "draft": draft}
+
+    def _log_health(self, problem: str) -> None:
+        """Log a health problem when it changes (a load balancer probes every few seconds)."""
+        if problem != self._last_problem:
+            if problem:
+                log.warning("health: %s", problem)
+            self._last_problem = problem
 
     def require_ready(self):
         if self.state != READY:
@@ -102,13 +124,34 @@ class Engine:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.served_name}'",
                            "invalid_request_error", "model", "model_not_found")
 
-    def prepare(self, s: Sampling) -> tuple[list[int], int]:
+    def check_size(self, s: Sampling) -> None:
+        """Refuse, before any model work, prompt text too long to fit the context in any
+        tokenization (the body limit alone would still let through seconds of tokenizing)."""
+        limit = self.require_ready().target_info.max_context
+        cap = limit * CHARS_PER_TOKEN if limit else MAX_PROMPT_CHARS
+        param = "messages" if is_chat(s.prompt) else "prompt"
+        n = prompt_chars(s.prompt)
+        if n > cap:
+            raise APIError(400, f"the {param} has {n} characters, more than {cap} can fit"
+                                + (f" in this model's context of {limit} tokens ({CHARS_PER_TOKEN} characters "
+                                   "a token at most)" if limit else " (the server's limit)"),
+                           param=param, code="context_length_exceeded")
+
+    async def prepare(self, s: Sampling) -> tuple[list[int], int]:
+        """prepare_ids() in a thread: a chat template and a tokenizer on a long prompt take
+        long enough to stall every stream if they ran on the event loop."""
+        return await asyncio.to_thread(self.prepare_ids, s)
+
+    def prepare_ids(self, s: Sampling) -> tuple[list[int], int]:
         """Prompt ids and max_tokens, refused with the numbers when they do not fit the context."""
         coord = self.require_ready()
         try:
             ids = coord.encode_prompt(s.prompt)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "prompt") from None
+        except template_errors() as e:  # the model's template refuses these messages (Gemma: no system role)
+            raise bad_request(f"the model's chat template refused the messages: {e}", "messages",
+                              "chat_template_error") from None
         limit = coord.target_info.max_context
         max_tokens = s.max_tokens if s.max_tokens is not None else (limit - len(ids) if limit else None)
         if limit and max_tokens < 1:
@@ -124,39 +167,27 @@ class Engine:
             raise bad_request("max_tokens is required: the target does not report its context length", "max_tokens")
         return ids, max_tokens
 
-    async def run(self, s: Sampling, scope: str = "") -> AsyncIterator[Chunk | Finished]:
-        """Yield the request's chunks, then one Finished; raise APIError for its failure.
-        ``scope``: the API key's (Coordinator.submit): the suffix draft's cache is per key."""
+    def submit(self, s: Sampling, ids: list[int], max_tokens: int, scope: str = "") -> "Run":
+        """Start the request; refusals at admission (a full queue: 503) raise here, before any
+        byte of the response. ``scope``: the API key's (Coordinator.submit): the suffix draft's
+        cache is per key."""
         coord = self.require_ready()
-        ids, max_tokens = self.prepare(s)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         on_event = self._observer(loop, events)
         try:
+            # Without max_tokens a request may run to the end of the context; reserving all of it
+            # in a llama.cpp target's shared cells would run such requests one at a time.
+            reserve = None if s.max_tokens is not None else min(max_tokens, DEFAULT_RESERVE_TOKENS)
             handle = coord.submit(ids, max_tokens, s.temperature, s.top_p, s.seed, on_event=on_event,
-                                  stop=s.stop or None, scope=scope)
+                                  stop=s.stop or None, scope=scope, reserve=reserve)
         except CoordinatorBusy as e:
             raise busy(e) from None
+        except ContextTooLong as e:  # more KV cells than the target has: waiting would never help
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
         except (ValueError, TypeError) as e:
             raise bad_request(str(e)) from None
-        deadline = loop.time() + self.request_timeout_s
-        try:
-            while True:
-                try:
-                    kind, payload = await asyncio.wait_for(events.get(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    raise APIError(504, f"the request ran past --request-timeout ({self.request_timeout_s:g} s)",
-                                   "timeout", code="request_timeout") from None
-                if kind == "chunk":
-                    yield payload
-                elif kind == "error":
-                    raise failure(payload)
-                else:
-                    yield Finished(payload, payload.stats.finish_reason or "stop")
-                    return
-        finally:
-            if handle.terminal is None:
-                handle.cancel()  # the client left or the time ran out: stop after this round
+        return Run(handle, events, loop.time() + self.request_timeout_s, self.request_timeout_s)
 
     def _observer(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
         """The on_event callback (a coordinator thread): metrics, then the event to the loop."""
@@ -187,6 +218,72 @@ class Engine:
                 pass
 
         return on_event
+
+
+class Run:
+    """A submitted request seen from the event loop: its events, its deadline, cancel()."""
+
+    def __init__(self, handle, events: asyncio.Queue, deadline: float, timeout_s: float):
+        self.handle, self._events, self._deadline, self._timeout_s = handle, events, deadline, timeout_s
+
+    async def events(self, idle_s: float | None = None) -> AsyncIterator[Chunk | Finished | None]:
+        """Yield the request's chunks, then one Finished; raise APIError for its failure.
+        With ``idle_s``, also yield None after each idle_s without an event: the caller's
+        moment to look at its client or keep the connection alive."""
+        loop = asyncio.get_running_loop()
+        while True:
+            left = self._deadline - loop.time()
+            if left <= 0:
+                raise APIError(504, f"the request ran past --request-timeout ({self._timeout_s:g} s)",
+                               "timeout", code="request_timeout")
+            try:
+                kind, payload = await asyncio.wait_for(self._events.get(), min(left, idle_s or left))
+            except asyncio.TimeoutError:
+                if idle_s is not None and loop.time() < self._deadline:
+                    yield None
+                continue
+            if kind == "chunk":
+                yield payload
+            elif kind == "error":
+                raise failure(payload)
+            else:
+                yield Finished(payload, payload.stats.finish_reason or "stop")
+                return
+
+    def cancel(self) -> None:
+        """The client left or the time ran out: a waiting request leaves the queue, a running
+        one stops after this round. Nothing once the request has ended."""
+        if self.handle.terminal is None:
+            self.handle.cancel()
+
+
+def is_chat(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def prompt_chars(prompt) -> int:
+    """The characters of a prompt's text (chat: all messages'); token ids count one each."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(m.get("content") or "") if isinstance(m, dict) else 1 for m in prompt or [])
+
+
+def template_errors() -> tuple[type[BaseException], ...]:
+    """What a chat template raises for messages it refuses (raise_exception() is Jinja's TemplateError)."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return ()
+    return (TemplateError,)
+
+
+def public_model_name(name: str) -> str:
+    """A model name that shows no local path: a file or folder here, or an absolute path
+    (also a remote target's), by its last component; a Hub id ("org/repo") as it is."""
+    expanded = os.path.expanduser(name)
+    if os.path.isabs(expanded) or os.path.exists(expanded):
+        return os.path.basename(os.path.normpath(expanded)) or name
+    return name
 
 
 def busy(e: Exception) -> APIError:

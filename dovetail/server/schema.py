@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dovetail.server.errors import APIError, bad_request, unsupported
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; more only costs a scan per chunk)
+MAX_STOP_CHARS = 256  # characters per stop string: each chunk's text is scanned for every one
+MAX_MESSAGES = 1024  # messages per chat request: the template loops over them on every request
 
 # field -> (the value that changes nothing, why any other value is refused)
 REFUSED = {
@@ -74,7 +76,7 @@ class _Common(BaseModel):
 
 
 class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
@@ -126,6 +128,9 @@ def sampling(req: _Common) -> Sampling:
         raise bad_request(f"at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
     if any(not s for s in stop):
         raise bad_request("stop strings must not be empty", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad_request(f"stop strings may have at most {MAX_STOP_CHARS} characters, got "
+                          f"{max(len(s) for s in stop)}", "stop")
     if isinstance(req, ChatRequest):
         prompt = [m.as_template_input() for m in req.messages]
         max_tokens = req.max_completion_tokens or req.max_tokens  # the newer name wins

@@ -93,6 +93,26 @@ def test_batch_rows_reach_the_target_and_bad_ones_are_refused_first(models, refe
     assert "batch_rows must be an int in [1, 512], got 0" in err
 
 
+def test_prefill_chunk_and_timeouts_reach_the_workers(models, reference, capsys, monkeypatch):
+    """--prefill-chunk reaches the target worker (a 1-token chunk gives the same text) and the
+    timeouts the coordinator's config."""
+    import dovetail.flags as flags
+    seen = {}
+    real = flags.start_coordinator
+
+    def spy(args, **options):
+        coord = real(args, **options)
+        seen.update(prefill=coord.config.prefill_timeout_s, verify=coord.config.verify_timeout_s)
+        return coord
+
+    monkeypatch.setattr("dovetail.cli.start_coordinator", spy)
+    rc, out, err = run_cli(capsys, "--target", models[0], "--no-draft", "--prefill-chunk", "1",
+                           "--prefill-timeout", "77", "--verify-timeout", "33", "--prompt", PROMPT)
+    assert rc == 0, err
+    assert out.strip("\n") == reference
+    assert seen == {"prefill": 77.0, "verify": 33.0}
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--target", tmp_path / "nope", "--no-draft", "--prompt", PROMPT)
     assert rc == 1

@@ -122,3 +122,19 @@ def test_a_request_that_fills_the_context_keeps_drafting_wide_trees_to_its_end(g
         res = coord.generate(prompt, max_new_tokens=32)
     assert res.stats.new_tokens == 32 and not res.stats.draft_fallback
     assert res.stats.drafted > 3 * res.stats.rounds  # wide trees, not chains
+
+
+def test_requests_that_overfill_the_shared_cells_queue_instead_of_failing(gguf):
+    """Three requests whose prompts and outputs together need more than llama.cpp's cells: each
+    alone fits. Admission reserves each one's share, so the third waits for room instead of
+    failing halfway with context_full (runtime/kvpool.py)."""
+    text = "def add(a, b):\n    return a + b\n" * 12
+    with dovetail.launch(gguf, None, backend="llama.cpp", llama_ctx=512, max_active=3) as coord:
+        ids = coord.encode_prompt(text)
+        assert 120 < len(ids) < 250 and 3 * (len(ids) + 60) > 512 >= len(ids) + 60
+        handles = [coord.submit(ids, max_new_tokens=60, stop=None) for _ in range(3)]
+        results = [h.result(timeout=600) for h in handles]
+        assert all(r.stats.new_tokens > 0 for r in results)
+        assert len({tuple(r.token_ids) for r in results}) == 1  # greedy: the same text each time
+        with pytest.raises(ValueError, match="positions|KV cells"):
+            coord.submit(ids, max_new_tokens=512 - len(ids) + 1)

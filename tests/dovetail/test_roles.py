@@ -48,6 +48,10 @@ def test_silence_clock_starts_at_the_first_message():
      "--role draft"),
     (["--role", "draft", "--connect", "tcp://h:1", "--curve-client-secret", "x"], "go together"),
     (["--role", "draft", "--connect", "tcp://h:1", "--target-cpus", "0-3"], "--target-cpus"),
+    (["--prefill-chunk", "513"], "--prefill-chunk must be in 0..512"),
+    (["--prefill-chunk", "-1"], "--prefill-chunk"),
+    (["--prefill-timeout", "0"], "--prefill-timeout must be > 0"),
+    (["--verify-timeout", "-5"], "--verify-timeout must be > 0"),
 ])
 def test_role_flags_for_the_other_host_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,7 @@ import pytest
 
 from dovetail.protocol import (
     HEADER, MAX_STRING, MAX_TOKENS, MAX_TREE_NODES, MESSAGE_TYPES, PROTOCOL_TAG,
-    PROTOCOL_VERSION, Close, Closed, DraftProposal, DraftRequest, Error, FrameTooLarge,
+    PROTOCOL_VERSION, Close, Closed, Taken, DraftProposal, DraftRequest, Error, FrameTooLarge,
     Handshake, Heartbeat, InvalidField, MalformedFrame, OpenRequest, Opened, ProtocolError,
     Shutdown, VerifyRequest, VerifyResult, WrongVersion, decode, encode, encode_features,
 )
@@ -32,7 +32,7 @@ SAMPLES = [
     VerifyResult(7, 0, [], [42], 4, FEAT8, 0.5),
     Close(7), Closed(7), Heartbeat(3, 1712345678.25),
     Error(-1, "oom", "ran out of memory"), Error(7, "bad", "ünïcödé ✓"),
-    Shutdown(),
+    Shutdown(), Taken(7, 3),
     DraftProposal(7, 2, [10, 11], [-1, 0], scores=[-0.25, -1.5]),
     DraftRequest(7, 3, 5, [1], 4, 2, 16, min_prob=0.55),
 ]

@@ -1,5 +1,5 @@
 """Children for the extra-buffer probe's tests (test_llama_buffers.py): they die by SIGSEGV,
-exit non-zero, pass or hang in the probe's child process. The probe loads this file on its
+are killed by SIGKILL, exit non-zero, pass or hang in the probe's child process. The probe loads this file on its
 own, so it imports the standard library only (importing dovetail would cost seconds)."""
 import os
 import signal
@@ -9,6 +9,10 @@ import time
 
 def segfault_probe(model: str, threads: int) -> None:
     os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def killed_probe(model: str, threads: int) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer ends a process
 
 
 def exit_probe(model: str, threads: int) -> None:

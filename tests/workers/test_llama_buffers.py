@@ -21,7 +21,7 @@ import pytest
 
 from dovetail.workers import llama_buffers
 from dovetail.models.options import check_llama_extra_buffers
-from dovetail.workers.llama_buffers import CRASH, HANG, OK, decide
+from dovetail.workers.llama_buffers import CRASH, HANG, KILLED, OK, decide
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,8 +39,9 @@ def _children():
 
 
 _kids = _children()
-segfault_probe, exit_probe, clean_probe, hang_probe, raising_probe = (
-    _kids.segfault_probe, _kids.exit_probe, _kids.clean_probe, _kids.hang_probe, _kids.raising_probe)
+segfault_probe, exit_probe, clean_probe, hang_probe, raising_probe, killed_probe = (
+    _kids.segfault_probe, _kids.exit_probe, _kids.clean_probe, _kids.hang_probe, _kids.raising_probe,
+    _kids.killed_probe)
 
 
 # ---- fixtures ----------------------------------------------------------------------------
@@ -120,6 +121,39 @@ def test_a_hanging_probe_hits_the_time_limit_and_is_killed(model, cache, caplog)
     pid = int(open(model + ".pid").read())
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(pid, 0)
+
+
+def test_a_hang_or_a_kill_is_kept_until_its_retry_time_then_probed_again(model, cache, monkeypatch, caplog):
+    """A probe that timed out, or that the OOM killer ended (SIGKILL), says more about the
+    machine then than about the buffers: its verdict is not a crash cached forever."""
+    caplog.set_level(logging.INFO, "dovetail.llama")
+    d = decide("auto", model, 1, child=killed_probe)
+    assert d.extra_buffers is False and (d.verdict.verdict, d.verdict.signal) == (KILLED, "SIGKILL")
+    assert "then probed again" in warnings_of(caplog)[-1]
+    [file] = cache.glob("*.json")
+    retry_after = json.loads(file.read_text())["retry_after"]
+    assert retry_after >= time.time() + llama_buffers.RETRY_S - 60
+    assert decide("auto", model, 1, child=clean_probe).verdict.probed is False  # within the window: cached
+    monkeypatch.setattr(llama_buffers, "RETRY_S", 0.0)
+    file.write_text(json.dumps({**json.loads(file.read_text()), "retry_after": time.time() - 1}))  # window over
+    again = decide("auto", model, 1, child=hang_probe, timeout_s=2.0)  # probed again: now it hangs
+    assert again.verdict.probed and again.verdict.verdict == HANG and again.extra_buffers is False
+    ok = decide("auto", model, 1, child=clean_probe)  # the hang's window (0 s) is over as well
+    assert ok.verdict.probed and ok.extra_buffers is True
+    assert json.loads(file.read_text())["verdict"] == OK and decide("auto", model, 1, child=segfault_probe).verdict.ok
+
+
+def test_a_real_crash_stays_cached_and_an_old_cached_kill_is_probed_again(model, cache, monkeypatch):
+    monkeypatch.setattr(llama_buffers, "RETRY_S", 0.0)
+    assert decide("auto", model, 1, child=segfault_probe).verdict.signal == "SIGSEGV"
+    assert decide("auto", model, 1, child=clean_probe).verdict.probed is False  # no retry for a crash
+    [file] = cache.glob("*.json")
+    old = json.loads(file.read_text())  # as an older version cached a SIGKILL: a crash, no retry time
+    old.update(signal="SIGKILL", reason="died with SIGKILL", returncode=-9)
+    old.pop("retry_after", None)
+    file.write_text(json.dumps(old))
+    d = decide("auto", model, 1, child=clean_probe)
+    assert d.verdict.probed and d.extra_buffers is True
 
 
 @pytest.mark.parametrize("setting,extra", [("on", True), ("off", False)])

@@ -87,6 +87,25 @@ def test_bad_ids_and_missing_tags_are_clear_errors_and_a_5xx_burst_is_retried(hu
     assert sum("/tree/" in r for r in hub.requests) >= 3
 
 
+@pytest.mark.parametrize("spec", ["models/x.gguf", "models/x.safetensors", "org/model.bin", "./x", "../x",
+                                  "/no/such/dir", "~/no-such-dovetail-model", "a/b/c.gguf"])
+def test_a_missing_path_is_no_such_file_not_a_hub_fetch(hub, tmp_path, monkeypatch, spec):
+    """A mistyped relative path would otherwise be taken for the Hub id org/repo and fetched."""
+    monkeypatch.chdir(tmp_path)
+    hub.add_repo("models/x.gguf", {"config.json": b"{}", "model.safetensors": b"x"})  # there to be fetched
+    with pytest.raises(ModelNotFound, match="no such file"):
+        resolve_model(spec, progress=False)
+    assert hub.requests == []
+
+
+def test_a_hub_id_that_looks_like_no_path_still_goes_to_the_hub(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hub.add_repo("Qwen/Qwen2.5-0.5B-Instruct", {"config.json": b"{}", "model.safetensors": b"x"})
+    hub.add_repo("org/m-GGUF", {f: b"x" for f in GGUFS})
+    assert (resolve_model("Qwen/Qwen2.5-0.5B-Instruct", progress=False) / "model.safetensors").read_bytes() == b"x"
+    assert resolve_model("org/m-GGUF:Qwen2.5-7B-Instruct-BF16.gguf", progress=False).name == GGUFS[2]  # :FILE.gguf
+
+
 def test_a_transformers_repo_decodes_as_the_same_folder_on_disk(hub, tmp_path):
     import dovetail
     from tests.helpers import make_tiny_model, make_tiny_tokenizer

@@ -299,6 +299,8 @@ def test_a_draft_killed_under_load_leaves_every_request_complete_and_exact(serve
     text = server.request("GET", "/metrics")[2].decode()
     assert metric(text, "dovetail:draft_fallbacks_total") > before
     status, _, body = server.request("GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "degraded"}
+    status, _, body = server.request("GET", "/health?detail=1")
     assert status == 200 and json.loads(body) == {"status": "degraded", "draft": "dead"}
     workers = server.worker_pids()
     assert server.stop() == 0  # SIGTERM: a clean stop

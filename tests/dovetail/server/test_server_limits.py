@@ -41,7 +41,7 @@ def wait_running(server, n: int) -> None:
 def test_health_is_503_while_loading_then_200(tight):
     first_status, first_body = tight.health_seen[0]
     assert first_status == 503 and first_body["status"] == "loading", tight.health_seen[:3]
-    assert tight.health_seen[-1] == (200, {"status": "ok", "draft": "none"})
+    assert tight.health_seen[-1] == (200, {"status": "ok"})  # the details only with ?detail=1
 
 
 def test_a_full_queue_is_503_and_the_time_limit_ends_a_stream_with_an_error_event(tight):
@@ -50,9 +50,10 @@ def test_a_full_queue_is_503_and_the_time_limit_ends_a_stream_with_an_error_even
         a=tight.request("POST", "/v1/chat/completions", {**LONG, "stream": True})))
     streaming.start()
     wait_running(tight, 1)
-    status, headers, body = tight.request("POST", "/v1/chat/completions", LONG)
-    assert status == 503 and int(headers["retry-after"]) >= 1, body
-    assert json.loads(body)["error"]["code"] == "queue_full"
+    for stream in (False, True):  # a stream refused at admission too: an HTTP status, not an event
+        status, headers, body = tight.request("POST", "/v1/chat/completions", {**LONG, "stream": stream})
+        assert status == 503 and int(headers["retry-after"]) >= 1, body
+        assert json.loads(body)["error"]["code"] == "queue_full"
     streaming.join(60)
     status, _, body = out["a"]
     events = sse_events(body)
@@ -99,7 +100,10 @@ def test_a_dead_target_is_a_500_for_requests_and_a_503_for_health(tight):
     err = json.loads(body)["error"]
     assert status == 500 and err["type"] == "server_error" and "SIGKILL" in err["message"], body
     status, _, body = tight.request("GET", "/health")
+    assert status == 503 and json.loads(body) == {"status": "target worker down"}  # no worker log lines
+    status, _, body = tight.request("GET", "/health?detail=1")  # this server has no keys: open
     assert status == 503 and "SIGKILL" in json.loads(body)["error"]
+    assert "health: target worker" in tight.tail(20_000)  # the details went to the log
 
 
 def test_a_start_up_that_fails_ends_the_server_with_the_reason(tmp_path):
