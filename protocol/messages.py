@@ -28,6 +28,7 @@ from typing import ClassVar
 __all__ = [
     "PROTOCOL_TAG", "PROTOCOL_VERSION", "HEADER",
     "MAX_FRAME_BYTES", "MAX_TOKENS", "MAX_TREE_NODES", "MAX_STRING", "MAX_FEATURE_DIMS", "MAX_BATCH_SHAPES",
+    "MAX_TOP_LOGPROBS",
     "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES", "HEARTBEAT_ID_PREFIX", "SESSION_ID_PREFIX",
     "Feature", "Handshake", "OpenRequest", "Opened", "DraftRequest", "DraftProposal",
     "VerifyRequest", "VerifyResult", "Close", "Closed", "Heartbeat", "Error", "Shutdown", "Taken",
@@ -36,7 +37,7 @@ __all__ = [
 
 PROTOCOL_TAG = b"DVTL"
 PROTOCOL_VERSION = 5  # 2: Handshake.max_context; 3: Handshake.open_requests; 4: Handshake.batch_verify_us;
-                      # 5: Taken, Handshake.kv_cells
+                      # 5: Taken, Handshake.kv_cells, OpenRequest's penalties, bias and logprobs, VerifyResult's logprobs
 # tag (4 bytes), protocol version (uint16), message type code (uint8); big-endian.
 HEADER = struct.Struct(">4sHB")
 
@@ -46,6 +47,7 @@ MAX_TOKENS = 1 << 20                # longest token-id list (prompt, new_tokens,
 MAX_TREE_NODES = 1024               # most draft nodes in one tree
 MAX_BATCH_SHAPES = 64               # most batch shapes a target's handshake reports the cost of
 MAX_STRING = 4096                   # longest str field, in characters
+MAX_TOP_LOGPROBS = 20               # most alternatives per position OpenRequest.logprobs may ask for
 MAX_FEATURE_DIMS = 4                # most dimensions of a Feature's shape
 
 # Hidden-state feature codecs: "fp16" is near-lossless, "int8" halves the bytes
@@ -121,6 +123,14 @@ class OpenRequest:
     top_p: float = 1.0
     seed: int = 0
     features: bool = True  # return hidden states (Opened, VerifyResult) for a feature draft
+    # Processing of the target's logits at every position (dovetail/spec/sampling.py), as OpenAI names it;
+    # logit_bias travels as two parallel lists.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    bias_ids: list[int] = field(default_factory=list)
+    bias_values: list[float] = field(default_factory=list)
+    logprobs: int = -1  # -1: none; 0: each committed token's; k <= MAX_TOP_LOGPROBS: and the k most likely
 
 
 @dataclass(slots=True)
@@ -192,6 +202,11 @@ class VerifyResult:
     cache_len: int
     features: Feature | None = None
     seconds: float = 0.0
+    # When the request asked (OpenRequest.logprobs >= 0): the raw model's log-probability of each
+    # of ``tokens``, and the k most likely at each position, flat (k per token, most likely first).
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -12,7 +12,8 @@ from dataclasses import MISSING, fields
 
 from .errors import InvalidField
 from .messages import (
-    FEATURE_CODECS, FEATURE_DTYPES, MAX_BATCH_SHAPES, MAX_FEATURE_DIMS, MAX_STRING, MAX_TOKENS, MAX_TREE_NODES,
+    FEATURE_CODECS, FEATURE_DTYPES, MAX_BATCH_SHAPES, MAX_FEATURE_DIMS, MAX_STRING, MAX_TOKENS, MAX_TOP_LOGPROBS,
+    MAX_TREE_NODES,
     MESSAGE_TYPES, ROLES, DraftProposal, DraftRequest, Error, Feature, Handshake, OpenRequest,
     VerifyRequest, VerifyResult,
 )
@@ -188,6 +189,18 @@ def validate(msg, *, vocab_size: int | None = None) -> None:
             raise InvalidField(where, "temperature", f"must be >= 0, got {msg.temperature}")
         if not 0 < msg.top_p <= 1:
             raise InvalidField(where, "top_p", f"must be in (0, 1], got {msg.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(msg, name) <= 2.0:
+                raise InvalidField(where, name, f"must be in [-2, 2], got {getattr(msg, name)}")
+        if not 0 < msg.repetition_penalty <= 10:
+            raise InvalidField(where, "repetition_penalty", f"must be in (0, 10], got {msg.repetition_penalty}")
+        if len(msg.bias_ids) != len(msg.bias_values) or len(set(msg.bias_ids)) != len(msg.bias_ids):
+            raise InvalidField(where, "bias_ids", "must be distinct token ids, one per bias_values entry")
+        _token_ids(where, "bias_ids", msg.bias_ids, vocab_size)
+        if any(not -100 <= v <= 100 for v in msg.bias_values):
+            raise InvalidField(where, "bias_values", "must be in [-100, 100]")
+        if not -1 <= msg.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidField(where, "logprobs", f"must be in [-1, {MAX_TOP_LOGPROBS}], got {msg.logprobs}")
     elif isinstance(msg, DraftRequest):
         if msg.max_nodes > MAX_TREE_NODES:
             raise InvalidField(where, "max_nodes", f"= {msg.max_nodes} exceeds "
@@ -220,3 +233,11 @@ def validate(msg, *, vocab_size: int | None = None) -> None:
             raise InvalidField(where, "tokens", f"has {len(msg.tokens)} items but accepted has "
                                f"{len(acc)}; tokens must be the accepted tokens plus one")
         _token_ids(where, "tokens", msg.tokens, vocab_size)
+        n = len(msg.tokens)
+        if msg.logprobs and len(msg.logprobs) != n:
+            raise InvalidField(where, "logprobs", f"has {len(msg.logprobs)} items for {n} tokens")
+        if len(msg.top_ids) != len(msg.top_logprobs) or len(msg.top_ids) % n or len(msg.top_ids) > n * MAX_TOP_LOGPROBS:
+            raise InvalidField(where, "top_ids", f"must hold k <= {MAX_TOP_LOGPROBS} ids per token, as top_logprobs")
+        _token_ids(where, "top_ids", msg.top_ids, vocab_size)
+        if any(v > 0 for v in msg.logprobs) or any(v > 0 for v in msg.top_logprobs):
+            raise InvalidField(where, "logprobs", "log-probabilities must be <= 0")

@@ -45,6 +45,12 @@ COMPUTE_JOIN_S = 3.0      # on exit, how long the request in progress may take t
 BATCH_WAIT_FRACTION = 0.1  # of the last batch's forward time, waited for its requests' next verifications
 BATCH_WAIT_MAX_S = 0.005   # and never longer than this
 MAX_BACKLOG = 1000        # messages queued for the compute thread before reading pauses (ZeroMQ's own HWM)
+# After a prefill chunk, the next one waits this long (at most) for the next verifications of
+# the requests answered before it. Their coordinators send them within milliseconds if they
+# get a core, but a chunk keeps llama.cpp's threads on every core of a small machine: without
+# the wait a stream whose coordinator could not send during the chunk waited for two chunks
+# (1.5B, 2 cores, a 6,000-token prompt: rounds up to 2.0 s apart).
+NEXT_ROUND_WAIT_S = 0.03
 TAKEN_ACK_S = 0.5         # a verification taken up later than this after it arrived is acknowledged (Taken):
                           # the coordinator's verify_timeout_s then counts from its take-up, not its send
 
@@ -237,8 +243,18 @@ class Compute:
         self._last_batch: set = set()  # (peer, request id) of the last batch's verifications
         self._last_forward_s = 0.0
         self._jobs: deque = deque()  # (peer, job) of the prefills in progress, in turn
+        self._answered = False  # verifications answered, whose next ones have not come yet
+        self._chunk_since = False  # a prefill chunk ran since then
         while (item := self._next(block=not self._jobs)) is not None:
             if item is _EMPTY:
+                if self._answered and self._chunk_since:  # one wait per round, after its chunk
+                    self._answered = False
+                    item = self._wait(NEXT_ROUND_WAIT_S)
+                    if item is None:  # stop
+                        return
+                    if item is not _EMPTY:
+                        self._held = item
+                        continue
                 self._step_job()
                 continue
             peer, body, arrived = item
@@ -261,9 +277,16 @@ class Compute:
             if reply is _STOP:
                 return
 
+    def _wait(self, seconds: float):
+        try:
+            return self.inbox.get(timeout=seconds)
+        except queue.Empty:
+            return _EMPTY
+
     def _step_job(self) -> None:
         """One chunk of the prefill whose turn it is; its reply once it is done."""
         peer, job = self._jobs.popleft()
+        self._chunk_since = True
         if job.aborted:  # closed meanwhile: its Closed went out already
             return
         try:
@@ -323,6 +346,7 @@ class Compute:
         replies = (self.handler.verify_batch(batch) if len(batch) > 1
                    else [_call(self.handler, m, peer) for _, m in batch])
         self._last_forward_s = time.monotonic() - t0
+        self._answered, self._chunk_since = True, False
         self._last_batch = {(p, m.req_id) for (p, m), r in zip(batch, replies) if not isinstance(r, BaseException)}
         for (p, m), reply in zip(batch, replies):
             if isinstance(reply, BaseException):

@@ -24,7 +24,9 @@ from dovetail.protocol import (
     FEATURE_CODECS, Close, Closed, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
     encode_features,
 )
-from dovetail.spec.verify import accept_greedy, accept_sampled, target_probs
+from dovetail.spec.picker import Picker
+from dovetail.spec.sampling import History, Processing, TokenLogprobs
+from dovetail.spec.verify import accept_path
 from dovetail.workers.backend import ContextFull, HFBackend, TargetBackend
 from dovetail.models.loading import choose_dtype
 from dovetail.workers.args import add_extra_buffers_flag
@@ -83,9 +85,9 @@ class Sequence:
     """One request: its KV cache and the committed token the target has not processed yet."""
     cache: object
     pending: int
-    temperature: float
-    top_p: float
-    generator: torch.Generator
+    proc: Processing   # how the target's logits become its token at each position
+    history: History   # the committed text as the penalties see it
+    seed: int          # the draw at position p is uniform_at(seed, p): the same text with any draft
     features: bool = True  # send hidden states back (a feature draft reads them)
     step: int = 0
 
@@ -170,9 +172,13 @@ class TargetHandler:
         if len(self.sequences) + len(self.prefilling) >= self.config.max_requests:
             raise RequestError(msg.req_id, "busy", f"{len(self.sequences) + len(self.prefilling)} requests open "
                                "(max_requests)")
-        gen = torch.Generator().manual_seed(msg.seed)
+        try:
+            proc = Processing(msg.temperature, msg.top_p, msg.presence_penalty, msg.frequency_penalty,
+                              msg.repetition_penalty, dict(zip(msg.bias_ids, msg.bias_values)), msg.logprobs)
+        except ValueError as e:
+            raise RequestError(msg.req_id, "bad_request", str(e)) from None
         # The last prompt token stays pending: it is the root of the first verification.
-        seq = Sequence(self.backend.new_sequence(), msg.prompt[-1], msg.temperature, msg.top_p, gen,
+        seq = Sequence(self.backend.new_sequence(), msg.prompt[-1], proc, History(msg.prompt), msg.seed,
                        features=msg.features)
         job = Prefill(self, key, msg, seq)
         self.prefilling[key] = job
@@ -259,20 +265,27 @@ class TargetHandler:
 
     def _commit(self, seq: Sequence, msg: VerifyRequest, out, start: int, t0: float) -> VerifyResult:
         """Accept a path of the verified tree, keep its rows, and say what was committed."""
-        if seq.temperature == 0.0:
-            path, nxt = accept_greedy(out.logits, msg.tokens, msg.parents)
-        else:
-            probs = target_probs(out.logits, seq.temperature, seq.top_p)
-            path, nxt = accept_sampled(probs, msg.tokens, msg.parents, seq.generator)
+        picker = Picker(out.logits, seq.proc, seq.history, seq.seed, root_position=start)
+        path, nxt = accept_path(msg.tokens, msg.parents, picker.pick)
         rows = [0] + [c + 1 for c in path]
         self.backend.keep(seq.cache, start, rows)
+        committed = [msg.tokens[c] for c in path] + [nxt]
+        seq.history.commit(committed)
         seq.pending, seq.step = nxt, seq.step + 1
         feats = (encode_features(out.hidden[rows], self.config.feature_codec)
                  if seq.features and out.hidden is not None else None)
-        return VerifyResult(req_id=msg.req_id, step=msg.step, accepted=path,
-                            tokens=[msg.tokens[c] for c in path] + [nxt],
+        logprobs, top_ids, top_logprobs = flat_logprobs([picker.logprobs[r] for r in rows]
+                                                        if seq.proc.logprobs >= 0 else [])
+        return VerifyResult(req_id=msg.req_id, step=msg.step, accepted=path, tokens=committed,
                             cache_len=self.backend.length(seq.cache), features=feats,
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, logprobs=logprobs, top_ids=top_ids,
+                            top_logprobs=top_logprobs)
+
+
+def flat_logprobs(entries: list[TokenLogprobs]) -> tuple[list[float], list[int], list[float]]:
+    """Each committed token's log-probability, and its top ones flat, as VerifyResult carries them."""
+    return ([e.logprob for e in entries], [i for e in entries for i, _ in e.top],
+            [v for e in entries for _, v in e.top])
 
 
 class Prefill:

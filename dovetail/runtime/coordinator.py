@@ -24,6 +24,7 @@ from dovetail.runtime.results import Chunk, GenerationResult, Stats
 from dovetail.runtime.rounds import RoundLoop
 from dovetail.models.loading import default_stop_ids
 from dovetail.runtime.text import Text, check_stop
+from dovetail.spec.sampling import Processing
 
 log = logging.getLogger("dovetail")
 
@@ -69,18 +70,24 @@ class Coordinator:
 
     # ---- public API -------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop=None, *, scope: str = "") -> GenerationResult:
+                 top_p: float = 1.0, seed: int | None = None, stop=None, *, scope: str = "",
+                 **processing) -> GenerationResult:
+        """The whole completion; ``processing``: as for stream()."""
         stats = Stats()
         ids: list[int] = []
         text: list[str] = []
-        for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, stats=stats, scope=scope):
+        logprobs: list = []
+        for chunk in self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop, stats=stats, scope=scope,
+                                 **processing):
             ids.extend(chunk.token_ids)
             text.append(chunk.text)
-        return GenerationResult(ids, self._text_of(text), stats)
+            logprobs.extend(chunk.logprobs or [])
+        return GenerationResult(ids, self._text_of(text), stats,
+                                logprobs if processing.get("logprobs") is not None else None)
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop=None, *, stats: Stats | None = None, scope: str = "",
-               reserve: int | None = None) -> Iterator[Chunk]:
+               reserve: int | None = None, **processing) -> Iterator[Chunk]:
         """Yield committed tokens round by round, as the target verifies them.
 
         ``stop``: a string or a list; the text ends before the first one to appear (also
@@ -89,8 +96,17 @@ class Coordinator:
         ``reserve``: output tokens to reserve KV cells for where the target's cells are shared
         (default: max_new_tokens); one that outgrows it ends with finish_reason "length" when
         the cells run out.
+
+        ``processing`` (keywords, as OpenAI names them): ``presence_penalty``,
+        ``frequency_penalty`` (on output tokens, in [-2, 2]), ``repetition_penalty`` (on prompt and
+        output tokens, > 0), ``logit_bias`` ({token id: bias in [-100, 100]}), and ``logprobs``
+        (k: each chunk carries each token's log-probability and the k most likely, up to 20).
+        The target applies them at every position it verifies, each tree node with its own
+        path's history: the output is exactly target-only decoding's under the same settings.
+        A ``seed`` gives the same text with or without a draft (dovetail/spec/sampling.py).
         """
-        prompt_ids, seed, stop = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop)
+        prompt_ids, seed, stop, proc = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop,
+                                                           processing)
         need = self._kv_need(len(prompt_ids), max_new_tokens, reserve)
         stats = stats if stats is not None else Stats()
         self._admission.admit()
@@ -98,7 +114,7 @@ class Coordinator:
             with (self._admission.cancellable(threading.Event()) as cancel, self._kv.reserve(need, cancel) as room,
                   self._admission.slot(cancel)):
                 if room and not cancel.is_set():
-                    yield from self.text.chunks(self.rounds.run(prompt_ids, max_new_tokens, temperature, top_p,
+                    yield from self.text.chunks(self.rounds.run(prompt_ids, max_new_tokens, proc,
                                                                 seed, stats, cancel=cancel, scope=scope),
                                                 stop, stats)
         finally:
@@ -106,32 +122,37 @@ class Coordinator:
 
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, on_event=None, stop=None, *, scope: str = "",
-               reserve: int | None = None) -> Request:
+               reserve: int | None = None, **processing) -> Request:
         """Start a request in the background and return its handle at once.
 
         Raises CoordinatorBusy right away when max_pending requests are in flight. See
         :class:`dovetail.runtime.requests.Request` for streaming, results, events and cancelling.
+        ``processing``: as for stream().
         """
-        prompt_ids, seed, stop = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop)
+        prompt_ids, seed, stop, proc = self._check_request(prompt, max_new_tokens, temperature, top_p, seed, stop,
+                                                           processing)
         need = self._kv_need(len(prompt_ids), max_new_tokens, reserve)
         handle = Request(on_event)
         self._admission.admit()
-        args = (handle, prompt_ids, max_new_tokens, temperature, top_p, seed, stop, scope, need)
+        args = (handle, prompt_ids, max_new_tokens, proc, seed, stop, scope, need)
         threading.Thread(target=self._serve, args=args, name="dovetail-request", daemon=True).start()
         return handle
 
-    def _serve(self, handle: Request, prompt_ids, max_new, temperature, top_p, seed, stop, scope, need) -> None:
+    def _serve(self, handle: Request, prompt_ids, max_new, proc, seed, stop, scope, need) -> None:
         text: list[str] = []
+        logprobs: list = []
         try:
             with (self._admission.cancellable(handle._cancel), self._kv.reserve(need, handle._cancel) as room,
                   self._admission.slot(handle._cancel)):
                 if room and not handle.cancelled:
-                    rounds = self.rounds.run(prompt_ids, max_new, temperature, top_p, seed, handle.stats,
+                    rounds = self.rounds.run(prompt_ids, max_new, proc, seed, handle.stats,
                                              cancel=handle._cancel, scope=scope)
                     for chunk in self.text.chunks(rounds, stop, handle.stats):
                         text.append(chunk.text)
+                        logprobs.extend(chunk.logprobs or [])
                         handle.emit_chunk(chunk)
-            result = GenerationResult(list(handle.token_ids), self._text_of(text), handle.stats)
+            result = GenerationResult(list(handle.token_ids), self._text_of(text), handle.stats,
+                                      logprobs if proc.logprobs >= 0 else None)
             handle.finish("cancelled" if handle.cancelled and handle.stats.finish_reason in ("", "cancelled")
                           else "done", result)
         except BaseException as e:  # the request's one terminal event
@@ -139,23 +160,25 @@ class Coordinator:
         finally:
             self._admission.leave()
 
-    def _check_request(self, prompt, max_new_tokens, temperature, top_p, seed, stop
-                       ) -> tuple[list[int], int, tuple[str, ...]]:
+    def _check_request(self, prompt, max_new_tokens, temperature, top_p, seed, stop, processing: dict
+                       ) -> tuple[list[int], int, tuple[str, ...], Processing]:
         if self._closed:
             raise RuntimeError("the coordinator is closed")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+        proc = make_processing(temperature, top_p, processing, self.target_info.vocab_size)
         if seed is not None and not 0 <= seed < (1 << 64):
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         stop = check_stop(stop)
         if stop and self.tokenizer is None:
             raise TypeError("stop strings need a tokenizer and none is loaded: use stop_token_ids")
-        seed = int(time.time_ns() % (1 << 31)) if seed is None else seed
+        # The wire carries int64: seeds past 2**63 fold onto smaller ones (as the server's do).
+        seed = int(time.time_ns() % (1 << 31)) if seed is None else seed % (1 << 63)
         ids = self.encode_prompt(prompt)
         self._check_context(len(ids), max_new_tokens)
-        return ids, seed, stop
+        return ids, seed, stop, proc
 
     def _kv_need(self, prompt_len: int, max_new_tokens: int, reserve: int | None) -> int:
         """KV cells a request reserves: its prompt, its output, and the rows of one draft tree
@@ -246,3 +269,22 @@ class Coordinator:
     @property
     def worker_pids(self) -> dict[str, int | None]:
         return {"target": self.target.pid, "draft": self._draft_client.pid if self._draft_client else None}
+
+
+PROCESSING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs")
+
+
+def make_processing(temperature: float, top_p: float, options: dict, vocab_size: int) -> Processing:
+    """The Processing of generate/stream/submit's keywords, refused with a clear error."""
+    unknown = set(options) - set(PROCESSING)
+    if unknown:
+        raise TypeError(f"unknown keyword(s) {sorted(unknown)}; the sampling options are {list(PROCESSING)}")
+    bias = {int(k): float(v) for k, v in (options.get("logit_bias") or {}).items()}
+    bad = [t for t in bias if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    logprobs = options.get("logprobs")
+    return Processing(temperature, top_p, float(options.get("presence_penalty") or 0.0),
+                      float(options.get("frequency_penalty") or 0.0),
+                      float(1.0 if options.get("repetition_penalty") is None else options["repetition_penalty"]),
+                      bias, -1 if logprobs is None else int(logprobs))

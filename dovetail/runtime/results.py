@@ -56,10 +56,21 @@ class GenerationResult:
     token_ids: list[int]
     text: str | None
     stats: Stats
+    logprobs: list | None = None  # with logprobs= asked: one TokenLogprobs per token
 
 
 @dataclass
 class Chunk:
-    """Tokens committed by one verification round, and the text they completed."""
+    """Tokens committed by one verification round, and the text they completed; with
+    ``logprobs=`` asked, one TokenLogprobs (dovetail/spec/sampling.py) per token."""
     token_ids: list[int]
     text: str
+    logprobs: list | None = None
+
+
+class Committed(list):
+    """One round's committed token ids (a list), with their TokenLogprobs when asked."""
+
+    def __init__(self, ids, logprobs: list | None = None):
+        super().__init__(ids)
+        self.logprobs = logprobs

@@ -20,7 +20,8 @@ from dovetail.runtime.config import CoordinatorConfig
 from dovetail.runtime.draft_health import DraftHealth
 from dovetail.runtime.drafter import Drafter
 from dovetail.runtime.requests import CoordinatorBusy
-from dovetail.runtime.results import Stats
+from dovetail.runtime.results import Committed, Stats
+from dovetail.spec.sampling import Processing, TokenLogprobs
 from dovetail.runtime.suffix_draft import AcceptTable, HybridDrafter, SuffixCache, SuffixDrafter
 
 log = logging.getLogger("dovetail")
@@ -52,10 +53,12 @@ class RoundLoop:
         self.suffix_cache = SuffixCache(config.suffix_cache_tokens)
         self._ids = itertools.count(1)
 
-    def run(self, prompt: list[int], max_new: int, temperature: float, top_p: float, seed: int,
-            stats: Stats, cancel: threading.Event | None = None, scope: str = "") -> Iterator[list[int]]:
+    def run(self, prompt: list[int], max_new: int, proc: Processing, seed: int,
+            stats: Stats, cancel: threading.Event | None = None, scope: str = "") -> Iterator[Committed]:
         """Yield the tokens each round commits until a stop token, ``max_new`` tokens or ``cancel``;
-        ``scope``: whose earlier outputs the suffix draft may copy from (the server: the API key's)."""
+        ``proc``: how the target turns its logits into tokens (penalties, bias, temperature, top_p,
+        logprobs); ``scope``: whose earlier outputs the suffix draft may copy from (the server:
+        the API key's)."""
         cfg, overlap = self.config, self.overlap
         req = next(self._ids)
         t_start = time.perf_counter()
@@ -69,7 +72,7 @@ class RoundLoop:
             # target would keep the sequence (and a llama.cpp sequence id) for good.
             # A cancel (the client left) ends the wait at once; the Close in the finally
             # stops the target's prefill before its next chunk.
-            self.target.send(OpenRequest(req, prompt, temperature, top_p, seed, features))
+            self.target.send(open_request(req, prompt, proc, seed, features))
             try:
                 opened = self.target.recv(lambda m: isinstance(m, Opened) and m.req_id == req,
                                           cfg.prefill_timeout_s, "prefill_timeout_s", req, cancel=cancel)
@@ -116,6 +119,7 @@ class RoundLoop:
                     drafter.settle(committed, res, tokens, parents)
                     drafter.observe(parents, res, wire)
                 new, stop = self._cut(res.tokens[:budget])
+                new = Committed(new, unflat_logprobs(res, len(new)) if proc.logprobs >= 0 else None)
                 committed.extend(new)
                 stats.new_tokens += len(new)
                 yield new
@@ -163,6 +167,20 @@ class RoundLoop:
         for client in (self.target, self.draft):
             if client is not None:
                 client.close_mailbox(req)
+
+
+def open_request(req: int, prompt: list[int], proc: Processing, seed: int, features: bool) -> OpenRequest:
+    return OpenRequest(req, prompt, proc.temperature, proc.top_p, seed, features,
+                       presence_penalty=proc.presence_penalty, frequency_penalty=proc.frequency_penalty,
+                       repetition_penalty=proc.repetition_penalty, bias_ids=list(proc.logit_bias),
+                       bias_values=[float(v) for v in proc.logit_bias.values()], logprobs=proc.logprobs)
+
+
+def unflat_logprobs(res: VerifyResult, n: int) -> list[TokenLogprobs]:
+    """The first ``n`` committed tokens' TokenLogprobs from a VerifyResult's flat lists."""
+    k = len(res.top_ids) // len(res.tokens)
+    return [TokenLogprobs(res.logprobs[i], list(zip(res.top_ids[i * k:(i + 1) * k], res.top_logprobs[i * k:(i + 1) * k])))
+            for i in range(n)]
 
 
 def count_round(stats: Stats, tokens: list[int], res: VerifyResult, wire_s: float) -> None:

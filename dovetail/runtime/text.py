@@ -47,7 +47,11 @@ class Text:
         stream = TextStream(self.decode if self.tokenizer is not None else None, stop)
         try:
             for new in rounds:
-                yield stream.add(new)
+                chunk = stream.add(new)
+                lps = getattr(new, "logprobs", None)
+                if lps is not None:  # the ids a stop string cut off lose theirs too
+                    chunk.logprobs = lps[:len(chunk.token_ids)]
+                yield chunk
                 if stream.stopped:
                     if stats is not None:
                         stats.finish_reason, stats.new_tokens = "stop", len(stream.ids)

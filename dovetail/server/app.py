@@ -39,6 +39,7 @@ from dovetail.runtime.results import Stats
 from dovetail.server.engine import Engine, Finished, Run, public_model_name
 from dovetail.server.errors import (APIError, bad_request, client_gone, host_not_allowed, too_large,
                                     unsupported_media_type)
+from dovetail.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from dovetail.server.metrics import CONTENT_TYPE
 from dovetail.server.openapi import openapi_route
 from dovetail.server.schema import ChatRequest, CompletionRequest, parse, sampling
@@ -112,9 +113,10 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
         run = engine.submit(s, ids, max_tokens, scope=request.state.scope)  # admission refusals: 503, 400
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": engine.served_name}
+        tokens = engine.token_text() if "logprobs" in s.processing else None  # None: no logprobs asked
         if s.stream:  # the headers go now, not at the first token (which a long prefill delays)
-            return EventStream(stream(run, meta, chat, s.include_usage, keepalive_s or KEEPALIVE_S), run)
-        return JSONResponse(await collect(request, run, meta, chat))
+            return EventStream(stream(run, meta, chat, s.include_usage, keepalive_s or KEEPALIVE_S, tokens), run)
+        return JSONResponse(await collect(request, run, meta, chat, tokens))
 
     async def models(request: Request) -> Response:
         coord = engine.require_ready()
@@ -266,7 +268,7 @@ def dovetail_stats(stats: Stats) -> dict:
             "draft_fallback": stats.draft_fallback}
 
 
-async def collect(request: Request, run: Run, meta: dict, chat: bool) -> dict:
+async def collect(request: Request, run: Run, meta: dict, chat: bool, tokens: TokenText | None = None) -> dict:
     """The whole completion; a client that disconnects meanwhile (queued, prefilling or
     decoding) cancels it within DISCONNECT_POLL_S."""
     loop = asyncio.get_running_loop()
@@ -288,9 +290,14 @@ async def collect(request: Request, run: Run, meta: dict, chat: bool) -> dict:
     text = "".join(i.text for i in chunks)
     n_tokens = sum(len(i.token_ids) for i in chunks)
     end: Finished = items[-1]
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    logprobs = None
+    if tokens is not None:
+        ids = [t for c in chunks for t in c.token_ids]
+        entries = [e for c in chunks for e in c.logprobs or []]
+        logprobs = chat_logprobs(entries, ids, tokens) if chat else completion_logprobs(entries, ids, tokens)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                "finish_reason": end.finish_reason} if chat else
-              {"index": 0, "text": text, "logprobs": None, "finish_reason": end.finish_reason})
+              {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": end.finish_reason})
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
             "usage": usage(end.result.stats, n_tokens), "dovetail": dovetail_stats(end.result.stats)}
 
@@ -310,7 +317,8 @@ class EventStream(StreamingResponse):
             self.run.cancel()
 
 
-async def stream(run: Run, meta: dict, chat: bool, include_usage: bool, keepalive_s: float):
+async def stream(run: Run, meta: dict, chat: bool, include_usage: bool, keepalive_s: float,
+                 tokens: TokenText | None = None):
     """The SSE body. A client that leaves cancels it at its next await (Starlette listens for
     the disconnect), and the request with it: queued, prefilling or decoding."""
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -318,13 +326,23 @@ async def stream(run: Run, meta: dict, chat: bool, include_usage: bool, keepaliv
     def event(choices: list, **extra) -> bytes:
         return f"data: {json.dumps({**meta, 'object': obj, 'choices': choices, **extra})}\n\n".encode()
 
-    def piece(text: str | None, finish: str | None, role: bool = False) -> dict:
+    def piece(text: str | None, finish: str | None, role: bool = False, logprobs: dict | None = None) -> dict:
         if chat:
             delta = ({"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {})
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
-    n_tokens = 0
+    def chunk_logprobs(item) -> dict | None:
+        if tokens is None or not item.token_ids:
+            return None
+        entries = item.logprobs or []
+        if chat:
+            return chat_logprobs(entries, item.token_ids, tokens)
+        out = completion_logprobs(entries, item.token_ids, tokens, offset[0])
+        offset[0] += len(item.text)
+        return out
+
+    n_tokens, offset = 0, [0]
     try:
         if chat:
             yield event([piece(None, None, role=True)])
@@ -339,8 +357,9 @@ async def stream(run: Run, meta: dict, chat: bool, include_usage: bool, keepaliv
                 break
             else:
                 n_tokens += len(item.token_ids)
-                if item.text:
-                    yield event([piece(item.text, None)])
+                lps = chunk_logprobs(item)
+                if item.text or lps is not None:  # a token that completes no text yet still has its logprob
+                    yield event([piece(item.text, None, logprobs=lps)])
     except APIError as e:
         yield e.sse()
     except Exception as e:  # noqa: BLE001 (a fault mid-stream still ends the stream properly)

@@ -55,6 +55,7 @@ class Engine:
         self.state, self.failure = LOADING, ""
         self.served_name = served_name
         self._ready = threading.Event()
+        self._token_text = None
         self._last_problem = ""  # the health problem logged last (logged again only when it changes)
         metrics.running.set_function(lambda: self.coord.active if self.coord else 0)
         metrics.waiting.set_function(lambda: self.coord.in_flight - self.coord.active if self.coord else 0)
@@ -119,6 +120,13 @@ class Engine:
             self.coord.close()
 
     # ---- requests ----------------------------------------------------------------------------
+    def token_text(self):
+        """Each token's text and bytes, for logprobs (made once)."""
+        if self._token_text is None:
+            from dovetail.server.logprobs import TokenText
+            self._token_text = TokenText(self.require_ready().tokenizer)
+        return self._token_text
+
     def check_model(self, name: str) -> None:
         if name != self.served_name:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.served_name}'",
@@ -180,7 +188,7 @@ class Engine:
             # in a llama.cpp target's shared cells would run such requests one at a time.
             reserve = None if s.max_tokens is not None else min(max_tokens, DEFAULT_RESERVE_TOKENS)
             handle = coord.submit(ids, max_tokens, s.temperature, s.top_p, s.seed, on_event=on_event,
-                                  stop=s.stop or None, scope=scope, reserve=reserve)
+                                  stop=s.stop or None, scope=scope, reserve=reserve, **s.processing)
         except CoordinatorBusy as e:
             raise busy(e) from None
         except ContextTooLong as e:  # more KV cells than the target has: waiting would never help

@@ -74,6 +74,30 @@ class DovetailStats(_Strict):
     draft_fallback: bool = Field(description="the draft failed and the request ran target-only")
 
 
+class TopLogprob(_Strict):
+    token: str
+    logprob: float = Field(le=0)
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(max_length=20, description="most likely first")
+
+
+class ChatLogprobs(_Strict):
+    """The target's own log-probabilities (the raw model's, before penalties, temperature and top_p)."""
+    content: list[TokenLogprob]
+    refusal: None
+
+
+class TextLogprobs(_Strict):
+    """The legacy completions' shape: parallel lists, one entry per token."""
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
     content: str
@@ -82,7 +106,7 @@ class AssistantMessage(_Strict):
 class ChatChoice(_Strict):
     index: int = Field(ge=0)
     message: AssistantMessage
-    logprobs: None
+    logprobs: Optional[ChatLogprobs]
     finish_reason: FinishReason
 
 
@@ -99,7 +123,7 @@ class ChatCompletion(_Strict):
 class TextChoice(_Strict):
     index: int = Field(ge=0)
     text: str
-    logprobs: None
+    logprobs: Optional[TextLogprobs]
     finish_reason: FinishReason
 
 
@@ -121,7 +145,7 @@ class ChatDelta(_Strict):
 class ChatChunkChoice(_Strict):
     index: int = Field(ge=0)
     delta: ChatDelta
-    logprobs: None
+    logprobs: Optional[ChatLogprobs]
     finish_reason: Optional[FinishReason]
 
 
@@ -140,7 +164,7 @@ class ChatCompletionChunk(_Strict):
 class TextChunkChoice(_Strict):
     index: int = Field(ge=0)
     text: str
-    logprobs: None
+    logprobs: Optional[TextLogprobs]
     finish_reason: Optional[FinishReason]
 
 

@@ -1,19 +1,21 @@
 """Request bodies of /v1/chat/completions and /v1/completions, checked once here.
 
-Speculative decoding here is lossless for plain sampling: temperature, top_p, a seed. What
-would change the distribution the target's own sampling gives, or what we do not compute,
-is refused with 400 naming the parameter, never silently dropped. Fields that change
+Speculative decoding here is exact for what the target applies at every position it
+verifies: temperature, top_p, a seed, the penalties and logit_bias; logprobs are the target's
+own (dovetail/spec/sampling.py). What we do not compute is refused with 400 naming the
+parameter, never silently dropped. Fields that change
 nothing about the output (``user``, ``metadata``, ...) are accepted and ignored; any other
 unknown field is refused, so that a client never believes a setting took effect.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dovetail.server.errors import APIError, bad_request, unsupported
+from dovetail.spec.sampling import MAX_TOP_LOGPROBS
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; more only costs a scan per chunk)
 MAX_STOP_CHARS = 256  # characters per stop string: each chunk's text is scanned for every one
@@ -23,12 +25,6 @@ MAX_MESSAGES = 1024  # messages per chat request: the template loops over them o
 REFUSED = {
     "n": (1, "one choice per request; send n requests (each with its own seed) instead"),
     "best_of": (1, "one choice per request"),
-    "logit_bias": ({}, "biased logits are not the target's distribution, which speculation must keep"),
-    "presence_penalty": (0, "penalties change the target's distribution, which speculation must keep"),
-    "frequency_penalty": (0, "penalties change the target's distribution, which speculation must keep"),
-    "repetition_penalty": (1, "penalties change the target's distribution, which speculation must keep"),
-    "logprobs": (False, "log-probabilities are not returned"),
-    "top_logprobs": (0, "log-probabilities are not returned"),
     "echo": (False, "the prompt is not echoed"),
     "suffix": ("", "insertion (suffix) is not supported"),
     "tools": ([], "tool calling is not supported"),
@@ -73,15 +69,23 @@ class _Common(BaseModel):
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)  # OpenAI's int64; mapped onto ours below
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Applied by the target at every position it verifies (dovetail/spec/sampling.py): exact.
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)  # vLLM's and llama.cpp's extension
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy API's: top k
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Sampling:
     stop: list[str]
     stream: bool
     include_usage: bool
+    processing: dict = field(default_factory=dict)  # Coordinator.submit's keywords: penalties, bias, logprobs
 
 
 def parse(model: type[_Common], body: Any) -> _Common:
@@ -142,7 +147,35 @@ def sampling(req: _Common) -> Sampling:
         raise bad_request("stream_options goes with stream: true", "stream_options")
     return Sampling(prompt, max_tokens, 1.0 if req.temperature is None else req.temperature,
                     1.0 if req.top_p is None else req.top_p, None if req.seed is None else req.seed % (1 << 63),
-                    stop, req.stream, options.include_usage)
+                    stop, req.stream, options.include_usage, processing(req))
+
+
+def processing(req: _Common) -> dict:
+    """The penalties, the bias and the logprobs asked for, as Coordinator.submit takes them."""
+    out = {name: getattr(req, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+           if getattr(req, name) is not None}
+    if req.logit_bias:
+        out["logit_bias"] = logit_bias(req.logit_bias)
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        if req.logprobs:
+            out["logprobs"] = req.top_logprobs or 0
+    elif req.logprobs is not None:
+        out["logprobs"] = req.logprobs
+    return out
+
+
+def logit_bias(given: dict[str, float]) -> dict[int, float]:
+    """OpenAI's {"token id": bias}; the ids are checked against the vocabulary by the coordinator."""
+    out = {}
+    for key, value in given.items():
+        if not key.strip().lstrip("-").isdigit():
+            raise bad_request(f"logit_bias keys are token ids, got {key!r}", "logit_bias")
+        if not -100 <= value <= 100:
+            raise bad_request(f"logit_bias values must be in [-100, 100], got {value}", "logit_bias")
+        out[int(key)] = value
+    return out
 
 
 def completion_prompt(prompt) -> str | list[int]:

@@ -26,6 +26,27 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -
     return probs
 
 
+def accept_path(tokens: list[int], parents: list[int], pick) -> tuple[list[int], int]:
+    """Walk the tree from the root: ``pick(row, path_tokens)`` is the target's own token after
+    that row (row 0: the root; row i + 1: draft node i), and the child carrying it is accepted.
+    The first row whose token no child carries ends the walk; that token is committed too.
+
+    With the argmax this is greedy verification. With a draw keyed by (seed, position)
+    (spec/sampling.py) it is exact sampling for point-mass drafts: a child is accepted with
+    the target's probability of its token, the children together with their total mass, as
+    recursive rejection sampling accepts them; and the same seed gives the same text
+    whatever the tree."""
+    kids = children(parents)
+    path, node = [], -1
+    while True:
+        want = pick(node + 1, [tokens[c] for c in path])
+        nxt = next((c for c in kids[node] if tokens[c] == want), None)
+        if nxt is None:
+            return path, want
+        path.append(nxt)
+        node = nxt
+
+
 def accept_greedy(logits: torch.Tensor, tokens: list[int], parents: list[int]) -> tuple[list[int], int]:
     """Longest path whose tokens equal the target's argmax, then the target's argmax."""
     best = logits.argmax(dim=-1).tolist()

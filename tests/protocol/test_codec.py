@@ -33,6 +33,10 @@ SAMPLES = [
     Close(7), Closed(7), Heartbeat(3, 1712345678.25),
     Error(-1, "oom", "ran out of memory"), Error(7, "bad", "ünïcödé ✓"),
     Shutdown(), Taken(7, 3),
+    OpenRequest(9, [1, 2], 0.5, presence_penalty=0.5, repetition_penalty=1.1, bias_ids=[3, 4],
+                bias_values=[-100.0, 2.5], logprobs=2),
+    VerifyResult(7, 0, [0], [10, 11], 6, logprobs=[-0.5, -1.25], top_ids=[10, 3, 11, 4],
+                 top_logprobs=[-0.5, -2.0, -1.25, -1.5]),
     DraftProposal(7, 2, [10, 11], [-1, 0], scores=[-0.25, -1.5]),
     DraftRequest(7, 3, 5, [1], 4, 2, 16, min_prob=0.55),
 ]
@@ -211,6 +215,11 @@ FIELD_CASES = [
     (VRES, dict(tokens=[1, 2]), "tokens"), (VRES, dict(accepted=[1, 0], tokens=[1, 2, 3]),
                                             "accepted[1]"),
     (VRES, dict(accepted=[-1]), "accepted[0]"),
+    (OPEN, dict(presence_penalty=2.5), "presence_penalty"), (OPEN, dict(repetition_penalty=0), "repetition_penalty"),
+    (OPEN, dict(bias_ids=[1], bias_values=[]), "bias_ids"), (OPEN, dict(bias_ids=[1, 1], bias_values=[1, 2]), "bias_ids"),
+    (OPEN, dict(bias_ids=[1], bias_values=[101.0]), "bias_values"), (OPEN, dict(logprobs=21), "logprobs"),
+    (VRES, dict(logprobs=[-1.0, -1.0]), "logprobs"), (VRES, dict(logprobs=[0.5]), "logprobs"),
+    (VRES, dict(top_ids=[1, 2], top_logprobs=[-1.0]), "top_ids"),
     # features
     (OPENED, dict(features=fmap(codec="bf16")), "features.codec"),
     (OPENED, dict(features=fmap(dtype="int8")), "features.dtype"),

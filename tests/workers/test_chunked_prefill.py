@@ -226,3 +226,33 @@ def test_chunks_are_sized_by_time_and_grow_while_nobody_else_is_open(model_path)
     assert h.chunk_tokens() == int(PREFILL_CHUNK_S / 0.020)
     h.prefill_us_per_token = 1e6
     assert h.chunk_tokens() == MIN_PREFILL_CHUNK
+
+
+def test_after_a_chunk_the_next_waits_briefly_for_the_round_it_held_up(served):
+    """A coordinator that sends its next verification only 20 ms after a chunk ended (it had no
+    core during the chunk) still gets it in before the next chunk: the compute thread waits up
+    to NEXT_ROUND_WAIT_S for it, so a round costs one chunk, not two."""
+    import dovetail.workers.serve as serve_mod
+    handler, sock = served
+    chunk_s = 0.15
+    assert serve_mod.NEXT_ROUND_WAIT_S > 0.02
+    handler.backend.chunk_sleep_s = chunk_s
+    sock.send_multipart(encode(OpenRequest(30, SHORT)))
+    assert isinstance(recv(sock), Opened)
+    sock.send_multipart(encode(OpenRequest(31, LONG)))
+    time.sleep(0.05)
+    pending, gaps, last = SHORT[-1], [], time.monotonic()
+    for step in range(8):
+        time.sleep(chunk_s + 0.02)  # the chunk that started after the last round, and 20 ms more
+        sock.send_multipart(encode(VerifyRequest(30, step, pending, [], [])))
+        reply = recv(sock)
+        assert isinstance(reply, VerifyResult), reply
+        now = time.monotonic()
+        gaps.append(now - last)
+        last, pending = now, reply.tokens[-1]
+    # Without the wait a second chunk starts before the verification comes: rounds 0.3 s apart.
+    assert sorted(gaps)[len(gaps) // 2] < chunk_s + 0.09, gaps
+    handler.backend.chunk_sleep_s = CHUNK_SLEEP_S
+    sock.send_multipart(encode(Close(31)))
+    while not isinstance(recv(sock), Closed):
+        pass

@@ -128,10 +128,13 @@ ERRORS = [
     ({"model": "tiny", "messages": []}, 400, "messages", "messages"),
     ({"model": "tiny"}, 400, "messages", "messages"),
     ({"model": "tiny", "messages": MESSAGES, "n": 2}, 400, "n", "one choice"),
-    ({"model": "tiny", "messages": MESSAGES, "logit_bias": {"5": 10}}, 400, "logit_bias", "distribution"),
-    ({"model": "tiny", "messages": MESSAGES, "presence_penalty": 0.5}, 400, "presence_penalty", "penalties"),
-    ({"model": "tiny", "messages": MESSAGES, "frequency_penalty": 0.5}, 400, "frequency_penalty", "penalties"),
-    ({"model": "tiny", "messages": MESSAGES, "logprobs": True}, 400, "logprobs", "log-probabilities"),
+    ({"model": "tiny", "messages": MESSAGES, "logit_bias": {"x": 10}}, 400, "logit_bias", "token ids"),
+    ({"model": "tiny", "messages": MESSAGES, "logit_bias": {"5": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ({"model": "tiny", "messages": MESSAGES, "logit_bias": {"999999": 1}}, 400, None, "outside the vocabulary"),
+    ({"model": "tiny", "messages": MESSAGES, "presence_penalty": 2.5}, 400, "presence_penalty", "presence_penalty"),
+    ({"model": "tiny", "messages": MESSAGES, "top_logprobs": 3}, 400, "top_logprobs", "logprobs: true"),
+    ({"model": "tiny", "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
+     "top_logprobs"),
     ({"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", "tool"),
     ({"model": "tiny", "messages": MESSAGES, "frobnicate": 1}, 400, "frobnicate", "unknown parameter"),
     ({"model": "tiny", "messages": MESSAGES, "max_tokens": 200_000}, 400, "max_tokens", "maximum context length"),
@@ -280,6 +283,42 @@ def test_a_client_that_hangs_up_without_streaming_cancels_its_request(server):
     print(f"\na non-streamed request was cancelled {time.monotonic() - t0:.2f} s after its client hung up")
 
 
+def test_logprobs_over_http_are_the_libraries_streamed_and_not(server, client, chat_models):
+    """Chat and completions logprobs through the openai client equal the library's (target
+    alone), and the streamed ones equal the whole."""
+    with dovetail.launch(chat_models[0], None, dtype="float64") as coord:
+        ref = coord.generate(MESSAGES, max_new_tokens=N, logprobs=3)
+        ref_text = coord.generate("def f(x):", max_new_tokens=N, logprobs=2)
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=N, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = got.choices[0].logprobs.content
+    assert len(content) == len(ref.token_ids)
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-9)
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.top_logprobs[-1].logprob
+               for c in content)
+    assert "".join(c.token for c in content) == got.choices[0].message.content == ref.text
+    streamed = [c for ch in client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=N,
+                                                             temperature=0, logprobs=True, stream=True)
+                if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-9)
+    text = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=N, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in ref_text.logprobs], abs=1e-9)
+    assert "".join(lp.tokens) == text.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_penalties_and_bias_over_http_equal_the_librarys(server, client, chat_models):
+    pen = dict(presence_penalty=0.5, frequency_penalty=0.3, logit_bias={"40": -100})
+    with dovetail.launch(chat_models[0], None, dtype="float64") as coord:
+        plain = coord.generate(MESSAGES, max_new_tokens=N).text
+        ref = coord.generate(MESSAGES, max_new_tokens=N, presence_penalty=0.5, frequency_penalty=0.3,
+                             repetition_penalty=1.2, logit_bias={40: -100.0})
+    got = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=N, temperature=0,
+                                         extra_body={"repetition_penalty": 1.2}, **pen)
+    assert got.choices[0].message.content == ref.text != plain
+
+
 def test_a_draft_killed_under_load_leaves_every_request_complete_and_exact(server, reference, pids):
     """Last in this module: the server's draft is gone afterwards, and then the server too."""
     import os
@@ -305,3 +344,4 @@ def test_a_draft_killed_under_load_leaves_every_request_complete_and_exact(serve
     workers = server.worker_pids()
     assert server.stop() == 0  # SIGTERM: a clean stop
     assert not pids.wait_gone(workers, 15), "a worker outlived the server"
+
