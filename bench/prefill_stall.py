@@ -54,6 +54,29 @@ def stream_tokens(base: str, key: str, max_tokens: int, stamps: list[float], sta
             pass
 
 
+def gap_report(stamps: list[float], t0: float, t1: float, chunk_s: float) -> dict:
+    """The stream's gaps before [t0, t1] (the long prompt's request) and overlapping it, and
+    the bar: 2 x (one chunk + one round), a round being the median gap before."""
+    gaps = [(b, b - a) for a, b in zip(stamps, stamps[1:])]
+    before = [g for t, g in gaps if t < t0]
+    overlapping = [(t, g) for t, g in gaps if t - g < t1 and t > t0]
+    during = [g for _, g in overlapping]
+    round_s = statistics.median(before) if before else None
+    bar = 2 * (chunk_s + round_s) if round_s is not None else None
+    return {
+        "gap_before_median_s": round(round_s, 3) if before else None, "gaps_before": len(before),
+        "gaps_during": len(during), "gap_during_median_s": round(statistics.median(during), 3) if during else None,
+        "gap_during_p99_s": round(sorted(during)[int(0.99 * (len(during) - 1))], 3) if during else None,
+        "worst_gap_during_s": round(max(during), 3) if during else None,
+        "bar_s": round(bar, 3) if bar is not None else None, "prefill_chunk_s": chunk_s,
+        "passed": bool(during) and bar is not None and max(during) <= bar,
+        # the ten worst: (seconds after the long prompt was sent that the gap ended, its length)
+        "worst_gaps": sorted(((round(t - t0, 2), round(g, 3)) for t, g in overlapping), key=lambda x: -x[1])[:10],
+        "stream_tokens_seen": len(stamps),
+        "stream_ended_s_after_long": round(stamps[-1] - t0, 2) if stamps else None,
+    }
+
+
 def post(base: str, key: str, content: bytes | dict, out: dict, name: str) -> None:
     t0 = time.monotonic()
     with httpx.Client(base_url=base, timeout=900.0, trust_env=False) as client:
@@ -104,29 +127,15 @@ def main(argv=None) -> int:
             t.join(900)
         t_long0 = results["long"]["sent_at"]
         t_long1 = t_long0 + results["long"]["seconds"]
-        gaps = [(b, b - a) for a, b in zip(stamps, stamps[1:])]
-        before = [g for t, g in gaps if t < t_long0]
-        during = [g for t, g in gaps if t - g < t_long1 and t > t_long0]  # gaps that overlap the prefill
         streamer.join(1)  # it goes on to its max_tokens; the server's stop ends it
     finally:
         stop_server(proc)
-    round_s = statistics.median(before)
-    bar = 2 * (PREFILL_CHUNK_S + round_s)
     report = {
         "target": args.target, "long_prompt_tokens": n_long,
         "long_status": results["long"]["status"], "long_seconds": round(results["long"]["seconds"], 2),
         "long_usage": results["long"].get("usage"),
         "oversize_status": results["oversize"].get("status"), "oversize_seconds": round(results["oversize"]["seconds"], 3),
-        "gap_before_median_s": round(round_s, 3), "gaps_before": len(before),
-        "gaps_during": len(during), "gap_during_median_s": round(statistics.median(during), 3) if during else None,
-        "gap_during_p99_s": round(sorted(during)[int(0.99 * (len(during) - 1))], 3) if during else None,
-        "worst_gap_during_s": round(max(during), 3) if during else None,
-        "tokens_during": len(during), "bar_s": round(bar, 3), "prefill_chunk_s": PREFILL_CHUNK_S,
-        "passed": bool(during) and max(during) <= bar,
-        # the ten worst gaps: (seconds after the long prompt was sent that the gap ended, its length)
-        "worst_gaps": sorted(((round(t - t_long0, 2), round(g, 3)) for t, g in gaps if t - g < t_long1 and t > t_long0),
-                             key=lambda x: -x[1])[:10],
-        "stream_tokens_seen": len(stamps), "stream_ended_s_after_long": round(stamps[-1] - t_long0, 2),
+        **gap_report(stamps, t_long0, t_long1, PREFILL_CHUNK_S),
     }
     (out_dir / "prefill_stall.json").write_text(json.dumps(report, indent=1))
     for k, v in report.items():
