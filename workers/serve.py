@@ -225,13 +225,14 @@ class Compute:
         self.outbox.put((peer, out))
         os.write(self.wake_w, b"!")
 
-    def _next(self, block: bool):
-        """The next message; _EMPTY when none waits and ``block`` is False."""
+    def _next(self, timeout: float | None):
+        """The next message, waiting at most ``timeout`` seconds (None: until one comes, 0: not
+        at all); _EMPTY when none came."""
         if self._held is not None:
             item, self._held = self._held, None
             return item
         try:
-            return self.inbox.get() if block else self.inbox.get_nowait()
+            return self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
         except queue.Empty:
             return _EMPTY
 
@@ -245,16 +246,14 @@ class Compute:
         self._jobs: deque = deque()  # (peer, job) of the prefills in progress, in turn
         self._answered = False  # verifications answered, whose next ones have not come yet
         self._chunk_since = False  # a prefill chunk ran since then
-        while (item := self._next(block=not self._jobs)) is not None:
+        while True:
+            item = self._next(0 if self._jobs else None)
+            if item is _EMPTY and self._answered and self._chunk_since:  # one wait per round, after its chunk
+                self._answered = False
+                item = self._next(NEXT_ROUND_WAIT_S)
+            if item is None:
+                return
             if item is _EMPTY:
-                if self._answered and self._chunk_since:  # one wait per round, after its chunk
-                    self._answered = False
-                    item = self._wait(NEXT_ROUND_WAIT_S)
-                    if item is None:  # stop
-                        return
-                    if item is not _EMPTY:
-                        self._held = item
-                        continue
                 self._step_job()
                 continue
             peer, body, arrived = item
@@ -276,12 +275,6 @@ class Compute:
                 self._post(peer, out)
             if reply is _STOP:
                 return
-
-    def _wait(self, seconds: float):
-        try:
-            return self.inbox.get(timeout=seconds)
-        except queue.Empty:
-            return _EMPTY
 
     def _step_job(self) -> None:
         """One chunk of the prefill whose turn it is; its reply once it is done."""

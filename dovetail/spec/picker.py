@@ -8,6 +8,7 @@ from collections import Counter
 import torch
 
 from dovetail.spec.sampling import MIN_LOGPROB, History, Processing, TokenLogprobs, uniform_at
+from dovetail.spec.verify import draw_at, target_probs
 
 
 def processed(logits: torch.Tensor, proc: Processing, history: History, path: list[int]) -> torch.Tensor:
@@ -33,26 +34,6 @@ def processed(logits: torch.Tensor, proc: Processing, history: History, path: li
     return x
 
 
-def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """softmax(logits / T) over one row, nucleus-filtered to top_p."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        before = sorted_p.cumsum(dim=-1) - sorted_p
-        sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        probs = probs / probs.sum()
-    return probs
-
-
-def draw_with(weights: torch.Tensor, u: float) -> int:
-    """The index whose cumulative weight first exceeds u × total (zero weights never drawn)."""
-    cdf = torch.cumsum(weights.double(), dim=0)
-    return int(torch.searchsorted(cdf, torch.tensor(u * float(cdf[-1]), dtype=torch.float64),
-                                  right=True).clamp_(max=len(weights) - 1))
-
-
 class Picker:
     """The target's own token at each row of one verification: ``pick(row, path)`` processes
     that row for its path's history and takes the argmax or the (seed, position) draw. It
@@ -76,7 +57,7 @@ class Picker:
                 # The sample for the position after this row's token: the root's position + 1
                 # + the path's length, whatever tree got there.
                 u = uniform_at(self.seed, self.root_position + 1 + len(path))
-                tok = draw_with(nucleus(x, self.proc.temperature, self.proc.top_p), u)
+                tok = draw_at(target_probs(x, self.proc.temperature, self.proc.top_p), u)
         if self.proc.logprobs >= 0:
             self.logprobs[row] = token_logprobs(self.logits[row], tok, self.proc.logprobs)
         return tok

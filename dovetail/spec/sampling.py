@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+from dovetail.protocol import MAX_TOP_LOGPROBS  # OpenAI's bound on top_logprobs, also the wire's
+
 MIN_LOGPROB = -9999.0  # what OpenAI reports for a token of (about) zero probability: finite, for JSON
 _MASK64 = (1 << 64) - 1
 

@@ -13,7 +13,8 @@ from dovetail.spec.tree import children
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution target-only sampling draws from: softmax(logits / T), nucleus-filtered."""
+    """The distribution target-only sampling draws from: softmax(logits / T), nucleus-filtered
+    (each row of [rows, vocab], or one row)."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -117,6 +118,11 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> int
     llama.cpp decode step; a cumulative sum and a binary search take ~0.3 ms. ``right=True``
     picks the first index whose cumulative weight exceeds u, so zero weights are never drawn.
     """
+    return draw_at(weights, float(torch.rand((), generator=generator, dtype=torch.float64)))
+
+
+def draw_at(weights: torch.Tensor, u: float) -> int:
+    """draw() with its uniform number ``u`` in [0, 1) given (spec/sampling.py's uniform_at)."""
     cdf = torch.cumsum(weights.double(), dim=0)
-    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
-    return int(torch.searchsorted(cdf, u, right=True).clamp_(max=len(weights) - 1))
+    target = torch.tensor(u * float(cdf[-1]), dtype=torch.float64)
+    return int(torch.searchsorted(cdf, target, right=True).clamp_(max=len(weights) - 1))

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from dovetail.spec.picker import Picker, nucleus, processed, token_logprobs
+from dovetail.spec.picker import Picker, processed, token_logprobs
 from dovetail.spec.sampling import History, Processing, uniform_at
 from dovetail.spec.tree import chain_parents
-from dovetail.spec.verify import accept_path
+from dovetail.spec.verify import accept_path, target_probs
 from tests.dovetail.spec.test_verify import B, P0, TREES, TRIALS, V, _first_two, _lossless
 
 pytestmark = pytest.mark.timeout(120)
@@ -129,6 +129,6 @@ def test_bad_processing_is_refused(bad):
         Processing(**{"temperature": 1.0, **bad})
 
 
-def test_nucleus_keeps_the_smallest_set_reaching_top_p():
-    p = nucleus(torch.tensor([0.0, 1.0, 2.0, 3.0]).log(), 1.0, 0.8)
+def test_one_rows_nucleus_keeps_the_smallest_set_reaching_top_p():
+    p = target_probs(torch.tensor([0.0, 1.0, 2.0, 3.0]).log(), 1.0, 0.8)
     assert torch.allclose(p, torch.tensor([0, 0, 0.4, 0.6], dtype=torch.float64))
