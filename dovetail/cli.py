@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 # The flags and roles dovetail-launch shares with `dovetail-launch serve` live in dovetail.flags,
 # which both import (neither imports the other but here, for the serve subcommand); re-exported
@@ -62,6 +63,17 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the output before this text (repeat for several; \\n and \\t are read as newline and tab)")
+    g.add_argument("--presence-penalty", type=float, default=None, help="OpenAI's presence penalty, in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI's frequency penalty, in [-2, 2]")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide the logits of tokens already in the prompt or output by this (> 1 discourages)")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--json", action="store_true", help="the output is one JSON object")
+    c.add_argument("--json-schema", metavar="FILE|JSON", default=None,
+                   help="the output is JSON valid against this schema (a file, or the schema's JSON text)")
+    c.add_argument("--regex", default=None, help="the whole output matches this regular expression (Rust syntax)")
+    c.add_argument("--grammar", metavar="FILE", default=None,
+                   help="the output follows this grammar file (Lark, or llama.cpp's GBNF)")
 
 
 def main(argv=None) -> int:
@@ -88,6 +100,13 @@ def main(argv=None) -> int:
     from dovetail.runtime.client import WorkerError
     from dovetail.models.fetch import FetchError
 
+    try:  # a bad schema, regex or grammar file says so before the models load
+        processing = processing_args(args)
+        from dovetail.runtime.coordinator import make_processing
+        make_processing(args.temperature, args.top_p, processing, vocab_size=1 << 62)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"dovetail-launch: {e}", file=sys.stderr)
+        return 2
     print("dovetail: starting workers (the first run fetches and converts the models)...", file=sys.stderr)
     try:
         coord = start_coordinator(args)
@@ -103,7 +122,7 @@ def main(argv=None) -> int:
             prompt = text if args.raw or coord.tokenizer is None or not coord.tokenizer.chat_template \
                 else [{"role": "user", "content": text}]
             try:
-                stats = _run(coord, prompt, args)
+                stats = _run(coord, prompt, args, processing)
             except WorkerError as e:
                 print(f"\ndovetail-launch: {e}", file=sys.stderr)
                 return 1
@@ -139,7 +158,7 @@ def serve_target(args) -> int:
     from dovetail.workers import target as target_worker
     argv = ["--bind", args.listen, "--model", str(model), "--dtype", args.dtype, "--backend", backend,
             "--quantize", args.target_quantize, "--batch-rows", str(args.batch_rows),
-            "--prefill-chunk", str(args.prefill_chunk),
+            "--prefill-chunk", str(args.prefill_chunk), "--prefix-cache-tokens", str(args.prefix_cache_tokens),
             *(["--llama-extra-buffers", args.llama_extra_buffers, "--ctx", str(args.llama_ctx)]
               if backend == "llama.cpp" else []),
             "--sessions", "--heartbeat-timeout", str(window), "--log-level", "info" if args.log_level == "warning" else args.log_level,
@@ -184,15 +203,33 @@ def keys_main(argv) -> int:
     return 0
 
 
-def _run(coord, prompt, args):
+def _run(coord, prompt, args, processing: dict):
     from dovetail.runtime.results import Stats
     stats = Stats()
     stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop] if args.stop else None
     for chunk in coord.stream(prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop,
-                              stats=stats):
+                              stats=stats, **processing):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     return stats
+
+
+def processing_args(args) -> dict:
+    """The penalties and the output constraint of the generation flags, as Coordinator.stream takes them."""
+    out = {name: getattr(args, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+           if getattr(args, name) is not None}
+    if args.json:
+        out["grammar"] = ("json_object", None)
+    elif args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()  # FileNotFoundError names the file
+        out["grammar"] = ("json_schema", text)
+    elif args.regex is not None:
+        out["grammar"] = ("regex", args.regex)
+    elif args.grammar is not None:
+        out["grammar"] = ("grammar", Path(args.grammar).read_text())
+    return out
 
 
 def _read_prompts():

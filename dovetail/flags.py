@@ -13,6 +13,7 @@ from dovetail.models.options import (
     QUANTIZE_CHOICES,
 )
 from dovetail.runtime.config import DEFAULT_DRAFT_LM, CoordinatorConfig
+from dovetail.workers.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "auto"
@@ -71,6 +72,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="the target prefills a prompt this many tokens at a time and verifies the other requests "
                         "in between, so a long prompt does not stall their streams (default 0: as many as take "
                         "about half a second, measured as it goes)")
+    m.add_argument("--prefix-cache-tokens", type=int, default=DEFAULT_PREFIX_CACHE_TOKENS, metavar="TOKENS",
+                   help="the target keeps finished requests' KV for later prompts that start the same way (a "
+                        "chat's next turn, a shared system prompt), up to this many tokens, least recently used "
+                        f"first out (default: {DEFAULT_PREFIX_CACHE_TOKENS}). The server keeps them per API key: "
+                        "a cached prefix answers faster, a timing side channel between tenants")
+    m.add_argument("--no-prefix-cache", dest="prefix_cache_tokens", action="store_const", const=0,
+                   help="prefill every prompt from scratch (same as --prefix-cache-tokens 0)")
     m.add_argument("--prefill-timeout", type=float, default=CoordinatorConfig.prefill_timeout_s, metavar="S",
                    help="a prompt's prefill may take this long (default: %(default)g)")
     m.add_argument("--verify-timeout", type=float, default=CoordinatorConfig.verify_timeout_s, metavar="S",
@@ -138,6 +146,8 @@ def check_role_flags(args) -> None:
         raise ValueError("--curve-client-secret and --curve-server-public go together")
     if args.role == ROLE_DRAFT and args.target_cpus is not None:
         raise ValueError("--target-cpus is set on the target's host (--role target)")
+    if args.prefix_cache_tokens < 0:
+        raise ValueError(f"--prefix-cache-tokens must be >= 0 (0: off), got {args.prefix_cache_tokens}")
     if not 0 <= args.prefill_chunk <= MAX_BATCH_ROWS:
         raise ValueError(f"--prefill-chunk must be in 0..{MAX_BATCH_ROWS} (0: sized by time), got {args.prefill_chunk}")
     for flag in ("prefill_timeout", "verify_timeout"):
@@ -163,7 +173,8 @@ def start_coordinator(args, **options):
                            backend=args.backend, draft_backend=args.draft_backend,
                            target_quantize=args.target_quantize, draft_quantize=args.draft_quantize,
                            llama_extra_buffers=args.llama_extra_buffers, llama_ctx=args.llama_ctx, batch_rows=args.batch_rows,
-                           prefill_chunk=args.prefill_chunk, prefill_timeout_s=args.prefill_timeout,
+                           prefill_chunk=args.prefill_chunk, prefix_cache_tokens=args.prefix_cache_tokens,
+                           prefill_timeout_s=args.prefill_timeout,
                            verify_timeout_s=args.verify_timeout, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                            auto_tree=args.auto_tree, gate=args.gate, force_draft=args.force_draft,
                            overlap=args.overlap, draft_layers=args.draft_layers, log_level=args.log_level,

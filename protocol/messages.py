@@ -28,7 +28,7 @@ from typing import ClassVar
 __all__ = [
     "PROTOCOL_TAG", "PROTOCOL_VERSION", "HEADER",
     "MAX_FRAME_BYTES", "MAX_TOKENS", "MAX_TREE_NODES", "MAX_STRING", "MAX_FEATURE_DIMS", "MAX_BATCH_SHAPES",
-    "MAX_TOP_LOGPROBS",
+    "MAX_TOP_LOGPROBS", "MAX_GRAMMAR_BYTES",
     "FEATURE_CODECS", "DEFAULT_FEATURE_CODEC", "FEATURE_DTYPES", "ROLES", "HEARTBEAT_ID_PREFIX", "SESSION_ID_PREFIX",
     "Feature", "Handshake", "OpenRequest", "Opened", "DraftRequest", "DraftProposal",
     "VerifyRequest", "VerifyResult", "Close", "Closed", "Heartbeat", "Error", "Shutdown", "Taken",
@@ -36,8 +36,10 @@ __all__ = [
 ]
 
 PROTOCOL_TAG = b"DVTL"
-PROTOCOL_VERSION = 5  # 2: Handshake.max_context; 3: Handshake.open_requests; 4: Handshake.batch_verify_us;
+PROTOCOL_VERSION = 7  # 2: Handshake.max_context; 3: Handshake.open_requests; 4: Handshake.batch_verify_us;
                       # 5: Taken, Handshake.kv_cells, OpenRequest's penalties, bias and logprobs, VerifyResult's logprobs
+                      # 6: OpenRequest.grammar and stop_ids
+                      # 7: OpenRequest.cache_scope, Opened.reused (the target's prefix cache)
 # tag (4 bytes), protocol version (uint16), message type code (uint8); big-endian.
 HEADER = struct.Struct(">4sHB")
 
@@ -47,6 +49,7 @@ MAX_TOKENS = 1 << 20                # longest token-id list (prompt, new_tokens,
 MAX_TREE_NODES = 1024               # most draft nodes in one tree
 MAX_BATCH_SHAPES = 64               # most batch shapes a target's handshake reports the cost of
 MAX_STRING = 4096                   # longest str field, in characters
+MAX_GRAMMAR_BYTES = 1 << 20        # longest grammar text (a JSON schema, tool definitions) in OpenRequest
 MAX_TOP_LOGPROBS = 20               # most alternatives per position OpenRequest.logprobs may ask for
 MAX_FEATURE_DIMS = 4                # most dimensions of a Feature's shape
 
@@ -131,6 +134,14 @@ class OpenRequest:
     bias_ids: list[int] = field(default_factory=list)
     bias_values: list[float] = field(default_factory=list)
     logprobs: int = -1  # -1: none; 0: each committed token's; k <= MAX_TOP_LOGPROBS: and the k most likely
+    # Structured output: llguidance's grammar text (dovetail/spec/grammar.py grammar_text), UTF-8, empty for
+    # none; the target masks every position with it. stop_ids: the ids that end the output, allowed where
+    # the grammar is complete.
+    grammar: bytes = b""
+    stop_ids: list[int] = field(default_factory=list)
+    # The target's prefix cache: a prompt may start from the cached KV of earlier requests with the same
+    # scope only (the server: one per API key; prompt-cache timing is a side channel between tenants).
+    cache_scope: str = ""
 
 
 @dataclass(slots=True)
@@ -141,6 +152,7 @@ class Opened:
     cache_len: int
     features: Feature | None = None
     seconds: float = 0.0
+    reused: int = 0  # prompt positions taken from the prefix cache, not prefilled
 
 
 @dataclass(slots=True)

@@ -12,9 +12,9 @@ from dataclasses import MISSING, fields
 
 from .errors import InvalidField
 from .messages import (
-    FEATURE_CODECS, FEATURE_DTYPES, MAX_BATCH_SHAPES, MAX_FEATURE_DIMS, MAX_STRING, MAX_TOKENS, MAX_TOP_LOGPROBS,
+    FEATURE_CODECS, FEATURE_DTYPES, MAX_BATCH_SHAPES, MAX_FEATURE_DIMS, MAX_GRAMMAR_BYTES, MAX_STRING, MAX_TOKENS, MAX_TOP_LOGPROBS,
     MAX_TREE_NODES,
-    MESSAGE_TYPES, ROLES, DraftProposal, DraftRequest, Error, Feature, Handshake, OpenRequest,
+    MESSAGE_TYPES, ROLES, DraftProposal, DraftRequest, Error, Feature, Handshake, OpenRequest, Opened,
     VerifyRequest, VerifyResult,
 )
 
@@ -179,7 +179,7 @@ def validate(msg, *, vocab_size: int | None = None) -> None:
         _at_least(msg, where, -1, "req_id")  # -1: not about one request
         return
     _at_least(msg, where, 0, *(n for n in ("req_id", "step", "seq", "cache_len", "base_len",
-                                           "depth", "top_k", "max_nodes", "seed", "seconds")
+                                           "depth", "top_k", "max_nodes", "seed", "seconds", "reused")
                                if hasattr(msg, n)))
     if isinstance(msg, OpenRequest):
         if not msg.prompt:
@@ -201,6 +201,15 @@ def validate(msg, *, vocab_size: int | None = None) -> None:
             raise InvalidField(where, "bias_values", "must be in [-100, 100]")
         if not -1 <= msg.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidField(where, "logprobs", f"must be in [-1, {MAX_TOP_LOGPROBS}], got {msg.logprobs}")
+        if len(msg.grammar) > MAX_GRAMMAR_BYTES:
+            raise InvalidField(where, "grammar", f"is {len(msg.grammar)} bytes, more than MAX_GRAMMAR_BYTES="
+                                                 f"{MAX_GRAMMAR_BYTES}")
+        _token_ids(where, "stop_ids", msg.stop_ids, vocab_size)
+        if msg.grammar and not msg.stop_ids:
+            raise InvalidField(where, "stop_ids", "a grammar needs at least one stop id to end the output")
+    elif isinstance(msg, Opened):
+        if msg.reused > msg.cache_len:
+            raise InvalidField(where, "reused", f"= {msg.reused}, more than the {msg.cache_len} positions held")
     elif isinstance(msg, DraftRequest):
         if msg.max_nodes > MAX_TREE_NODES:
             raise InvalidField(where, "max_nodes", f"= {msg.max_nodes} exceeds "

@@ -37,6 +37,11 @@ class TargetBackend(ABC):
     identity: Identity
     max_context: int = 0  # most positions one sequence may hold (0: no known limit)
     kv_cells: int = 0     # KV cells all sequences share (llama.cpp's context; 0: each has its own cache)
+    tokenizer = None      # the model's tokenizer (structured output masks by it)
+    shares_prefixes = False  # fork() shares the source's positions (llama.cpp's cells) rather than copying them
+    # Called when a live request needs cells or sequence ids the prefix cache holds: frees one cached
+    # entry, False when there is none left (workers/prefix_cache.py PrefixCache.evict_one).
+    evict = None
 
     @abstractmethod
     def new_sequence(self):
@@ -82,6 +87,11 @@ class TargetBackend(ABC):
     def release(self, seq) -> None:
         """The request is closed: free what the sequence holds."""
 
+    def fork(self, seq, length: int):
+        """A new sequence holding the first ``length`` positions of ``seq``, which is left as it
+        was; nothing the new one does later (verify, keep, rollback) touches ``seq``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fork sequences (no prefix cache)")
+
     def close(self) -> None:
         """Free the model (the worker is exiting)."""
 
@@ -101,6 +111,7 @@ class HFBackend(TargetBackend):
         quantize_model(self.lm.model, quantize)
         self.quantize = quantize
         tok = load_tokenizer(path)
+        self.tokenizer = tok  # a request's grammar (structured output) is built on it
         self.identity = Identity(
             model=self.lm.name, arch=str(getattr(self.lm.config, "model_type", "?")),
             vocab_size=self.lm.vocab_size, hidden_size=self.lm.hidden_size,
@@ -147,3 +158,6 @@ class HFBackend(TargetBackend):
 
     def rollback(self, seq, length: int) -> None:
         self.lm.crop(seq, length)
+
+    def fork(self, seq, length: int):
+        return self.lm.fork(seq, length)

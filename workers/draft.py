@@ -26,6 +26,7 @@ from dovetail.workers.hf import CausalLM
 from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, check_llama_extra_buffers
 from dovetail.workers.args import add_extra_buffers_flag
 from dovetail.workers.llama_buffers import decide
+from dovetail.workers.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCache
 from dovetail.workers.serve import WorkerConfig, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.draft")
@@ -42,9 +43,12 @@ class DraftConfig(WorkerConfig):
     feature_codec: str = "fp16"       # must match the target's (checked at the handshake)
     quantize: str = "none"            # "int8": a feature draft's weights on the CPU (its speed, not the output)
     llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS  # a llama.cpp draft's buffers: auto | on | off (llama_buffers.py)
+    prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS  # closed requests' draft KV kept for later prompts (0: off)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"--prefix-cache-tokens must be >= 0 (0: off), got {self.prefix_cache_tokens}")
         check_placement(self.device, self.layers)
         check_llama_extra_buffers(self.llama_extra_buffers, "--llama-extra-buffers")
         if self.quantize not in ("none", "int8"):
@@ -78,6 +82,7 @@ class DraftState:
     cache: DraftCache
     cached: int = 0           # leading tokens of `known` whose KV in `cache` is valid
     step: int = -1
+    scope: str = ""           # whose prefix cache its KV goes to when it closes
 
 
 @dataclass
@@ -87,6 +92,15 @@ class DraftHandler:
     tok_hash: str
     role: str = "draft"
     states: dict[int, DraftState] = field(default_factory=dict)
+    prefix_cache: PrefixCache | None = None  # closed requests' KV, as on the target (built from the config)
+
+    def __post_init__(self):
+        if self.prefix_cache is None:
+            tokens = self.config.prefix_cache_tokens if hasattr(self.lm, "fork") else 0
+            self.prefix_cache = PrefixCache(DraftCaches(self.lm), tokens)
+        evicts = getattr(self.lm, "backend", None)  # a llama.cpp draft: its cells and ids go to live requests first
+        if self.prefix_cache.enabled and evicts is not None:
+            evicts.evict = self.prefix_cache.evict_one
 
     @property
     def vocab_size(self) -> int:
@@ -98,9 +112,19 @@ class DraftHandler:
                          feature_codec="fp16", model=self.lm.name, device=self.lm.device, pid=os.getpid(), open_requests=len(self.states))
 
     def handle(self, msg):
-        return dispatch_draft(self, msg, self.config.max_requests,
-                              lambda m: DraftState(list(m.prompt), self.lm.new_cache()),
-                              release=self.lm.release)
+        return dispatch_draft(self, msg, self.config.max_requests, self._open, retire=self._retire)
+
+    def _open(self, msg) -> DraftState:
+        """A request's state, its KV from the longest cached prefix of the prompt when there is one:
+        a chat's next turn or a shared system prompt starts drafting without reading it again."""
+        cache, cached = self.prefix_cache.fork(msg.cache_scope, msg.prompt[:-1])
+        if cache is None:
+            cache = self.lm.new_cache()
+        return DraftState(list(msg.prompt), cache, cached=cached, scope=msg.cache_scope)
+
+    def _retire(self, st: DraftState) -> None:
+        self.lm.crop(st.cache, st.cached)  # past `cached` the cache may hold guesses: never keep them
+        self.prefix_cache.adopt(st.scope, st.cache, st.known[:st.cached])
 
     def draft(self, msg: DraftRequest) -> DraftProposal:
         t0 = time.perf_counter()
@@ -124,6 +148,23 @@ class DraftHandler:
         return DraftProposal(req_id=msg.req_id, step=msg.step, tokens=tokens, parents=parents,
                              root_guess=root_guess, seconds=time.perf_counter() - t0,
                              scores=wire_scores(scores))
+
+
+class DraftCaches:
+    """A draft LM's caches as PrefixCache drives a backend's sequences."""
+
+    def __init__(self, lm: DraftLM):
+        self.lm = lm
+        self.shares_prefixes = bool(getattr(lm, "shares_prefixes", False))
+
+    def length(self, cache) -> int:
+        return cache.get_seq_length()
+
+    def fork(self, cache, length: int):
+        return self.lm.fork(cache, length)
+
+    def release(self, cache) -> None:
+        self.lm.release(cache)
 
 
 def grow_tree(lm: DraftLM, cache: DraftCache, root_logits: torch.Tensor, depth: int, top_k: int,
@@ -173,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
                    help="transformers, or llama.cpp for a .gguf draft on the CPU (chains only)")
     add_extra_buffers_flag(p)
+    p.add_argument("--prefix-cache-tokens", type=int, default=DEFAULT_PREFIX_CACHE_TOKENS, metavar="TOKENS",
+                   help="keep closed requests' draft KV for later prompts that start the same way, up to this "
+                        f"many tokens (default: {DEFAULT_PREFIX_CACHE_TOKENS}; 0: off)")
     return p
 
 
@@ -197,11 +241,13 @@ def main(argv=None) -> None:
               heartbeat_timeout=cfg.heartbeat_timeout, parent_death_signal=cfg.parent_death_signal)
         return
     if cfg.backend == "llama.cpp":
+        from dovetail.workers.llama import CACHE_SEQS
         from dovetail.workers.llama_draft import LlamaDraftLM
         threads = len(pin_process(cfg.cpus))
         # Extra buffer types crash on some CPUs: decided once per machine, in a child process.
         extra = decide(cfg.llama_extra_buffers, cfg.model, threads)
-        lm = LlamaDraftLM(cfg.model, threads=threads, n_seqs=cfg.max_requests + 1, extra_buffers=extra.extra_buffers)
+        lm = LlamaDraftLM(cfg.model, threads=threads, extra_buffers=extra.extra_buffers,
+                          n_seqs=cfg.max_requests + 1 + (CACHE_SEQS if cfg.prefix_cache_tokens else 0))
         tok_hash, release = lm.tokenizer_hash, lm.close
     else:
         lm = load_draft_model(cfg.model, cfg.device, cfg.dtype, cfg.layers, cfg.cpus)

@@ -29,9 +29,10 @@ def wire_scores(scores: list[float]) -> list[float]:
     return [min(0.0, max(float(s), -1e4)) for s in scores]
 
 
-def dispatch_draft(handler, msg, max_requests: int, new_state, release=None):
+def dispatch_draft(handler, msg, max_requests: int, new_state, release=None, retire=None):
     """The message handling every draft-side worker shares (draft, feature draft, replay):
-    open a state per request (at most ``max_requests``), draft, close."""
+    open a state per request (at most ``max_requests``), draft, close. On close ``retire``
+    takes the whole state (the draft's prefix cache keeps it), else ``release`` its cache."""
     if isinstance(msg, OpenRequest):
         if len(handler.states) >= max_requests and msg.req_id not in handler.states:
             raise RequestError(msg.req_id, "busy", f"{len(handler.states)} requests open (max_requests)")
@@ -41,7 +42,9 @@ def dispatch_draft(handler, msg, max_requests: int, new_state, release=None):
         return handler.draft(msg)
     if isinstance(msg, Close):
         st = handler.states.pop(msg.req_id, None)
-        if st is not None and release is not None:
+        if st is not None and retire is not None:
+            retire(st)
+        elif st is not None and release is not None:
             release(st.cache)
         return Closed(req_id=msg.req_id)
     raise RequestError(getattr(msg, "req_id", -1), "unexpected",

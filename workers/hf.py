@@ -6,6 +6,7 @@ rows, because tree nodes sit in the cache in draft order, not in path order.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from dataclasses import dataclass
@@ -182,6 +183,17 @@ class CausalLM:
     @staticmethod
     def release(cache) -> None:
         """Nothing to free: a DynamicCache's memory goes with its last reference."""
+
+    @staticmethod
+    def fork(cache, length: int):
+        """A new cache holding the first ``length`` positions of ``cache``. It shares the
+        source's tensors, sliced: nothing here writes a cache tensor in place (a forward
+        concatenates, keep_rows gathers, crop slices), so neither cache can change the other."""
+        tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                   if t is not None]
+        twin = copy.deepcopy(cache, {id(t): t for t in tensors})
+        CausalLM.crop(twin, length)
+        return twin
 
     @staticmethod
     def crop(cache, length: int) -> None:

@@ -29,6 +29,7 @@ log = logging.getLogger("dovetail.target")
 
 DEFAULT_SEQS = 64        # sequence ids: one per open request plus scratch ids for tree leaves
 SCRATCH_SEQS = 16        # the target worker's scratch ids beyond --max-requests (tree leaves)
+CACHE_SEQS = 16          # ... and ids for prefix-cache entries (they give theirs up when a request needs one)
 MAX_BATCH = MAX_BATCH_ROWS  # rows per llama_decode call (its n_batch); longer prompts go in chunks
 
 
@@ -81,6 +82,7 @@ class LlamaBackend(TargetBackend):
         self.hidden_size = int(self.lib.llama_model_n_embd(self.model))
         self.embeddings_on = False
         tok = load_tokenizer(path)
+        self.tokenizer = tok  # a request's grammar (structured output) is built on it
         self.identity = Identity(
             model=os.path.basename(str(path)), arch=self._meta("general.architecture"),
             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -93,10 +95,23 @@ class LlamaBackend(TargetBackend):
         self.max_context = min(n_ctx, trained) if trained > 0 else n_ctx
 
     # ---- TargetBackend ------------------------------------------------------------------
+    shares_prefixes = True  # fork(): llama_memory_seq_cp tags the same cells with a second sequence id
+
     def new_sequence(self) -> LlamaSeq:
+        self._free_ids_for(1)
         if not self.free_ids:
             raise RuntimeError(f"all {self.n_seqs} llama.cpp sequence ids are in use (close requests first)")
         return LlamaSeq(self.free_ids.pop())
+
+    def fork(self, seq: LlamaSeq, length: int) -> LlamaSeq:
+        """The unified KV cache shares cells between sequences: the new sequence's first
+        ``length`` positions are ``seq``'s cells, tagged with its id too. Its later rows go to
+        new cells, and removing its positions removes only its tag."""
+        twin = self.new_sequence()
+        if length:
+            self.lib.llama_memory_seq_cp(self.mem, seq.seq_id, twin.seq_id, 0, length)
+        twin.length = length
+        return twin
 
     def release(self, seq: LlamaSeq) -> None:
         self.lib.llama_memory_seq_rm(self.mem, seq.seq_id, -1, -1)
@@ -223,6 +238,8 @@ class LlamaBackend(TargetBackend):
             for j, s in enumerate(ids):
                 b.seq_id[i][j] = s
         rc = self.lib.llama_decode(self.ctx, b)
+        while rc == 1 and self.evict is not None and self.evict():  # cached prefixes give way first
+            rc = self.lib.llama_decode(self.ctx, b)
         if rc == 1:
             open_ = self.n_seqs - len(self.free_ids)
             raise ContextFull(f"no room for {len(tokens)} more rows in llama.cpp's {self.n_ctx} KV cells, which all "
@@ -236,7 +253,13 @@ class LlamaBackend(TargetBackend):
         arr = np.ctypeslib.as_array(ptr, shape=(n * width,))
         return torch.from_numpy(arr.reshape(n, width).copy())
 
+    def _free_ids_for(self, n: int) -> None:
+        """Evict prefix-cache entries until ``n`` sequence ids are free (or none is left to evict)."""
+        while len(self.free_ids) < n and self.evict is not None and self.evict():
+            pass
+
     def _take_ids(self, n: int) -> list[int]:
+        self._free_ids_for(n)
         if n > len(self.free_ids):
             raise RuntimeError(f"a tree with {n + 1} leaves needs {n} free sequence ids, "
                                f"{len(self.free_ids)} left (lower max_nodes, or raise --max-requests: the worker has "

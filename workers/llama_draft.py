@@ -18,6 +18,7 @@ DRAFT_CTX = 8192
 
 class LlamaDraftLM:
     """Implements DraftLM (draft_lm.py): each request's cache is one llama.cpp sequence id."""
+    shares_prefixes = True  # fork(): the cached cells are shared (LlamaBackend.fork)
 
     def __init__(self, path: str, threads: int, n_seqs: int = 64, n_ctx: int = DRAFT_CTX,
                  extra_buffers: bool = True):
@@ -33,6 +34,9 @@ class LlamaDraftLM:
 
     def release(self, cache: LlamaSeq) -> None:
         self.backend.release(cache)
+
+    def fork(self, cache: LlamaSeq, length: int) -> LlamaSeq:
+        return self.backend.fork(cache, length)
 
     def crop(self, cache: LlamaSeq, length: int) -> None:
         if length < cache.length:

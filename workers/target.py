@@ -24,10 +24,12 @@ from dovetail.protocol import (
     FEATURE_CODECS, Close, Closed, Handshake, OpenRequest, Opened, VerifyRequest, VerifyResult,
     encode_features,
 )
+from dovetail.spec.grammar import DeadEnd, allowed_nodes, prune
 from dovetail.spec.picker import Picker
 from dovetail.spec.sampling import History, Processing, TokenLogprobs
 from dovetail.spec.verify import accept_path
 from dovetail.workers.backend import ContextFull, HFBackend, TargetBackend
+from dovetail.workers.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCache, common_length
 from dovetail.models.loading import choose_dtype
 from dovetail.workers.args import add_extra_buffers_flag
 from dovetail.workers.llama_buffers import decide, decode_probe
@@ -45,6 +47,9 @@ SOLO_CHUNK_S = 2.0          # ... while no other request is open: nobody's strea
                             # faster (1.5B Q4_K, 2 cores: 132 tok/s in chunks of 64, 147 in chunks of 256)
 DEFAULT_PREFILL_CHUNK = 128  # tokens per chunk before anything is measured
 MIN_PREFILL_CHUNK = 16       # never fewer tokens a chunk: each chunk also reads all the weights
+GRAMMAR_ERROR = "grammar"    # the error code of a grammar that fails on this model (runtime/rounds.py GRAMMAR)
+GRAMMARS_KEPT = 16           # compiled grammars kept for the next request that sends the same one
+MIN_SHARED = 16              # prompt tokens another open request must share before a prefill forks from it
 
 
 @dataclass
@@ -59,6 +64,7 @@ class TargetConfig(WorkerConfig):
     sessions: bool = False  # a server of many coordinators (workers/sessions.py), until SIGTERM/SIGINT
     batch_rows: int = DEFAULT_BATCH_ROWS  # most rows of several requests' verifications in one forward (1: none batched)
     prefill_chunk: int = 0  # prompt tokens per prefill chunk (0: what fits PREFILL_CHUNK_S, measured)
+    prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS  # finished requests' KV kept for later prompts (0: off)
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,6 +82,8 @@ class TargetConfig(WorkerConfig):
         if self.max_requests < 1:
             raise ValueError("max_requests must be at least 1")
         check_batch_rows(self.batch_rows, "--batch-rows")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"--prefix-cache-tokens must be >= 0 (0: off), got {self.prefix_cache_tokens}")
         if not 0 <= self.prefill_chunk <= MAX_BATCH_ROWS:
             raise ValueError(f"--prefill-chunk must be in 0..{MAX_BATCH_ROWS} (0: sized by time), got {self.prefill_chunk}")
 
@@ -90,6 +98,9 @@ class Sequence:
     seed: int          # the draw at position p is uniform_at(seed, p): the same text with any draft
     features: bool = True  # send hidden states back (a feature draft reads them)
     step: int = 0
+    grammar: object = None  # GrammarState after the committed text (spec/grammar.py), or None
+    tokens: list[int] = field(default_factory=list)  # prompt + committed tokens: the cache holds a prefix of them
+    scope: str = ""         # whose prefix cache its KV goes to when it closes
 
 
 @dataclass
@@ -107,6 +118,15 @@ class TargetHandler:
     batch_bound: int | None = None  # rows one forward gathers, from the measured costs (None: --batch-rows)
     prefilling: dict[tuple[bytes, int], "Prefill"] = field(default_factory=dict)  # opened, prompt not all in
     prefill_us_per_token: float | None = None  # the last prefill chunk's cost per token
+    grammars: dict = field(default_factory=dict)  # (grammar text, stop ids) -> Grammar, the last few
+    prefix_cache: PrefixCache | None = None  # finished requests' KV for later prompts (built from the config)
+    opened: int = 0  # requests begun: each prefill's turn in line (Prefill.order)
+
+    def __post_init__(self):
+        if self.prefix_cache is None:
+            self.prefix_cache = PrefixCache(self.backend, self.config.prefix_cache_tokens)
+        if self.prefix_cache.enabled:
+            self.backend.evict = self.prefix_cache.evict_one  # a live request's need comes first
 
     @property
     def vocab_size(self) -> int:
@@ -137,10 +157,10 @@ class TargetHandler:
         if isinstance(msg, Close):
             seq = self.sequences.pop((peer, msg.req_id), None)
             if seq is not None:
-                self.backend.release(seq.cache)
+                self._retire(seq)
             job = self.prefilling.get((peer, msg.req_id))
-            if job is not None:  # cancelled mid-prefill: it stops before its next chunk
-                job.abort()
+            if job is not None:  # cancelled mid-prefill: it stops before its next chunk, its prefix kept
+                job.abort(keep=True)
             return Closed(req_id=msg.req_id)
         raise RequestError(getattr(msg, "req_id", -1), "unexpected", f"a target worker does not take {type(msg).__name__}")
 
@@ -148,15 +168,16 @@ class TargetHandler:
         """Close every request ``peer`` left open (its session ended); how many there were."""
         keys = [key for key in self.sequences if key[0] == peer]
         for key in keys:
-            self.backend.release(self.sequences.pop(key).cache)
+            self._retire(self.sequences.pop(key))
         jobs = [job for key, job in self.prefilling.items() if key[0] == peer]
         for job in jobs:
-            job.abort()
+            job.abort(keep=True)
         return len(keys) + len(jobs)
 
     def open(self, msg: OpenRequest, key: tuple[bytes, int]) -> Opened:
         """The whole prefill at once (what serve() does chunk by chunk through begin_open)."""
         job = self.begin_open(msg, key[0])
+        job.may_wait = False
         while (reply := job.step()) is None:
             pass
         return reply
@@ -177,12 +198,82 @@ class TargetHandler:
                               msg.repetition_penalty, dict(zip(msg.bias_ids, msg.bias_values)), msg.logprobs)
         except ValueError as e:
             raise RequestError(msg.req_id, "bad_request", str(e)) from None
+        grammar = self._grammar(msg) if msg.grammar else None
         # The last prompt token stays pending: it is the root of the first verification.
-        seq = Sequence(self.backend.new_sequence(), msg.prompt[-1], proc, History(msg.prompt), msg.seed,
-                       features=msg.features)
-        job = Prefill(self, key, msg, seq)
+        cache, reused = self._cached(msg)
+        seq = Sequence(cache, msg.prompt[-1], proc, History(msg.prompt), msg.seed, features=msg.features,
+                       grammar=grammar, tokens=list(msg.prompt), scope=msg.cache_scope)
+        job = Prefill(self, key, msg, seq, reused)
+        self.opened += 1
+        job.order = self.opened
         self.prefilling[key] = job
         return job
+
+    def _cached(self, msg: OpenRequest) -> tuple[object, int]:
+        """A new sequence for the prompt: from the longest cached prefix of it (and that prefix's
+        length), else empty. Not for a feature draft's request: it needs the prompt's hidden
+        states, which the cache does not keep."""
+        if self.prefix_cache.enabled and not msg.features:
+            cache, reused = self.prefix_cache.fork(msg.cache_scope, msg.prompt[:-1])
+            if cache is not None:
+                return cache, reused
+        return self.backend.new_sequence(), 0
+
+    def _retire(self, seq: Sequence) -> None:
+        """A closed request's KV becomes a prefix-cache entry (or is freed)."""
+        self.prefix_cache.adopt(seq.scope, seq.cache, seq.tokens)
+
+    def _join(self, job: "Prefill") -> bool:
+        """Share what other open requests of the job's scope already hold: requests sent together
+        with one system prompt (an agent's parallel calls) prefill it once. True: wait, an
+        earlier prefill is computing positions this one shares; else, where an open request
+        holds a longer shared prefix than the job has, the job's sequence becomes a fork of it."""
+        todo = job.msg.prompt[:-1]
+        best, best_n = None, job.done_tokens + MIN_SHARED - 1
+        for other in self.prefilling.values():
+            if other is job or other.seq.scope != job.seq.scope:
+                continue
+            shared = common_length(other.msg.prompt[:-1], todo, 0)
+            if job.may_wait and other.order < job.order and other.done_tokens < shared and shared > best_n:
+                return True  # it computes them next: take them then
+            n = min(shared, other.done_tokens)
+            if n > best_n:
+                best, best_n = other.seq, n
+        for seq in self.sequences.values():
+            if seq.scope == job.seq.scope:
+                n = common_length(seq.tokens[:self.backend.length(seq.cache)], todo, 0)
+                if n > best_n:
+                    best, best_n = seq, n
+        if best is not None:
+            twin = self.backend.fork(best.cache, best_n)
+            self.backend.release(job.seq.cache)  # what it held is a prefix of the fork
+            job.seq.cache, job.done_tokens, job.reused = twin, best_n, best_n
+        return False
+
+    def _grammar(self, msg: OpenRequest):
+        """A fresh GrammarState for the request's grammar; the compiled grammar is kept for the
+        next request with the same one (agents send the same schema again and again)."""
+        from dovetail.spec.grammar import Grammar
+        key = (msg.grammar, tuple(msg.stop_ids))
+        grammar = self.grammars.pop(key, None)
+        if grammar is None:
+            tokenizer = getattr(self.backend, "tokenizer", None)
+            if tokenizer is None:
+                raise RequestError(msg.req_id, "bad_request", "structured output needs the target's tokenizer, "
+                                   "and this target has none")
+            try:
+                grammar = Grammar.load(msg.grammar.decode(), tokenizer, stop_ids=msg.stop_ids,
+                                       vocab_size=self.vocab_size)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RequestError(msg.req_id, GRAMMAR_ERROR, f"grammar: {e}") from None
+        self.grammars[key] = grammar  # most recently used last
+        while len(self.grammars) > GRAMMARS_KEPT:
+            self.grammars.pop(next(iter(self.grammars)))
+        state = grammar.start()
+        if not state.mask().any():
+            raise RequestError(msg.req_id, GRAMMAR_ERROR, "the grammar allows no token of this model's vocabulary "
+                               "at the start of the output")
+        return state
 
     def chunk_tokens(self) -> int:
         """Prompt tokens in the next prefill chunk: --prefill-chunk, or what fits PREFILL_CHUNK_S
@@ -208,8 +299,9 @@ class TargetHandler:
         t0 = time.perf_counter()
         start = self.backend.length(seq.cache)
         try:
-            out = self.backend.verify(seq.cache, msg.root, msg.tokens, msg.parents, hidden=seq.features)
-            return self._commit(seq, msg, out, start, t0)
+            tree = self._tree(seq, msg)
+            out = self.backend.verify(seq.cache, msg.root, tree[0], tree[1], hidden=seq.features)
+            return self._commit(seq, msg, out, start, t0, tree)
         except BaseException:
             self.backend.rollback(seq.cache, start)  # a failed step leaves the sequence as it was
             raise
@@ -231,16 +323,17 @@ class TargetHandler:
             seqs = [seq for _, _, seq in ready]
             starts = [self.backend.length(seq.cache) for seq in seqs]
             try:
+                trees = [self._tree(seq, m) for _, m, seq in ready]
                 outs = self.backend.verify_many([seq.cache for seq in seqs], [m.root for _, m, _ in ready],
-                                                [(m.tokens, m.parents) for _, m, _ in ready],
+                                                [(tokens, parents) for tokens, parents, _ in trees],
                                                 [seq.features for seq in seqs])
             except Exception:
                 log.warning("a batched verify of %d requests failed; verifying them one by one", len(ready),
                             exc_info=True)
             else:
-                for (i, msg, seq), out, start in zip(ready, outs, starts):
+                for (i, msg, seq), out, start, tree in zip(ready, outs, starts, trees):
                     try:
-                        replies[i] = self._commit(seq, msg, out, start, t0)
+                        replies[i] = self._commit(seq, msg, out, start, t0, tree)
                     except Exception as e:  # noqa: BLE001 (this request's error, the others go on)
                         self.backend.rollback(seq.cache, start)
                         replies[i] = e
@@ -263,20 +356,47 @@ class TargetHandler:
             raise RequestError(msg.req_id, "bad_root", f"root token {msg.root} is not the pending token {seq.pending}")
         return seq
 
-    def _commit(self, seq: Sequence, msg: VerifyRequest, out, start: int, t0: float) -> VerifyResult:
+    def _tree(self, seq: Sequence, msg: VerifyRequest) -> tuple[list[int], list[int], list[int] | None]:
+        """The tree to verify: the draft's, without the nodes the request's grammar forbids after
+        their path (they could never be accepted; rows spent on them are lost). (tokens,
+        parents, kept): kept[j] the draft's index of node j, None when nothing was pruned."""
+        if seq.grammar is None or not msg.tokens:
+            return msg.tokens, msg.parents, None
+        allowed = allowed_nodes(seq.grammar, msg.tokens, msg.parents)
+        if all(allowed):
+            return msg.tokens, msg.parents, None
+        return prune(msg.tokens, msg.parents, allowed)
+
+    def _commit(self, seq: Sequence, msg: VerifyRequest, out, start: int, t0: float,
+                tree: tuple[list[int], list[int], list[int] | None]) -> VerifyResult:
         """Accept a path of the verified tree, keep its rows, and say what was committed."""
-        picker = Picker(out.logits, seq.proc, seq.history, seq.seed, root_position=start)
-        path, nxt = accept_path(msg.tokens, msg.parents, picker.pick)
+        tokens, parents, kept = tree
+        picker = Picker(out.logits, seq.proc, seq.history, seq.seed, root_position=start, grammar=seq.grammar)
+        try:
+            path, nxt = accept_path(tokens, parents, picker.pick)
+        except DeadEnd as e:
+            raise RequestError(msg.req_id, GRAMMAR_ERROR, str(e)) from None
+        finally:
+            picker.close()
         rows = [0] + [c + 1 for c in path]
-        self.backend.keep(seq.cache, start, rows)
-        committed = [msg.tokens[c] for c in path] + [nxt]
+        committed = [tokens[c] for c in path] + [nxt]
+        if seq.grammar is not None:
+            seq.grammar.advance(committed)  # ValueError and no change if a pick broke the grammar
+        try:
+            self.backend.keep(seq.cache, start, rows)
+        except BaseException:
+            if seq.grammar is not None:
+                seq.grammar.rollback(len(committed))
+            raise
         seq.history.commit(committed)
+        seq.tokens += committed
         seq.pending, seq.step = nxt, seq.step + 1
         feats = (encode_features(out.hidden[rows], self.config.feature_codec)
                  if seq.features and out.hidden is not None else None)
         logprobs, top_ids, top_logprobs = flat_logprobs([picker.logprobs[r] for r in rows]
                                                         if seq.proc.logprobs >= 0 else [])
-        return VerifyResult(req_id=msg.req_id, step=msg.step, accepted=path, tokens=committed,
+        accepted = path if kept is None else [kept[c] for c in path]  # the draft's own node indices
+        return VerifyResult(req_id=msg.req_id, step=msg.step, accepted=accepted, tokens=committed,
                             cache_len=self.backend.length(seq.cache), features=feats,
                             seconds=time.perf_counter() - t0, logprobs=logprobs, top_ids=top_ids,
                             top_logprobs=top_logprobs)
@@ -295,10 +415,14 @@ class Prefill:
     (or the client's session ending) aborts it, and its cache is freed at once.
     """
 
-    def __init__(self, handler: TargetHandler, key: tuple[bytes, int], msg: OpenRequest, seq: Sequence):
+    def __init__(self, handler: TargetHandler, key: tuple[bytes, int], msg: OpenRequest, seq: Sequence,
+                 reused: int = 0):
         self.handler, self.key, self.msg, self.seq = handler, key, msg, seq
         self.req_id = msg.req_id
-        self.done_tokens = 0
+        self.reused = reused     # prompt positions the sequence got from the prefix cache (or another request)
+        self.done_tokens = reused
+        self.order = 0           # begun after the jobs with lower numbers (it may wait for them, never they for it)
+        self.may_wait = True     # for an earlier prefill of the same prefix (not when prefilled at once: open())
         self.hidden: list[torch.Tensor] = []
         self.seconds = 0.0
         self.aborted = False
@@ -308,6 +432,8 @@ class Prefill:
         if self.aborted:
             raise RequestError(self.req_id, "closed", f"request {self.req_id} was closed during its prefill")
         h, backend = self.handler, self.handler.backend
+        if h.prefix_cache.enabled and not self.seq.features and h._join(self):
+            return None
         todo = self.msg.prompt[:-1]
         n = h.chunk_tokens()
         chunk = todo[self.done_tokens:self.done_tokens + n]
@@ -332,13 +458,18 @@ class Prefill:
         hidden = torch.cat(self.hidden) if self.hidden else None
         feats = encode_features(hidden, h.config.feature_codec) if hidden is not None else None
         return Opened(req_id=self.req_id, cache_len=backend.length(self.seq.cache), features=feats,
-                      seconds=self.seconds)
+                      seconds=self.seconds, reused=self.reused)
 
-    def abort(self) -> None:
+    def abort(self, keep: bool = False) -> None:
+        """Stop the prefill; ``keep``: what it prefilled becomes a prefix-cache entry (a client
+        that cancels and retries, or resends the prompt, starts from there), else it is freed."""
         if not self.aborted:
             self.aborted = True
             self.handler._end_prefill(self)
-            self.handler.backend.release(self.seq.cache)
+            if keep:
+                self.handler._retire(self.seq)
+            else:
+                self.handler.backend.release(self.seq.cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=0, metavar="TOKENS",
                    help="prefill prompts this many tokens at a time, verifying the other requests in between "
                         f"(default 0: as many as take about {PREFILL_CHUNK_S:g} s, measured as it goes)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=DEFAULT_PREFIX_CACHE_TOKENS, metavar="TOKENS",
+                   help="keep finished requests' KV for later prompts that start the same way, up to this many "
+                        f"tokens, least recently used first out (default: {DEFAULT_PREFIX_CACHE_TOKENS}; 0: off)")
     p.add_argument("--sessions", action="store_true",
                    help="serve coordinator sessions one after another and several at once, until SIGTERM or "
                         "SIGINT: a client's Shutdown, or its silence for --heartbeat-timeout, closes only its "
@@ -371,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_backend(cfg: TargetConfig, pinned: list[int], where: str, probe_child=decode_probe) -> TargetBackend:
     """``probe_child``: the entry point of the extra-buffer probe's child (llama_buffers.py)."""
     if cfg.backend == "llama.cpp":
-        from dovetail.workers.llama import SCRATCH_SEQS, LlamaBackend, import_llama
+        from dovetail.workers.llama import CACHE_SEQS, SCRATCH_SEQS, LlamaBackend, import_llama
         import_llama()  # a missing library says so before any probe
         # torch only does bookkeeping on a few rows of logits here, and its OpenMP runtime is
         # not llama.cpp's: after each op its threads spin on the cores llama.cpp's threads
@@ -380,7 +514,8 @@ def load_backend(cfg: TargetConfig, pinned: list[int], where: str, probe_child=d
         # Extra buffer types crash on some CPUs: decided once per machine, in a child process.
         extra = decide(cfg.llama_extra_buffers, cfg.model, len(pinned), child=probe_child)
         return LlamaBackend(cfg.model, threads=len(pinned), n_ctx=cfg.ctx,
-                            n_seqs=cfg.max_requests + SCRATCH_SEQS, device_label=where,
+                            n_seqs=cfg.max_requests + SCRATCH_SEQS + (CACHE_SEQS if cfg.prefix_cache_tokens else 0),
+                            device_label=where,
                             extra_buffers=extra.extra_buffers)
     return HFBackend(cfg.model, dtype=choose_dtype(cfg.dtype, "cpu"), device_label=where, quantize=cfg.quantize)
 

@@ -44,6 +44,8 @@ class Coordinator:
         self.tokenizer = tokenizer
         self.text = Text(tokenizer, hs_target.vocab_size)
         stop_ids = set(config.stop_token_ids if config.stop_token_ids is not None else default_stop_ids(tokenizer))
+        # A tokenizer may have ids past the model's rows (an added <|endoftext|>): never written, never a stop.
+        stop_ids = {t for t in stop_ids if 0 <= t < hs_target.vocab_size}
         self.rounds = RoundLoop(target, draft, hs_target, hs_draft, config, overlap=overlap, stop_token_ids=stop_ids,
                                 suffix=suffix)
         self._draft_client = draft  # shut down in close() even while rounds.draft is set aside
@@ -100,7 +102,10 @@ class Coordinator:
         ``processing`` (keywords, as OpenAI names them): ``presence_penalty``,
         ``frequency_penalty`` (on output tokens, in [-2, 2]), ``repetition_penalty`` (on prompt and
         output tokens, > 0), ``logit_bias`` ({token id: bias in [-100, 100]}), and ``logprobs``
-        (k: each chunk carries each token's log-probability and the k most likely, up to 20).
+        (k: each chunk carries each token's log-probability and the k most likely, up to 20), and
+        ``grammar`` (structured output: ``("json_schema", schema)``, ``("json_object", None)``,
+        ``("regex", pattern)``, ``("lark", text)`` or a Lark/GBNF text; the output follows it and
+        ends with a stop token once it is complete, docs/structured-output.md).
         The target applies them at every position it verifies, each tree node with its own
         path's history: the output is exactly target-only decoding's under the same settings.
         A ``seed`` gives the same text with or without a draft (dovetail/spec/sampling.py).
@@ -169,6 +174,9 @@ class Coordinator:
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
         proc = make_processing(temperature, top_p, processing, self.target_info.vocab_size)
+        if proc.grammar and not self.stop_token_ids:
+            raise ValueError("a grammar needs stop tokens to end the output: set stop_token_ids (this model has "
+                             "no eos token)")
         if seed is not None and not 0 <= seed < (1 << 64):
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         stop = check_stop(stop)
@@ -271,7 +279,7 @@ class Coordinator:
         return {"target": self.target.pid, "draft": self._draft_client.pid if self._draft_client else None}
 
 
-PROCESSING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs")
+PROCESSING = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs", "grammar")
 
 
 def make_processing(temperature: float, top_p: float, options: dict, vocab_size: int) -> Processing:
@@ -287,4 +295,19 @@ def make_processing(temperature: float, top_p: float, options: dict, vocab_size:
     return Processing(temperature, top_p, float(options.get("presence_penalty") or 0.0),
                       float(options.get("frequency_penalty") or 0.0),
                       float(1.0 if options.get("repetition_penalty") is None else options["repetition_penalty"]),
-                      bias, -1 if logprobs is None else int(logprobs))
+                      bias, -1 if logprobs is None else int(logprobs), grammar_of(options.get("grammar")))
+
+
+def grammar_of(given) -> str:
+    """llguidance's text of the ``grammar`` keyword: a (kind, spec) pair as spec/grammar.py's
+    grammar_text takes it (("json_schema", {...}), ("regex", r"..."), ("json_object", None),
+    ("lark" or "grammar", text)), or a Lark/GBNF text alone. ValueError naming what is wrong."""
+    if given is None:
+        return ""
+    from dovetail.spec.grammar import grammar_text
+    if isinstance(given, str):
+        return grammar_text("grammar", given)
+    if isinstance(given, (tuple, list)) and len(given) == 2 and isinstance(given[0], str):
+        return grammar_text(given[0], given[1])
+    raise TypeError("grammar must be a (kind, spec) pair, e.g. ('json_schema', {...}) or ('regex', r'...'), "
+                    f"or a Lark/GBNF grammar text; got {type(given).__name__}")

@@ -39,7 +39,7 @@ class Drafter:
 
     def __init__(self, client: WorkerClient, cfg: CoordinatorConfig, health: DraftHealth, sizer: TreeSizer | None,
                  req: int, prompt: list[int], stats: Stats, *, wants_features: bool = False,
-                 features: Feature | None = None):
+                 features: Feature | None = None, scope: str = ""):
         self.client, self.cfg, self.health = client, cfg, health
         self.req, self.stats = req, stats
         self.alive = True
@@ -53,7 +53,8 @@ class Drafter:
         self.bet: tuple[int, list[int]] | None = None  # (step, main-path tokens) of the overlapped draft
         self.wants_features = wants_features
         self.features: list[Feature] = [features] if features is not None and wants_features else []
-        self._guard(lambda: self.client.call(OpenRequest(req, prompt), Opened, self.cfg.draft_timeout_s,
+        # scope: the draft worker starts from its cached KV of earlier prompts of that scope only
+        self._guard(lambda: self.client.call(OpenRequest(req, prompt, cache_scope=scope), Opened, self.cfg.draft_timeout_s,
                                              "draft_timeout_s"))
 
     def propose(self, committed: list[int], max_depth: int, room: int | None = None

@@ -27,6 +27,7 @@ from dovetail.system.cpus import format_cpus, parse_cpus
 from dovetail.runtime.liveness import Liveness
 from dovetail.protocol import Handshake, HandshakeMismatch, check_compatible
 from dovetail.system.security import ClientKeys
+from dovetail.workers.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS
 from dovetail.system.worker_log import WorkerLog
 
 log = logging.getLogger("dovetail")
@@ -38,7 +39,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
            target_cpus=None, draft_device=None, dtype: str = "auto", backend: str = "auto",
            draft_backend: str | None = None, target_quantize: str = "none", draft_quantize: str = "none",
            llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS, llama_ctx: int = DEFAULT_LLAMA_CTX,
-           batch_rows: int = DEFAULT_BATCH_ROWS, prefill_chunk: int = 0, **options) -> Coordinator:
+           batch_rows: int = DEFAULT_BATCH_ROWS, prefill_chunk: int = 0,
+           prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS, **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -79,6 +81,9 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     one padded forward.
     ``prefill_chunk``: the target prefills a prompt this many tokens at a time, verifying the
     other requests in between (0: as many as take about half a second, measured as it goes).
+    ``prefix_cache_tokens``: the target keeps finished requests' KV, up to this many tokens,
+    and a prompt that starts the same way (a chat's next turn, a shared system prompt) is
+    prefilled only past the cached prefix (0: off; workers/prefix_cache.py).
     Other keyword options are fields of :class:`CoordinatorConfig`.
 
     ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
@@ -102,6 +107,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     check_batch_rows(batch_rows)
     if not 0 <= prefill_chunk <= MAX_BATCH_ROWS:
         raise ValueError(f"prefill_chunk must be in 0..{MAX_BATCH_ROWS} (0: sized by time), got {prefill_chunk}")
+    if prefix_cache_tokens < 0:
+        raise ValueError(f"prefix_cache_tokens must be >= 0 (0: off), got {prefix_cache_tokens}")
     remote = target_address is not None
     if remote:
         check_remote(target_address, client_keys, target_cpus)
@@ -154,7 +161,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
             tgt = _spawn(ctx, "target", run_dir, [
                 "--model", str(target_path), "--dtype", dtype, "--feature-codec", config.feature_codec,
                 "--backend", backend, "--quantize", target_quantize, "--batch-rows", str(batch_rows),
-                "--prefill-chunk", str(prefill_chunk),
+                "--prefill-chunk", str(prefill_chunk), "--prefix-cache-tokens", str(prefix_cache_tokens),
                 *(["--llama-extra-buffers", llama_extra_buffers, "--ctx", str(llama_ctx)]
                   if backend == "llama.cpp" else []),
                 *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
@@ -180,6 +187,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         elif starts_draft and draft_path is not None:
             dft = _spawn(ctx, "draft", run_dir, [
                 "--model", str(draft_path), "--dtype", dtype, "--device", device, "--backend", draft_backend,
+                "--prefix-cache-tokens", str(prefix_cache_tokens),
                 *(["--llama-extra-buffers", llama_extra_buffers] if draft_backend == "llama.cpp" else []),
                 *(["--layers", str(config.draft_layers)] if config.draft_layers else []), *cpu_flags], config)
             clients.append(dft)

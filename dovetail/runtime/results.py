@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Stats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0          # prompt tokens the target took from its prefix cache, not prefilled
     new_tokens: int = 0
     rounds: int = 0                 # verifications
     drafted: int = 0                # draft tokens sent for verification

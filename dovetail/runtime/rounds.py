@@ -27,6 +27,11 @@ from dovetail.runtime.suffix_draft import AcceptTable, HybridDrafter, SuffixCach
 log = logging.getLogger("dovetail")
 
 CONTEXT_FULL = "context_full"  # the target's error code when its KV cells have no room (workers/target.py)
+GRAMMAR = "grammar"  # ... when a request's grammar cannot be built, or allows no token the vocabulary has
+
+
+class GrammarError(ValueError):
+    """The request's grammar fails on this model (its tokenizer cannot spell what it asks)."""
 
 
 class RoundLoop:
@@ -57,8 +62,8 @@ class RoundLoop:
             stats: Stats, cancel: threading.Event | None = None, scope: str = "") -> Iterator[Committed]:
         """Yield the tokens each round commits until a stop token, ``max_new`` tokens or ``cancel``;
         ``proc``: how the target turns its logits into tokens (penalties, bias, temperature, top_p,
-        logprobs); ``scope``: whose earlier outputs the suffix draft may copy from (the server:
-        the API key's)."""
+        logprobs); ``scope``: whose earlier outputs the suffix draft may copy from and whose
+        cached prompt prefixes the target may start from (the server: the API key's)."""
         cfg, overlap = self.config, self.overlap
         req = next(self._ids)
         t_start = time.perf_counter()
@@ -72,18 +77,21 @@ class RoundLoop:
             # target would keep the sequence (and a llama.cpp sequence id) for good.
             # A cancel (the client left) ends the wait at once; the Close in the finally
             # stops the target's prefill before its next chunk.
-            self.target.send(open_request(req, prompt, proc, seed, features))
+            self.target.send(open_request(req, prompt, proc, seed, features, self.stop_token_ids, scope))
             try:
                 opened = self.target.recv(lambda m: isinstance(m, Opened) and m.req_id == req,
                                           cfg.prefill_timeout_s, "prefill_timeout_s", req, cancel=cancel)
             except WorkerError as e:
                 if e.code == CONTEXT_FULL:  # cells taken by requests we did not reserve for: capacity
                     raise CoordinatorBusy(f"the target's KV cells are full now: {e.detail}") from e
+                if e.code == GRAMMAR:
+                    raise GrammarError(e.detail) from e
                 raise
             if opened is None:
                 stats.finish_reason = "cancelled"
                 return
             stats.prefill_s = opened.seconds
+            stats.cached_tokens = opened.reused
             drafter = self._start_drafter(req, prompt, stats, opened, scope)
             while True:
                 if cancel is not None and cancel.is_set():
@@ -105,6 +113,8 @@ class RoundLoop:
                         cfg.verify_timeout_s, "verify_timeout_s", req,
                         restart=lambda m: isinstance(m, Taken) and m.req_id == req and m.step == step)
                 except WorkerError as e:
+                    if e.code == GRAMMAR:
+                        raise GrammarError(e.detail) from e
                     if e.code != CONTEXT_FULL:
                         raise
                     # It outgrew its reservation (Coordinator's reserve=) and the shared cells
@@ -140,7 +150,7 @@ class RoundLoop:
             if self.health.usable():
                 model = Drafter(self.draft, self.config, self.health, self.sizer, req, prompt, stats,
                                 wants_features=bool(self.draft_info is not None and self.draft_info.features),
-                                features=opened.features)
+                                features=opened.features, scope=scope)
             else:
                 stats.draft_fallback, stats.draft_fallback_reason = True, self.health.state
         if not self.suffix:
@@ -169,11 +179,16 @@ class RoundLoop:
                 client.close_mailbox(req)
 
 
-def open_request(req: int, prompt: list[int], proc: Processing, seed: int, features: bool) -> OpenRequest:
+def open_request(req: int, prompt: list[int], proc: Processing, seed: int, features: bool,
+                 stop_ids=(), scope: str = "") -> OpenRequest:
+    """``stop_ids``: what ends the output, sent with a grammar (allowed where it is complete);
+    ``scope``: whose cached prompt prefixes the target may start from."""
     return OpenRequest(req, prompt, proc.temperature, proc.top_p, seed, features,
+                       grammar=proc.grammar.encode(), stop_ids=sorted(stop_ids) if proc.grammar else [],
                        presence_penalty=proc.presence_penalty, frequency_penalty=proc.frequency_penalty,
                        repetition_penalty=proc.repetition_penalty, bias_ids=list(proc.logit_bias),
-                       bias_values=[float(v) for v in proc.logit_bias.values()], logprobs=proc.logprobs)
+                       bias_values=[float(v) for v in proc.logit_bias.values()], logprobs=proc.logprobs,
+                       cache_scope=scope)
 
 
 def unflat_logprobs(res: VerifyResult, n: int) -> list[TokenLogprobs]:

@@ -14,15 +14,22 @@ class Text:
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
 
-    def encode_prompt(self, prompt) -> list[int]:
-        """Token ids of a text prompt, of chat messages (through the chat template), or ids as given."""
+    def encode_prompt(self, prompt, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a text prompt, of chat messages (through the chat template), or ids as given.
+
+        ``tools``: OpenAI's tool dicts for a chat template that renders them (apply_chat_template's
+        ``tools=``); only with chat messages."""
+        chat = isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+        if tools is not None and not chat:
+            raise TypeError("tools go with chat messages only")
         if isinstance(prompt, str):
             self._need_tokenizer("a text prompt")
             # The tokenizer's own default: a BOS where the model expects one (Llama, Mistral).
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        if chat:
             self._need_tokenizer("chat messages")
-            out = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            extra = {"tools": tools} if tools is not None else {}
+            out = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **extra)
             return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             bad = [t for t in prompt if not 0 <= t < self.vocab_size]

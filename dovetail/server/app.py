@@ -43,6 +43,7 @@ from dovetail.server.logprobs import TokenText, chat_logprobs, completion_logpro
 from dovetail.server.metrics import CONTENT_TYPE
 from dovetail.server.openapi import openapi_route
 from dovetail.server.schema import ChatRequest, CompletionRequest, parse, sampling
+from dovetail.server.tools import ToolCallParser
 
 log = logging.getLogger("dovetail.server")
 
@@ -67,7 +68,8 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
 
     def authorize(request: Request) -> str:
         """Refuse a request without a valid key; return its scope: whose earlier outputs the suffix
-        draft may copy from (one per key: speed is a timing side channel between tenants)."""
+        draft may copy from and whose cached prompt prefixes the target may start from (one per
+        key: speed is a timing side channel between tenants)."""
         if not keys:
             return ""
         given = request.headers.get("authorization", "")
@@ -114,9 +116,12 @@ def build_app(engine: Engine, api_keys: list[str], cors_origins: list[str] | Non
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": engine.served_name}
         tokens = engine.token_text() if "logprobs" in s.processing else None  # None: no logprobs asked
+        # The model was shown tools: its calls come back as tool_calls (engine.resolve_tools found the format).
+        calls = ToolCallParser(s.tools.family) if chat and s.tools is not None and s.tools.parses else None
         if s.stream:  # the headers go now, not at the first token (which a long prefill delays)
-            return EventStream(stream(run, meta, chat, s.include_usage, keepalive_s or KEEPALIVE_S, tokens), run)
-        return JSONResponse(await collect(request, run, meta, chat, tokens))
+            return EventStream(stream(run, meta, chat, s.include_usage, keepalive_s or KEEPALIVE_S, tokens, calls),
+                               run)
+        return JSONResponse(await collect(request, run, meta, chat, tokens, calls))
 
     async def models(request: Request) -> Response:
         coord = engine.require_ready()
@@ -258,19 +263,22 @@ async def unless_gone(request: Request, awaitable):
 # ---- responses ---------------------------------------------------------------------------------
 def usage(stats: Stats, completion_tokens: int) -> dict:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": stats.prompt_tokens + completion_tokens}
+            "total_tokens": stats.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
 def dovetail_stats(stats: Stats) -> dict:
     return {"rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted_drafts,
             "mean_accepted_length": round(stats.mean_accepted, 4), "draft_seconds": round(stats.draft_s, 6),
             "verify_seconds": round(stats.verify_s, 6), "wire_seconds": round(stats.wire_s, 6),
-            "draft_fallback": stats.draft_fallback}
+            "draft_fallback": stats.draft_fallback, "cached_tokens": stats.cached_tokens}
 
 
-async def collect(request: Request, run: Run, meta: dict, chat: bool, tokens: TokenText | None = None) -> dict:
+async def collect(request: Request, run: Run, meta: dict, chat: bool, tokens: TokenText | None = None,
+                  calls: ToolCallParser | None = None) -> dict:
     """The whole completion; a client that disconnects meanwhile (queued, prefilling or
-    decoding) cancels it within DISCONNECT_POLL_S."""
+    decoding) cancels it within DISCONNECT_POLL_S. With ``calls``, the model's tool calls
+    come back as the message's tool_calls (its content: the text around them, or null)."""
     loop = asyncio.get_running_loop()
     items = []
     next_poll = loop.time() + DISCONNECT_POLL_S
@@ -295,9 +303,18 @@ async def collect(request: Request, run: Run, meta: dict, chat: bool, tokens: To
         ids = [t for c in chunks for t in c.token_ids]
         entries = [e for c in chunks for e in c.logprobs or []]
         logprobs = chat_logprobs(entries, ids, tokens) if chat else completion_logprobs(entries, ids, tokens)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-               "finish_reason": end.finish_reason} if chat else
-              {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": end.finish_reason})
+    if chat:
+        message, finish_reason = {"role": "assistant", "content": text}, end.finish_reason
+        if calls is not None:
+            calls.feed(text)  # as a stream would be: the same parse, whatever the chunking
+            calls.finish()
+            content, found = calls.result()
+            if found:
+                message = {"role": "assistant", "content": content, "tool_calls": found}
+            finish_reason = calls.finish_reason(finish_reason)
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": end.finish_reason}
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
             "usage": usage(end.result.stats, n_tokens), "dovetail": dovetail_stats(end.result.stats)}
 
@@ -318,9 +335,11 @@ class EventStream(StreamingResponse):
 
 
 async def stream(run: Run, meta: dict, chat: bool, include_usage: bool, keepalive_s: float,
-                 tokens: TokenText | None = None):
+                 tokens: TokenText | None = None, calls: ToolCallParser | None = None):
     """The SSE body. A client that leaves cancels it at its next await (Starlette listens for
-    the disconnect), and the request with it: queued, prefilling or decoding."""
+    the disconnect), and the request with it: queued, prefilling or decoding. With ``calls``,
+    the text goes through the tool-call parser: content deltas, and each call as OpenAI
+    streams one (its index, id, type and name, then its arguments) once it is complete."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list, **extra) -> bytes:
@@ -331,6 +350,9 @@ async def stream(run: Run, meta: dict, chat: bool, include_usage: bool, keepaliv
             delta = ({"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {})
             return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+
+    def delta_piece(delta: dict, logprobs: dict | None = None) -> dict:
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
 
     def chunk_logprobs(item) -> dict | None:
         if tokens is None or not item.token_ids:
@@ -350,15 +372,25 @@ async def stream(run: Run, meta: dict, chat: bool, include_usage: bool, keepaliv
             if item is None:  # waiting for a slot or a prefill: a comment keeps proxies from cutting it
                 yield KEEPALIVE
             elif isinstance(item, Finished):
-                stats = item.result.stats
-                yield event([piece(None if chat else "", item.finish_reason)], dovetail=dovetail_stats(stats))
+                stats, finish_reason = item.result.stats, item.finish_reason
+                if calls is not None:
+                    for delta in calls.finish():  # what the parser held back: text, or a call the end closed
+                        yield event([delta_piece(delta)])
+                    finish_reason = calls.finish_reason(finish_reason)
+                yield event([piece(None if chat else "", finish_reason)], dovetail=dovetail_stats(stats))
                 if include_usage:
                     yield event([], usage=usage(stats, n_tokens))
                 break
             else:
                 n_tokens += len(item.token_ids)
                 lps = chunk_logprobs(item)
-                if item.text or lps is not None:  # a token that completes no text yet still has its logprob
+                if calls is not None:
+                    deltas = calls.feed(item.text) if item.text else []
+                    if not deltas and lps is not None:  # text the parser holds back still has its logprobs
+                        deltas = [{"content": ""}]
+                    for i, delta in enumerate(deltas):  # the chunk's logprobs go with its first delta
+                        yield event([delta_piece(delta, lps if i == 0 else None)])
+                elif item.text or lps is not None:  # a token that completes no text yet still has its logprob
                     yield event([piece(item.text, None, logprobs=lps)])
     except APIError as e:
         yield e.sse()

@@ -12,6 +12,7 @@ on both workers.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -26,6 +27,8 @@ from dovetail.runtime.results import Chunk, GenerationResult
 from dovetail.server.errors import APIError, bad_request
 from dovetail.server.metrics import Metrics
 from dovetail.server.schema import Sampling
+from dovetail.server.tools import (FAMILIES, MISTRAL, MISTRAL_MARK, detect_family, forced_call_grammar,
+                                   template_supports_tools)
 
 log = logging.getLogger("dovetail.server")
 
@@ -139,6 +142,8 @@ class Engine:
         cap = limit * CHARS_PER_TOKEN if limit else MAX_PROMPT_CHARS
         param = "messages" if is_chat(s.prompt) else "prompt"
         n = prompt_chars(s.prompt)
+        if s.tools is not None and s.tools.template:  # printed into the prompt by the template
+            n += len(json.dumps(s.tools.template, ensure_ascii=False))
         if n > cap:
             raise APIError(400, f"the {param} has {n} characters, more than {cap} can fit"
                                 + (f" in this model's context of {limit} tokens ({CHARS_PER_TOKEN} characters "
@@ -153,8 +158,9 @@ class Engine:
     def prepare_ids(self, s: Sampling) -> tuple[list[int], int]:
         """Prompt ids and max_tokens, refused with the numbers when they do not fit the context."""
         coord = self.require_ready()
+        self.resolve_tools(s)
         try:
-            ids = coord.encode_prompt(s.prompt)
+            ids = encode(coord, s)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "prompt") from None
         except template_errors() as e:  # the model's template refuses these messages (Gemma: no system role)
@@ -174,6 +180,36 @@ class Engine:
         if max_tokens is None:
             raise bad_request("max_tokens is required: the target does not report its context length", "max_tokens")
         return ids, max_tokens
+
+    def resolve_tools(self, s: Sampling) -> None:
+        """Complete a chat request's tools from the model's chat template: refused (400) when
+        the template does not render tools or writes calls in a format not parsed here; the
+        family found; for tool_choice "required" or a named function, the grammar that forces
+        the call, in ``s.processing``."""
+        use = s.tools
+        if use is None or use.template is None:  # no tools, or tool_choice "none": nothing shown
+            return
+        tokenizer = self.require_ready().tokenizer
+        template = getattr(tokenizer, "chat_template", None)
+        if not template_supports_tools(template):
+            raise bad_request("this model's chat template does not render tools, so the model would never see "
+                              "them: send the request without tools (or with tool_choice 'none')", "tools")
+        family = detect_family(template)
+        if family is None:
+            raise bad_request("this model's chat template renders tools, but its tool-call format is not one this "
+                              f"server parses ({', '.join(FAMILIES)}): its calls could not come back as tool_calls",
+                              "tools")
+        use.family = family
+        if not use.forced:
+            return
+        mark = mark_token_id(tokenizer, MISTRAL_MARK) if family == MISTRAL else None
+        grammar = forced_call_grammar(family, use.tools, use.choice, parallel=use.parallel, mark_token_id=mark)
+        from dovetail.spec.grammar import grammar_text
+        try:
+            grammar_text(*grammar)  # a tool's parameters schema that the grammar engine refuses
+        except ValueError as e:
+            raise bad_request(f"the tools' parameters cannot be enforced for a forced call: {e}", "tools") from None
+        s.processing["grammar"] = grammar
 
     def submit(self, s: Sampling, ids: list[int], max_tokens: int, scope: str = "") -> "Run":
         """Start the request; refusals at admission (a full queue: 503) raise here, before any
@@ -263,6 +299,22 @@ class Run:
         one stops after this round. Nothing once the request has ended."""
         if self.handle.terminal is None:
             self.handle.cancel()
+
+
+def encode(coord, s: Sampling) -> list[int]:
+    """The prompt's ids; a chat request with tools goes through the template with them."""
+    if s.tools is None or s.tools.template is None:
+        return coord.encode_prompt(s.prompt)
+    return coord.text.encode_prompt(s.prompt, tools=s.tools.template)
+
+
+def mark_token_id(tokenizer, token: str) -> int | None:
+    """The id of ``token`` when the tokenizer has it as one token, else None."""
+    try:
+        tid = tokenizer.convert_tokens_to_ids(token)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return None if tid is None or tid == getattr(tokenizer, "unk_token_id", None) else int(tid)
 
 
 def is_chat(prompt) -> bool:

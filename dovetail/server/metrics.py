@@ -44,6 +44,11 @@ class Metrics:
         self.running = Gauge(p + "num_requests_running", "Requests decoding now", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests admitted and waiting for a slot", registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        # vLLM counts both in tokens: the hit rate is hits / queries
+        self.cache_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the target's prefix "
+                                     "cache", registry=r)
+        self.cache_hits = Counter(p + "prefix_cache_hits", "Prompt tokens found in the target's prefix cache",
+                                  registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter(p + "request_success", "Requests finished, by reason", ["finished_reason"],
                                 registry=r)
@@ -64,6 +69,8 @@ class Metrics:
     def observe_finished(self, stats: Stats, reason: str) -> None:
         """One request's counters, once, when it ends (also when cancelled)."""
         self.prompt_tokens.inc(stats.prompt_tokens)
+        self.cache_queries.inc(stats.prompt_tokens)
+        self.cache_hits.inc(stats.cached_tokens)
         self.finished.labels(reason).inc()
         self.draft_s.inc(stats.draft_s)
         self.verify_s.inc(stats.verify_s)

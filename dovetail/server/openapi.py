@@ -26,7 +26,8 @@ from starlette.responses import JSONResponse, Response
 from dovetail.server.schema import IGNORED, MAX_STOP, REFUSED, ChatRequest, CompletionRequest
 
 REF = "#/components/schemas/{model}"
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]  # tool_calls: chat, once the model called a tool
+TextFinishReason = Literal["stop", "length"]
 
 
 def _absent_not_null(schema: dict) -> None:
@@ -56,10 +57,15 @@ class ErrorResponse(_Strict):
 
 
 # ---- completions -------------------------------------------------------------------------------
+class PromptTokensDetails(_Strict):
+    cached_tokens: int = Field(ge=0, description="prompt tokens taken from the target's prefix cache, not prefilled")
+
+
 class Usage(_Strict):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptTokensDetails
 
 
 class DovetailStats(_Strict):
@@ -72,6 +78,7 @@ class DovetailStats(_Strict):
     verify_seconds: float = Field(ge=0)
     wire_seconds: float = Field(ge=0)
     draft_fallback: bool = Field(description="the draft failed and the request ran target-only")
+    cached_tokens: int = Field(ge=0, description="prompt tokens taken from the target's prefix cache (per API key)")
 
 
 class TopLogprob(_Strict):
@@ -98,9 +105,22 @@ class TextLogprobs(_Strict):
     text_offset: list[int]
 
 
+class ResponseFunction(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text (an object)")
+
+
+class MessageToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: ResponseFunction
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
-    content: str
+    content: Optional[str] = Field(description="null when the answer is only tool calls")
+    tool_calls: list[MessageToolCall] = Field(None, min_length=1, json_schema_extra=_absent_not_null,
+                                              description="the calls the model made, when it was given tools")
 
 
 class ChatChoice(_Strict):
@@ -124,7 +144,7 @@ class TextChoice(_Strict):
     index: int = Field(ge=0)
     text: str
     logprobs: Optional[TextLogprobs]
-    finish_reason: FinishReason
+    finish_reason: TextFinishReason
 
 
 class TextCompletion(_Strict):
@@ -137,9 +157,24 @@ class TextCompletion(_Strict):
     dovetail: DovetailStats
 
 
+class FunctionDelta(_Strict):
+    name: str = Field(None, json_schema_extra=_absent_not_null)  # in a call's first delta
+    arguments: str = Field(None, json_schema_extra=_absent_not_null)
+
+
+class ToolCallDelta(_Strict):
+    """A streamed call: its first delta has the id, type and name (arguments ""), the next one
+    all its arguments; a call is streamed once it is complete."""
+    index: int = Field(ge=0)
+    id: str = Field(None, json_schema_extra=_absent_not_null)
+    type: Literal["function"] = Field(None, json_schema_extra=_absent_not_null)
+    function: FunctionDelta
+
+
 class ChatDelta(_Strict):
     role: Literal["assistant"] = Field(None, json_schema_extra=_absent_not_null)  # the first chunk only
     content: str = Field(None, json_schema_extra=_absent_not_null)
+    tool_calls: list[ToolCallDelta] = Field(None, min_length=1, max_length=1, json_schema_extra=_absent_not_null)
 
 
 class ChatChunkChoice(_Strict):
@@ -165,7 +200,7 @@ class TextChunkChoice(_Strict):
     index: int = Field(ge=0)
     text: str
     logprobs: Optional[TextLogprobs]
-    finish_reason: Optional[FinishReason]
+    finish_reason: Optional[TextFinishReason]
 
 
 class TextCompletionChunk(_Strict):
@@ -277,6 +312,25 @@ def _checked_after_parsing(props: dict) -> None:
                 ids["minimum"] = 0  # token ids; past the vocabulary is refused too
     if "stream_options" in props:
         props["stream_options"]["description"] = "only with \"stream\": true"
+    for name, text in CONSTRAINED.items():
+        if name in props:
+            props[name]["description"] = text
+
+
+ONE_CONSTRAINT = ("at most one of response_format (json), grammar, regex and a forced tool call; a bad schema, "
+                  "grammar or regex is a 400 naming it")
+CONSTRAINED = {
+    "response_format": "json_object or json_schema: the target masks its distribution with the grammar at every "
+                       "position (exact, with or without the draft); " + ONE_CONSTRAINT,
+    "grammar": "an extension: the output follows this grammar, Lark (llguidance's) or llama.cpp's GBNF; "
+               + ONE_CONSTRAINT,
+    "regex": "an extension: the whole output matches this regex (Rust syntax); " + ONE_CONSTRAINT,
+    "tools": "functions the model may call, shown to it through its chat template (a template that renders no "
+             "tools, or writes calls in a format not parsed here, is a 400); its calls come back as "
+             "message.tool_calls with finish_reason tool_calls",
+    "tool_choice": "auto (default with tools): the model decides, its calls are parsed; none: the tools are not "
+                   "shown; required or a named function: a grammar forces the call",
+}
 
 
 def _merge_defs(into: dict, defs: dict) -> None:

@@ -1,11 +1,13 @@
 """Request bodies of /v1/chat/completions and /v1/completions, checked once here.
 
 Speculative decoding here is exact for what the target applies at every position it
-verifies: temperature, top_p, a seed, the penalties and logit_bias; logprobs are the target's
-own (dovetail/spec/sampling.py). What we do not compute is refused with 400 naming the
-parameter, never silently dropped. Fields that change
-nothing about the output (``user``, ``metadata``, ...) are accepted and ignored; any other
-unknown field is refused, so that a client never believes a setting took effect.
+verifies: temperature, top_p, a seed, the penalties, logit_bias and a grammar (response_format
+json_object / json_schema, the ``grammar`` and ``regex`` extensions, a forced tool call);
+logprobs are the target's own (dovetail/spec/sampling.py). Tools go into the chat template
+and the model's calls come back parsed (dovetail/server/tools.py). What we do not compute is
+refused with 400 naming the parameter, never silently dropped. Fields that change nothing
+about the output (``user``, ``metadata``, ...) are accepted and ignored; any other unknown
+field is refused, so that a client never believes a setting took effect.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dovetail.server.errors import APIError, bad_request, unsupported
+from dovetail.server.tools import MAX_TOOLS, ChatMessage, Tool, ToolChoice, template_messages
 from dovetail.spec.sampling import MAX_TOP_LOGPROBS
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; more only costs a scan per chunk)
@@ -27,14 +30,11 @@ REFUSED = {
     "best_of": (1, "one choice per request"),
     "echo": (False, "the prompt is not echoed"),
     "suffix": ("", "insertion (suffix) is not supported"),
-    "tools": ([], "tool calling is not supported"),
-    "tool_choice": ("none", "tool calling is not supported"),
-    "functions": ([], "function calling is not supported"),
-    "function_call": ("none", "function calling is not supported"),
-    "response_format": ({"type": "text"}, "constrained output (JSON mode, schemas) is not supported"),
+    "functions": ([], "the legacy function calling is not supported: send tools and tool_choice"),
+    "function_call": ("none", "the legacy function calling is not supported: send tools and tool_choice"),
     "min_tokens": (0, "a minimum length masks the stop tokens, which changes the distribution"),
 }
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key",
            "safety_identifier"}  # change nothing about the output
 
 
@@ -43,20 +43,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class JsonSchemaFormat(BaseModel):
+    """response_format's json_schema: OpenAI's {"name", "description", "schema", "strict"}."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str | None = Field(default=None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = Field(default=None, description="either way the schema is enforced; a keyword the "
+                                                          "grammar engine does not implement is a 400")
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # name, ...
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
-
-    def as_template_input(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        # Chat templates know "system"; "developer" is OpenAI's newer name for it.
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Common(BaseModel):
@@ -74,18 +74,51 @@ class _Common(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)  # vLLM's and llama.cpp's extension
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    # A grammar the target masks its distribution with at every position (dovetail/spec/grammar.py):
+    # exact too. At most one of them per request.
+    response_format: ResponseFormat | None = None
+    grammar: str | None = Field(default=None, description="an extension: the output follows this grammar, "
+                                                          "Lark (llguidance's) or llama.cpp's GBNF")
+    regex: str | None = Field(default=None, description="an extension: the whole output matches this regex "
+                                                        "(Rust regex syntax)")
 
 
 class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(default=None, description='default "auto" with tools, else "none"')
+    parallel_tool_calls: bool | None = Field(default=None, description="false: a forced call (tool_choice "
+                                             "required or named) is exactly one call")
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy API's: top k
+
+
+@dataclass
+class ToolUse:
+    """A chat request's tools as the engine needs them: ``template`` is what the chat template
+    is given (None: no tools are shown, as under tool_choice "none"); ``family`` is the model's
+    tool-call format, which the engine reads off the chat template."""
+    tools: list[Tool]
+    choice: Any  # "auto", "none", "required" or a NamedToolChoice
+    parallel: bool
+    template: list[dict] | None
+    family: str | None = None
+
+    @property
+    def parses(self) -> bool:
+        """Whether the output goes through a ToolCallParser: when the model was shown tools."""
+        return self.template is not None
+
+    @property
+    def forced(self) -> bool:
+        """tool_choice "required" or a named function: a grammar makes the output a call."""
+        return self.template is not None and self.choice not in ("auto", "none")
 
 
 @dataclass
@@ -99,12 +132,15 @@ class Sampling:
     stop: list[str]
     stream: bool
     include_usage: bool
-    processing: dict = field(default_factory=dict)  # Coordinator.submit's keywords: penalties, bias, logprobs
+    processing: dict = field(default_factory=dict)  # Coordinator.submit's keywords: penalties, bias, logprobs, grammar
+    tools: ToolUse | None = None  # chat with tools (the engine completes it: the family, a forced call's grammar)
 
 
 def parse(model: type[_Common], body: Any) -> _Common:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    if model is ChatRequest:
+        check_content_parts(body.get("messages"))
     try:
         req = model.model_validate(body)
     except ValidationError as e:
@@ -113,6 +149,27 @@ def parse(model: type[_Common], body: Any) -> _Common:
         raise bad_request(f"{param}: {first['msg']}" if param else first["msg"], param) from None
     check_extras(req.model_extra or {})
     return req
+
+
+TEXT_PART = "text"
+
+
+def check_content_parts(messages) -> None:
+    """Content parts other than text (image_url, input_audio, file, ...) are refused by name:
+    the models served here read text only. Checked on the raw body, so that the 400 says so
+    rather than that the content is not a string."""
+    if not isinstance(messages, list):
+        return
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            continue
+        kinds = list(dict.fromkeys(p["type"] for p in content if isinstance(p, dict)
+                                   and isinstance(p.get("type"), str) and p["type"] != TEXT_PART))
+        if kinds:
+            param = f"messages.{i}.content"
+            raise APIError(400, f"{param}: {', '.join(repr(k) for k in kinds)} content parts are not supported: "
+                                "the models served here read text only", param=param, code="unsupported_parameter")
 
 
 def check_extras(extra: dict) -> None:
@@ -136,8 +193,12 @@ def sampling(req: _Common) -> Sampling:
     if any(len(s) > MAX_STOP_CHARS for s in stop):
         raise bad_request(f"stop strings may have at most {MAX_STOP_CHARS} characters, got "
                           f"{max(len(s) for s in stop)}", "stop")
+    tools = None
     if isinstance(req, ChatRequest):
-        prompt = [m.as_template_input() for m in req.messages]
+        choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
+        prompt, template_tools = template_messages(req.messages, req.tools, choice)  # 400s: tools.check_tools
+        if req.tools:
+            tools = ToolUse(list(req.tools), choice, req.parallel_tool_calls is not False, template_tools)
         max_tokens = req.max_completion_tokens or req.max_tokens  # the newer name wins
     else:
         prompt = completion_prompt(req.prompt)
@@ -145,9 +206,17 @@ def sampling(req: _Common) -> Sampling:
     options = req.stream_options or StreamOptions()
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options goes with stream: true", "stream_options")
+    proc = processing(req)
+    if tools is not None and tools.forced and "grammar" in proc:
+        raise bad_request(f"tool_choice {describe_choice(tools.choice)} forces a tool call, which is a constraint "
+                          f"of its own: it cannot go with {constraint_names(req)[0]}", "tool_choice")
     return Sampling(prompt, max_tokens, 1.0 if req.temperature is None else req.temperature,
                     1.0 if req.top_p is None else req.top_p, None if req.seed is None else req.seed % (1 << 63),
-                    stop, req.stream, options.include_usage, processing(req))
+                    stop, req.stream, options.include_usage, proc, tools)
+
+
+def describe_choice(choice) -> str:
+    return repr(choice) if isinstance(choice, str) else f"{{'function': {{'name': {choice.function.name!r}}}}}"
 
 
 def processing(req: _Common) -> dict:
@@ -163,7 +232,52 @@ def processing(req: _Common) -> dict:
             out["logprobs"] = req.top_logprobs or 0
     elif req.logprobs is not None:
         out["logprobs"] = req.logprobs
+    grammar = constraint(req)
+    if grammar is not None:
+        out["grammar"] = grammar
     return out
+
+
+def constraints(req: _Common) -> list[tuple[str, str, Any]]:
+    """(param, kind, spec) of each grammar the request asks for: response_format json_object /
+    json_schema, ``grammar`` (Lark or GBNF), ``regex``."""
+    out = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        out.append(("response_format", "json_object", None))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise bad_request("response_format of type json_schema needs its json_schema: {\"name\": ..., "
+                              "\"schema\": {...}}", "response_format.json_schema")
+        out.append(("response_format.json_schema.schema", "json_schema", fmt.json_schema.schema_))
+    if req.grammar is not None:
+        out.append(("grammar", "grammar", req.grammar))
+    if req.regex is not None:
+        out.append(("regex", "regex", req.regex))
+    return out
+
+
+def constraint_names(req: _Common) -> list[str]:
+    return [param.split(".")[0] + (f" {req.response_format.type}" if param.startswith("response_format") else "")
+            for param, _, _ in constraints(req)]
+
+
+def constraint(req: _Common) -> tuple[str, Any] | None:
+    """The request's grammar as Coordinator.submit takes it, (kind, spec), checked now (no
+    tokenizer needed): a bad schema, regex or grammar is a 400 naming it. At most one."""
+    given = constraints(req)
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(f"at most one constraint per request, got {' and '.join(constraint_names(req))}",
+                          given[1][0].split(".")[0])
+    param, kind, spec = given[0]
+    from dovetail.spec.grammar import grammar_text  # llguidance: imported at the first request with a grammar
+    try:
+        grammar_text(kind, spec)
+    except ValueError as e:
+        raise bad_request(f"{param}: {e}", param) from None
+    return kind, spec
 
 
 def logit_bias(given: dict[str, float]) -> dict[int, float]:

@@ -119,7 +119,7 @@ class GrammarVocab:
     ll: object                # llguidance.LLTokenizer
     size: int                 # the tokenizer's ids: 0 .. size-1 (the model may have more rows)
     stop_ids: tuple[int, ...]
-    unused: tuple[int, ...] = ()  # ids that are padding in the tokenizer too (PAD_PLACEHOLDER)
+    unused: tuple[int, ...] = ()  # ids never allowed: padding placeholders (PAD_PLACEHOLDER), <unk>
 
 
 _vocabs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {stop ids: vocab}
@@ -156,7 +156,12 @@ def build_vocab(tokenizer, stop_ids: tuple[int, ...]) -> GrammarVocab:
         raise ValueError(f"structured output needs a stop token inside the tokenizer's {len(tokenizer)} ids, "
                          f"got {list(stop_ids)}")
     ll = ll_tokenizer(tokenizer, inside[0])
-    unused = sorted(i for t, i in tokenizer.get_vocab().items() if PAD_PLACEHOLDER.fullmatch(t))
+    unused = {i for t, i in tokenizer.get_vocab().items() if PAD_PLACEHOLDER.fullmatch(t)}
+    # <unk> stands for text the tokenizer could not read: it spells nothing a grammar can check
+    # (llguidance's masks may allow it where its validation refuses it)
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in stop_ids:
+        unused.add(tokenizer.unk_token_id)
+    unused = sorted(unused)
     return GrammarVocab(ll=ll, size=ll.vocab_size, stop_ids=tuple(sorted(inside)), unused=tuple(unused))
 
 
@@ -169,22 +174,33 @@ def ll_tokenizer(tokenizer, eos: int):
     from llguidance import LLTokenizer, TokenizerWrapper
 
     try:
-        return llguidance.hf.from_tokenizer(tokenizer, eos_token=eos)
+        ll = llguidance.hf.from_tokenizer(tokenizer, eos_token=eos)
     except ValueError as e:
         log.info("llguidance cannot read this tokenizer's JSON (%s): building it from token texts", e)
-    return LLTokenizer(TokenizerWrapper(TokenTexts(tokenizer, eos)))
+        return LLTokenizer(TokenizerWrapper(TokenTexts(tokenizer, eos)))
+    # Read from JSON, every added token is special to llguidance, even those the tokenizer
+    # marks as text (Qwen's <tool_call>): a grammar's literal "<tool_call>" could then be
+    # forced as that token but never consumed. Rebuilt from the JSON build's own bytes.
+    text_added = [i for i, t in tokenizer.added_tokens_decoder.items() if not t.special and i < ll.vocab_size]
+    if not any(ll.is_special_token(i) for i in text_added):
+        return ll
+    texts = TokenTexts(tokenizer, eos, tokens=[ll.decode_bytes([i]) for i in range(ll.vocab_size)])
+    return LLTokenizer(TokenizerWrapper(texts))
 
 
 class TokenTexts:
-    """A tokenizer as llguidance's TokenizerWrapper reads it: every token's bytes, the
-    special ones marked, and a text -> ids function (llguidance's forced tokens use it)."""
+    """A tokenizer as llguidance's TokenizerWrapper reads it: every token's bytes (given, or
+    each token's decoded text), the special ones marked, and a text -> ids function
+    (llguidance's forced tokens use it)."""
 
-    def __init__(self, tokenizer, eos: int):
+    def __init__(self, tokenizer, eos: int, tokens: list[bytes] | None = None):
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        decoder = tokenizer.backend_tokenizer.decoder
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        self.tokens = [p.encode() if i in special or decoder is None else decoder.decode([p]).encode()
-                       for i, p in enumerate(pieces)]
+        if tokens is None:  # each token's decoded text
+            decoder = tokenizer.backend_tokenizer.decoder
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            tokens = [p.encode() if i in special or decoder is None else decoder.decode([p]).encode()
+                      for i, p in enumerate(pieces)]
+        self.tokens = tokens
         self.special_token_ids = sorted(special)  # llguidance marks them: never grammar text
         self.eos_token_id, self.bos_token_id = eos, tokenizer.bos_token_id
         self.tokenizer = tokenizer
@@ -217,6 +233,11 @@ class Grammar:
 
     def start(self) -> "GrammarState":
         return GrammarState(self)
+
+
+class DeadEnd(ValueError):
+    """The grammar allows no token the vocabulary has here (a regex asking for a character the
+    tokenizer cannot spell): the output cannot go on."""
 
 
 class GrammarState:

@@ -39,10 +39,17 @@ class Picker:
     that row for its path's history and takes the argmax or the (seed, position) draw. It
     remembers the log-probabilities of what it picked when the request asked for them."""
 
-    def __init__(self, logits: torch.Tensor, proc: Processing, history: History, seed: int, root_position: int):
+    def __init__(self, logits: torch.Tensor, proc: Processing, history: History, seed: int, root_position: int,
+                 grammar=None):
+        """``grammar``: the request's GrammarState (spec/grammar.py) after the committed text, or
+        None; each row's logits are masked for its own path, and ``close()`` puts it back."""
         self.logits, self.proc, self.history, self.seed = logits, proc, history, seed
         self.root_position = root_position  # where the root token sits in prompt + output
-        self.plain_greedy = proc.temperature == 0.0 and not proc.shapes_logits
+        self.cursor = None
+        if grammar is not None:
+            from dovetail.spec.grammar import PathCursor
+            self.cursor = PathCursor(grammar)
+        self.plain_greedy = proc.temperature == 0.0 and not proc.shapes_logits and grammar is None
         self._best = logits.argmax(dim=-1).tolist() if self.plain_greedy else None
         self.logprobs: dict[int, TokenLogprobs] = {}  # row -> what its pick had
 
@@ -51,6 +58,14 @@ class Picker:
             tok = self._best[row]
         else:
             x = processed(self.logits[row], self.proc, self.history, path)
+            if self.cursor is not None:
+                from dovetail.spec.grammar import apply_masks
+                mask = self.cursor.mask(path)
+                if not mask.any():
+                    from dovetail.spec.grammar import DeadEnd
+                    raise DeadEnd(f"the grammar allows no token of this vocabulary after {len(self.cursor.state)} "
+                                  "tokens of output")
+                apply_masks(x, mask)
             if self.proc.temperature == 0.0:
                 tok = int(x.argmax())
             else:
@@ -61,6 +76,11 @@ class Picker:
         if self.proc.logprobs >= 0:
             self.logprobs[row] = token_logprobs(self.logits[row], tok, self.proc.logprobs)
         return tok
+
+    def close(self) -> None:
+        """The grammar state back at the committed text (the walk moved it along paths)."""
+        if self.cursor is not None:
+            self.cursor.close()
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:

@@ -2,7 +2,7 @@
 the argmax or one draw from a stream keyed by (seed, position). The settings and the rules
 are here, without torch (the coordinator imports them); spec/picker.py applies them.
 
-Penalties, a logit bias and (later) a grammar are deterministic functions of the text so
+Penalties, a logit bias and a grammar (spec/grammar.py) are deterministic functions of the text so
 far. Applied to the target's logits at every tree node, each node with its own path's
 history, they make speculation exact with respect to decoding with the target alone under
 the same processing (spec/verify.py's accept_path walks the tree).
@@ -48,6 +48,7 @@ class Processing:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int = -1
+    grammar: str = ""  # llguidance's grammar text (spec/grammar.py grammar_text); "" for none
 
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -65,7 +66,7 @@ class Processing:
     def shapes_logits(self) -> bool:
         """Whether anything but temperature and top_p acts on the logits."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+                    or self.logit_bias or self.grammar)
 
 
 class History:

@@ -155,3 +155,27 @@ def test_target_and_draft_roles_on_two_ports_give_the_same_text(models, referenc
         if worker.poll() is None:
             worker.kill()
             worker.wait(10)
+
+
+def test_output_constraints_and_penalties_from_flags(models, capsys, tmp_path):
+    import json
+    import re
+    target, draft, _ = models
+    rc, out, err = run_cli(capsys, "--target", target, "--draft", draft, "--force-draft", "--regex", "[a-f]{3}-[0-9]{2}",
+                           "--presence-penalty", "0.5", "--prompt", PROMPT)
+    assert rc == 0, err
+    assert re.fullmatch(r"[a-f]{3}-[0-9]{2}", out.strip("\n")), out
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                                  "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}))
+    rc, out, err = run_cli(capsys, "--target", target, "--no-draft", "--json-schema", schema, "--prompt", PROMPT)
+    assert rc == 0, err
+    assert json.loads(out) in ({"ok": True}, {"ok": False})
+
+
+def test_bad_constraints_are_refused_before_the_models_load(capsys, tmp_path):
+    for flags, says in ((["--regex", "("], "regex"), (["--json-schema", "{oops"], "JSON schema"),
+                        (["--grammar", tmp_path / "missing.lark"], "missing.lark"),
+                        (["--frequency-penalty", "3"], "[-2, 2]")):
+        rc, _, err = run_cli(capsys, "--target", tmp_path / "never-loaded", "--no-draft", *flags, "--prompt", PROMPT)
+        assert rc == 2 and says in err, (flags, err)

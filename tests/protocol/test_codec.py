@@ -123,10 +123,10 @@ def test_bad_framing(bad, exc, code, words):
 
 def test_wrong_version_message():
     with pytest.raises(WrongVersion) as info:
-        decode(frames(Close, {"req_id": 1}, version=7))
-    assert str(info.value) == ("peer speaks Dovetail protocol version 7, "
+        decode(frames(Close, {"req_id": 1}, version=PROTOCOL_VERSION + 1))
+    assert str(info.value) == (f"peer speaks Dovetail protocol version {PROTOCOL_VERSION + 1}, "
                                f"this side speaks version {PROTOCOL_VERSION}")
-    assert info.value.code == "wrong_version" and info.value.peer_version == 7
+    assert info.value.code == "wrong_version" and info.value.peer_version == PROTOCOL_VERSION + 1
 
 
 def test_oversize_checked_before_unpacking():

@@ -196,3 +196,21 @@ def test_a_gated_tree_is_the_open_tree_cut_at_the_gate(handler, min_prob):
     assert gated.scores == pytest.approx([open_.scores[i] for i in keep])
     check_parents(gated.parents)
     assert all(math.exp(s) >= min_prob for s in gated.scores)
+
+
+def test_a_cached_prefix_starts_the_draft_in_step(handler, lm, model_path):
+    """The draft's prefix cache: a request whose prompt extends a closed one's starts from its
+    KV (only the new tail is read), and proposes exactly what a cold handler proposes."""
+    handler.handle(OpenRequest(1, PROMPT, cache_scope="a"))
+    handler.handle(DraftRequest(1, 1, len(PROMPT), [], depth=4, top_k=2, max_nodes=8))
+    guess = handler.handle(DraftRequest(1, 2, len(PROMPT), [17, 23], depth=3, top_k=2, max_nodes=6))
+    handler.handle(Close(1))
+    assert [handler.prefix_cache.backend.length(e.seq) for e in handler.prefix_cache.entries] == [len(PROMPT) + 2]
+    turn = PROMPT + [17, 23, 5, 8]
+    handler.handle(OpenRequest(2, turn, cache_scope="a"))
+    assert handler.states[2].cached == len(PROMPT) + 2  # the tree's guesses were not kept
+    got = handler.handle(DraftRequest(2, 1, len(turn), [], depth=4, top_k=2, max_nodes=8))
+    assert (got.tokens, got.parents) == fresh_proposal(lm, model_path, turn, depth=4, top_k=2, max_nodes=8)
+    handler.handle(OpenRequest(3, turn, cache_scope="b"))  # another scope: cold
+    assert handler.states[3].cached == 0
+    assert guess.tokens  # the second round drafted a tree (whose rows the cache must not keep)

@@ -135,7 +135,15 @@ ERRORS = [
     ({"model": "tiny", "messages": MESSAGES, "top_logprobs": 3}, 400, "top_logprobs", "logprobs: true"),
     ({"model": "tiny", "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
      "top_logprobs"),
-    ({"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", "tool"),
+    # this model's chat template does not render tools: the model would never see them
+    ({"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools", "does not render tools"),
+    ({"model": "tiny", "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools.0.function", "function"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages.0.content", "'image_url' content parts are not supported"),
+    ({"model": "tiny", "messages": MESSAGES, "regex": "a", "grammar": 'root ::= "a"'}, 400, "regex",
+     "at most one constraint"),
+    ({"model": "tiny", "messages": MESSAGES, "functions": [{"name": "f"}]}, 400, "functions", "legacy"),
     ({"model": "tiny", "messages": MESSAGES, "frobnicate": 1}, 400, "frobnicate", "unknown parameter"),
     ({"model": "tiny", "messages": MESSAGES, "max_tokens": 200_000}, 400, "max_tokens", "maximum context length"),
     ({"model": "nope", "messages": MESSAGES}, 404, "model", "does not exist"),
@@ -174,6 +182,28 @@ def test_keys_are_checked_and_health_needs_none(server):
     assert server.request("GET", "/metrics", key=None)[0] == 401
     got, _, payload = server.request("GET", "/v1/nowhere")
     assert got == 404 and json.loads(payload)["error"]["code"] == "not_found"
+
+
+def test_a_chats_next_turn_reuses_its_prefix_within_one_key_only(server, client, reference):
+    """The target's prefix cache: the second turn reports the cached prompt tokens (usage and the
+    dovetail object), its text is the cold answer's, and another API key starts cold."""
+    scrape = lambda: server.request("GET", "/metrics")[2].decode()  # noqa: E731
+    queries, hits = (metric(scrape(), f"dovetail:prefix_cache_{n}_total") for n in ("queries", "hits"))
+    first = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=N)
+    turn = MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
+                       {"role": "user", "content": "and again"}]
+    second = client.chat.completions.create(model="tiny", messages=turn, temperature=0, max_tokens=N)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens and second.model_extra["dovetail"]["cached_tokens"] == cached
+    other = openai.OpenAI(base_url=server.base + "/v1", api_key="second-key-456789", max_retries=0, timeout=120)
+    cold = other.chat.completions.create(model="tiny", messages=turn, temperature=0, max_tokens=N)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == second.choices[0].message.content
+    text = scrape()
+    assert metric(text, "dovetail:prefix_cache_queries_total") - queries == (
+        first.usage.prompt_tokens + second.usage.prompt_tokens + cold.usage.prompt_tokens)
+    assert metric(text, "dovetail:prefix_cache_hits_total") - hits == (
+        first.usage.prompt_tokens_details.cached_tokens + cached)
 
 
 def test_models_lists_the_target_with_its_context_and_the_draft(client):

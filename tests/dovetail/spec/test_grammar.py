@@ -188,6 +188,21 @@ def test_the_library_reads_each_familys_token_bytes(tokenizer):
         tokenizer.unk_token_id in ids  # the character-level tokenizer has no "\u00ef"
 
 
+def test_an_added_text_token_spells_its_text(tmp_path):
+    """Qwen's <tool_call> is an added token that is not special: a grammar's literal
+    "<tool_call>" is written by that one token, and it is consumed as text (llguidance reads
+    every added token of a tokenizer JSON as special; the vocabulary is rebuilt then)."""
+    from tokenizers import AddedToken
+    tok = load(byte_level_bpe(tmp_path))
+    tok.add_tokens([AddedToken("<tool_call>", special=False, normalized=False)])
+    mark = tok.convert_tokens_to_ids("<tool_call>")
+    assert not vocab_of(tok).ll.is_special_token(mark)
+    state = compile_for(tok, "lark", 'start: "<tool_call>" "x"').start()
+    assert state.mask()[mark] and state.valid_prefix([mark]) == 1
+    state.advance(tok.encode("<tool_call>x", add_special_tokens=False) + [tok.eos_token_id])
+    assert state.is_done()
+
+
 def test_random_schemas_give_valid_json(tokenizer):
     """Greedy decoding from random logits under 20 random schemas: every output parses and
     validates, and ends on a stop token."""

@@ -1,0 +1,216 @@
+"""Prefix cache: finished requests' KV kept for the next prompt that starts the same way.
+
+Chats resend the whole conversation each turn, agents resend one system prompt and tool list
+on every call: on a CPU target their prefill is most of the time to first token. A request's
+sequence outlives it here as an entry, and a new prompt that shares a prefix with one starts
+from a copy of those positions and prefills only the rest (SGLang's RadixAttention is the
+model).
+
+- **A radix tree per scope** (the server's API key: a prompt-cache hit is a timing side channel
+  between tenants, so tenants never share). Edges carry token runs; an entry (a sequence the
+  backend holds) sits at the end of its tokens. Entries sit at leaves only: one whose tokens
+  another entry extends is dropped, since the longer one holds all its positions.
+- **Lookup** walks down the prompt's tokens; wherever it stops, any entry below that point
+  holds the matched positions, and ``TargetBackend.fork`` copies them into the new sequence
+  (llama.cpp: ``seq_cp``, the cells shared, not copied; transformers: the tensors, cut).
+  Rollback and tree rows of the new sequence only ever touch positions past the copy.
+- **Size** is counted in tokens: the distinct tokens the tree holds (llama.cpp shares the cells
+  of a common prefix between sequences: that is what the tree's shared edges are) or, where a
+  backend copies (``shares_prefixes`` false), each entry's own length. Past ``max_tokens``
+  least-recently-used entries go. A backend that runs out of cells or sequence ids for a live
+  request evicts entries first (``evict_one``): a cached prefix never makes a request wait or fail.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger("dovetail.prefix_cache")
+
+# Tokens the cache keeps by default. On llama.cpp every decode attends over the cells in use
+# up to the highest one, live or cached (its unified KV cache masks, it does not skip), so
+# cached cells that no live request shares make every verification a little slower: a bound
+# of a few conversations, not the whole context. On transformers ~60 KB a token at 1.5B fp32.
+DEFAULT_PREFIX_CACHE_TOKENS = 4096
+
+
+@dataclass(eq=False)
+class Node:
+    tokens: list[int]                  # the edge from the parent
+    parent: "Node | None"
+    children: dict[int, "Node"] = field(default_factory=dict)  # first token of each child's edge -> child
+    entry: "Entry | None" = None       # a sequence that holds every position down to here
+    depth: int = 0                     # positions above this edge
+
+
+@dataclass(eq=False)
+class Entry:
+    seq: object        # the backend's sequence handle
+    length: int        # positions it holds
+    scope: str
+    node: Node
+    used: int = 0      # LRU clock
+
+
+class PrefixCache:
+    """The entries of one backend. ``backend``: a TargetBackend (fork, release, shares_prefixes)."""
+
+    def __init__(self, backend, max_tokens: int):
+        if max_tokens < 0:
+            raise ValueError(f"the prefix cache bound must be >= 0 tokens, got {max_tokens}")
+        self.backend, self.max_tokens = backend, max_tokens
+        self.roots: dict[str, Node] = {}
+        self.entries: list[Entry] = []
+        self._clock = itertools.count(1)
+        self.tokens = 0  # what the bound counts (see the module doc)
+        self._pinned: Entry | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_tokens > 0
+
+    # ---- lookup ------------------------------------------------------------------------------
+    def match(self, scope: str, tokens: list[int]) -> tuple[Entry | None, int]:
+        """The entry sharing the longest prefix with ``tokens`` and that prefix's length."""
+        node = self.roots.get(scope)
+        if node is None or not tokens:
+            return None, 0
+        matched = 0
+        while True:
+            child = node.children.get(tokens[matched]) if matched < len(tokens) else None
+            if child is None:
+                break
+            run = common_length(child.tokens, tokens, matched)
+            matched += run
+            node = child
+            if run < len(child.tokens):
+                break
+        if matched == 0:
+            return None, 0
+        entry = newest_below(node)
+        return entry, matched
+
+    def fork(self, scope: str, tokens: list[int]):
+        """A new sequence holding the longest cached prefix of ``tokens`` (and its length), or
+        (None, 0) when nothing is cached for them."""
+        entry, n = self.match(scope, tokens)
+        if entry is None:
+            return None, 0
+        entry.used = next(self._clock)
+        self._pinned = entry  # the backend may evict to find the new sequence an id: never this one
+        try:
+            return self.backend.fork(entry.seq, n), n
+        finally:
+            self._pinned = None
+
+    # ---- adding ------------------------------------------------------------------------------
+    def adopt(self, scope: str, seq, tokens: list[int]) -> bool:
+        """Keep a finished (or cancelled) request's sequence, which holds ``tokens``; False
+        (and the sequence released) when the cache is off or holds them already."""
+        length = self.backend.length(seq)
+        tokens = list(tokens[:length])
+        if not self.enabled or length == 0 or len(tokens) < length:
+            self.backend.release(seq)
+            return False
+        node = self._insert(scope, tokens)
+        if node.children or node.entry is not None:  # an entry at or below holds every position: nothing new
+            self.backend.release(seq)
+            self._prune(node)
+            return False
+        entry = Entry(seq, length, scope, node, next(self._clock))
+        node.entry = entry
+        self.entries.append(entry)
+        # Entries above this one are prefixes of it: the new one holds their positions.
+        up = node.parent
+        while up is not None:
+            if up.entry is not None:
+                self._drop(up.entry)
+            up = up.parent
+        self._recount()
+        while self.tokens > self.max_tokens and self.evict_one():
+            pass
+        return entry in self.entries
+
+    def _insert(self, scope: str, tokens: list[int]) -> Node:
+        node = self.roots.setdefault(scope, Node([], None))
+        i = 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                leaf = Node(tokens[i:], node, depth=i)
+                node.children[tokens[i]] = leaf
+                return leaf
+            run = common_length(child.tokens, tokens, i)
+            if run < len(child.tokens):  # split the edge where the new tokens leave it
+                mid = Node(child.tokens[:run], node, depth=child.depth)
+                node.children[tokens[i]] = mid
+                child.tokens, child.parent, child.depth = child.tokens[run:], mid, child.depth + run
+                mid.children[child.tokens[0]] = child
+                child = mid
+            i += run
+            node = child
+        return node
+
+    # ---- removing ----------------------------------------------------------------------------
+    def evict_one(self) -> bool:
+        """Release the least recently used entry; False when there is none."""
+        candidates = [e for e in self.entries if e is not self._pinned]
+        if not candidates:
+            return False
+        self._drop(min(candidates, key=lambda e: e.used))
+        self._recount()
+        return True
+
+    def clear(self) -> None:
+        while self.evict_one():
+            pass
+
+    def _drop(self, entry: Entry) -> None:
+        self.entries.remove(entry)
+        entry.node.entry = None
+        self.backend.release(entry.seq)
+        self._prune(entry.node)
+
+    def _prune(self, node: Node) -> None:
+        """Remove nodes that lead to no entry any more."""
+        while node.parent is not None and not node.children and node.entry is None:
+            del node.parent.children[node.tokens[0]]
+            node = node.parent
+
+    def _recount(self) -> None:
+        if getattr(self.backend, "shares_prefixes", False):
+            self.tokens = sum(edge_tokens(root) for root in self.roots.values())
+        else:
+            self.tokens = sum(e.length for e in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def common_length(edge: list[int], tokens: list[int], start: int) -> int:
+    n = min(len(edge), len(tokens) - start)
+    for i in range(n):
+        if edge[i] != tokens[start + i]:
+            return i
+    return n
+
+
+def newest_below(node: Node) -> Entry:
+    """The most recently used entry at or below ``node`` (there is one: nodes without any are pruned)."""
+    best, stack = None, [node]
+    while stack:
+        n = stack.pop()
+        if n.entry is not None and (best is None or n.entry.used > best.used):
+            best = n.entry
+        stack.extend(n.children.values())
+    return best
+
+
+def edge_tokens(node: Node) -> int:
+    total, stack = 0, [node]
+    while stack:
+        n = stack.pop()
+        total += len(n.tokens)
+        stack.extend(n.children.values())
+    return total
