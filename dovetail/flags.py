@@ -13,7 +13,7 @@ from dovetail.models.options import (
     QUANTIZE_CHOICES,
 )
 from dovetail.runtime.config import DEFAULT_DRAFT_LM, CoordinatorConfig
-from dovetail.workers.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS
+from dovetail.models.options import DEFAULT_PREFIX_CACHE_TOKENS
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "auto"

@@ -55,6 +55,11 @@ class TargetBackend(ABC):
     def prefill(self, seq, tokens: list[int], hidden: bool = True) -> torch.Tensor | None:
         """Process tokens; return their final hidden states [n, hidden] (None if not ``hidden``)."""
 
+    def prefill_logits(self, seq, tokens: list[int]) -> torch.Tensor:
+        """Process ``tokens`` (a chain of at most MAX_BATCH_ROWS) and return the logits after the
+        last one [vocab]: the end of a prompt and its last token in one forward."""
+        raise NotImplementedError
+
     @abstractmethod
     def verify(self, seq, root: int, tokens: list[int], parents: list[int], hidden: bool = True) -> Forward:
         """One forward over [root, *tree]: logits for all n+1 rows, and their hidden states
@@ -130,6 +135,9 @@ class HFBackend(TargetBackend):
     def prefill(self, seq, tokens: list[int], hidden: bool = True) -> torch.Tensor | None:
         out = self.lm.forward(seq, tokens, logit_rows=[]).hidden
         return out if hidden else None
+
+    def prefill_logits(self, seq, tokens: list[int]) -> torch.Tensor:
+        return self.lm.forward(seq, tokens, logit_rows=[len(tokens) - 1]).logits[-1]
 
     def verify(self, seq, root: int, tokens: list[int], parents: list[int], hidden: bool = True) -> Forward:
         # A chain needs no custom mask: the model's own causal mask is exact and cheaper.

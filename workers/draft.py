@@ -26,7 +26,8 @@ from dovetail.workers.hf import CausalLM
 from dovetail.models.options import DEFAULT_LLAMA_EXTRA_BUFFERS, check_llama_extra_buffers
 from dovetail.workers.args import add_extra_buffers_flag
 from dovetail.workers.llama_buffers import decide
-from dovetail.workers.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCache
+from dovetail.models.options import DEFAULT_PREFIX_CACHE_TOKENS
+from dovetail.workers.prefix_cache import PrefixCache
 from dovetail.workers.serve import WorkerConfig, parse_config, serve, setup_logging, worker_parser
 
 log = logging.getLogger("dovetail.draft")

@@ -135,6 +135,9 @@ class LlamaBackend(TargetBackend):
                 out.append(self._read(self.lib.llama_get_embeddings(self.ctx), len(chunk), self.hidden_size))
         return torch.cat(out) if hidden else None
 
+    def prefill_logits(self, seq: LlamaSeq, tokens: list[int]) -> torch.Tensor:
+        return self.decode_chain(seq, tokens, [len(tokens) - 1])[0]
+
     def verify(self, seq: LlamaSeq, root: int, tokens: list[int], parents: list[int],
                hidden: bool = True) -> Forward:
         return self.verify_many([seq], [root], [(tokens, parents)], [hidden])[0]

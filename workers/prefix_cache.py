@@ -28,11 +28,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("dovetail.prefix_cache")
 
-# Tokens the cache keeps by default. On llama.cpp every decode attends over the cells in use
-# up to the highest one, live or cached (its unified KV cache masks, it does not skip), so
-# cached cells that no live request shares make every verification a little slower: a bound
-# of a few conversations, not the whole context. On transformers ~60 KB a token at 1.5B fp32.
-DEFAULT_PREFIX_CACHE_TOKENS = 4096
+# The default bound: DEFAULT_PREFIX_CACHE_TOKENS in dovetail/models/options.py (and why).
 
 
 @dataclass(eq=False)

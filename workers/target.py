@@ -29,7 +29,9 @@ from dovetail.spec.picker import Picker
 from dovetail.spec.sampling import History, Processing, TokenLogprobs
 from dovetail.spec.verify import accept_path
 from dovetail.workers.backend import ContextFull, HFBackend, TargetBackend
-from dovetail.workers.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCache, common_length
+from dovetail.workers.hf import Forward
+from dovetail.models.options import DEFAULT_PREFIX_CACHE_TOKENS
+from dovetail.workers.prefix_cache import PrefixCache, common_length
 from dovetail.models.loading import choose_dtype
 from dovetail.workers.args import add_extra_buffers_flag
 from dovetail.workers.llama_buffers import decide, decode_probe
@@ -100,6 +102,9 @@ class Sequence:
     step: int = 0
     grammar: object = None  # GrammarState after the committed text (spec/grammar.py), or None
     tokens: list[int] = field(default_factory=list)  # prompt + committed tokens: the cache holds a prefix of them
+    # The root of the first verification (the prompt's last token) went into the cache with the prompt's
+    # last chunk, in the same forward: its logits, until that verification uses them (Prefill.step).
+    root_logits: torch.Tensor | None = None
     scope: str = ""         # whose prefix cache its KV goes to when it closes
 
 
@@ -131,6 +136,11 @@ class TargetHandler:
     @property
     def vocab_size(self) -> int:
         return self.backend.identity.vocab_size
+
+    @property
+    def prefills_root(self) -> bool:
+        """The backend can end a prefill with the first root's logits (prefill_logits)."""
+        return type(self.backend).prefill_logits is not TargetBackend.prefill_logits
 
     @property
     def max_batch_rows(self) -> int:
@@ -300,11 +310,26 @@ class TargetHandler:
         start = self.backend.length(seq.cache)
         try:
             tree = self._tree(seq, msg)
-            out = self.backend.verify(seq.cache, msg.root, tree[0], tree[1], hidden=seq.features)
-            return self._commit(seq, msg, out, start, t0, tree)
+            early = self._early_root(seq, tree)
+            start = self.backend.length(seq.cache) - (early is not None)
+            out = early if early is not None else self.backend.verify(seq.cache, msg.root, tree[0], tree[1],
+                                                                      hidden=seq.features)
+            return self._commit(seq, msg, out, start, t0, tree, in_cache=early is not None)
         except BaseException:
             self.backend.rollback(seq.cache, start)  # a failed step leaves the sequence as it was
             raise
+
+    def _early_root(self, seq: Sequence, tree) -> Forward | None:
+        """The first verification when its root went in with the prompt: with no draft beside it
+        the root's logits are the whole forward (and the cache is right already); with a tree
+        the root comes out again and goes in with the tree (None)."""
+        logits, seq.root_logits = seq.root_logits, None
+        if logits is None:
+            return None
+        if not tree[0]:
+            return Forward(logits=logits[None], hidden=None)
+        self.backend.rollback(seq.cache, self.backend.length(seq.cache) - 1)
+        return None
 
     def verify_batch(self, items: list[tuple[bytes, VerifyRequest]]) -> list:
         """Several requests' verifications in one forward (backend.verify_many); a reply (or an
@@ -317,6 +342,12 @@ class TargetHandler:
             try:
                 ready.append((i, msg, self._ready(msg, (peer, msg.req_id))))
             except RequestError as e:
+                replies[i] = e
+        for i, msg, seq in [r for r in ready if r[2].root_logits is not None]:  # first rounds: mostly no forward
+            ready.remove((i, msg, seq))
+            try:
+                replies[i] = self.handle(msg, items[i][0])
+            except Exception as e:  # noqa: BLE001 (turned into this request's Error by serve())
                 replies[i] = e
         if len(ready) > 1:
             t0 = time.perf_counter()
@@ -368,8 +399,9 @@ class TargetHandler:
         return prune(msg.tokens, msg.parents, allowed)
 
     def _commit(self, seq: Sequence, msg: VerifyRequest, out, start: int, t0: float,
-                tree: tuple[list[int], list[int], list[int] | None]) -> VerifyResult:
-        """Accept a path of the verified tree, keep its rows, and say what was committed."""
+                tree: tuple[list[int], list[int], list[int] | None], in_cache: bool = False) -> VerifyResult:
+        """Accept a path of the verified tree, keep its rows, and say what was committed
+        (``in_cache``: the root alone, already in the cache: nothing to keep)."""
         tokens, parents, kept = tree
         picker = Picker(out.logits, seq.proc, seq.history, seq.seed, root_position=start, grammar=seq.grammar)
         try:
@@ -383,7 +415,8 @@ class TargetHandler:
         if seq.grammar is not None:
             seq.grammar.advance(committed)  # ValueError and no change if a pick broke the grammar
         try:
-            self.backend.keep(seq.cache, start, rows)
+            if not in_cache:
+                self.backend.keep(seq.cache, start, rows)
         except BaseException:
             if seq.grammar is not None:
                 seq.grammar.rollback(len(committed))
@@ -437,9 +470,16 @@ class Prefill:
         todo = self.msg.prompt[:-1]
         n = h.chunk_tokens()
         chunk = todo[self.done_tokens:self.done_tokens + n]
+        # The last chunk takes the prompt's last token too, whose logits the first verification
+        # needs: one forward fewer before the first token (not for a feature draft's request,
+        # which wants the prompt's hidden states only).
+        with_root = (self.done_tokens + len(chunk) == len(todo) and not self.seq.features
+                     and len(chunk) < MAX_BATCH_ROWS and h.prefills_root)
         t0 = time.perf_counter()
         try:
-            if chunk:
+            if with_root:
+                self.seq.root_logits = backend.prefill_logits(self.seq.cache, chunk + [self.msg.prompt[-1]])
+            elif chunk:
                 out = backend.prefill(self.seq.cache, chunk, hidden=self.seq.features)
                 if out is not None:
                     self.hidden.append(out)
@@ -457,8 +497,8 @@ class Prefill:
         h.sequences[self.key] = self.seq
         hidden = torch.cat(self.hidden) if self.hidden else None
         feats = encode_features(hidden, h.config.feature_codec) if hidden is not None else None
-        return Opened(req_id=self.req_id, cache_len=backend.length(self.seq.cache), features=feats,
-                      seconds=self.seconds, reused=self.reused)
+        held = backend.length(self.seq.cache) - (self.seq.root_logits is not None)  # the prompt but its root
+        return Opened(req_id=self.req_id, cache_len=held, features=feats, seconds=self.seconds, reused=self.reused)
 
     def abort(self, keep: bool = False) -> None:
         """Stop the prefill; ``keep``: what it prefilled becomes a prefix-cache entry (a client

@@ -27,7 +27,7 @@ from dovetail.system.cpus import format_cpus, parse_cpus
 from dovetail.runtime.liveness import Liveness
 from dovetail.protocol import Handshake, HandshakeMismatch, check_compatible
 from dovetail.system.security import ClientKeys
-from dovetail.workers.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS
+from dovetail.models.options import DEFAULT_PREFIX_CACHE_TOKENS
 from dovetail.system.worker_log import WorkerLog
 
 log = logging.getLogger("dovetail")
