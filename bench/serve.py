@@ -145,7 +145,7 @@ def one_request(port: int, messages: list[dict], max_tokens: int, count_tokens) 
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
-    text, usage, cached = [], None, None
+    text, usage, cached, prefill = [], None, None, None
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -161,6 +161,8 @@ def one_request(port: int, messages: list[dict], max_tokens: int, count_tokens) 
                 usage = event["usage"]
             reused = cached_tokens_of(event)
             cached = reused if reused is not None else cached
+            spent = prefill_seconds_of(event)
+            prefill = spent if spent is not None else prefill
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
@@ -178,7 +180,18 @@ def one_request(port: int, messages: list[dict], max_tokens: int, count_tokens) 
     return {"text": out, "tokens": tokens, "ttft_s": first - t0,
             "itl_s": (last - first) / (tokens - 1) if tokens > 1 else None,
             "usage_reported": usage is not None, "prompt_tokens": (usage or {}).get("prompt_tokens"),
-            "cached_tokens": cached}
+            "cached_tokens": cached, "prefill_s": prefill}
+
+
+def prefill_seconds_of(event: dict) -> float | None:
+    """The seconds the server says it spent on the prompt: our ``dovetail`` object's
+    prefill_seconds or llama-server's timings.prompt_ms; None where the event says nothing."""
+    ours = (event.get("dovetail") or {}).get("prefill_seconds")
+    theirs = (event.get("timings") or {}).get("prompt_ms")
+    for value, scale in ((ours, 1.0), (theirs, 1e-3)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value) * scale
+    return None
 
 
 def cached_tokens_of(event: dict) -> int | None:

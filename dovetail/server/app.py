@@ -271,7 +271,8 @@ def dovetail_stats(stats: Stats) -> dict:
     return {"rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted_drafts,
             "mean_accepted_length": round(stats.mean_accepted, 4), "draft_seconds": round(stats.draft_s, 6),
             "verify_seconds": round(stats.verify_s, 6), "wire_seconds": round(stats.wire_s, 6),
-            "draft_fallback": stats.draft_fallback, "cached_tokens": stats.cached_tokens}
+            "draft_fallback": stats.draft_fallback, "cached_tokens": stats.cached_tokens,
+            "prefill_seconds": round(stats.prefill_s, 6)}
 
 
 async def collect(request: Request, run: Run, meta: dict, chat: bool, tokens: TokenText | None = None,

@@ -79,6 +79,7 @@ class DovetailStats(_Strict):
     wire_seconds: float = Field(ge=0)
     draft_fallback: bool = Field(description="the draft failed and the request ran target-only")
     cached_tokens: int = Field(ge=0, description="prompt tokens taken from the target's prefix cache (per API key)")
+    prefill_seconds: float = Field(ge=0, description="seconds the target prefilled the prompt (past a cached prefix)")
 
 
 class TopLogprob(_Strict):
