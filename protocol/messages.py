@@ -36,10 +36,11 @@ __all__ = [
 ]
 
 PROTOCOL_TAG = b"DVTL"
-PROTOCOL_VERSION = 7  # 2: Handshake.max_context; 3: Handshake.open_requests; 4: Handshake.batch_verify_us;
+PROTOCOL_VERSION = 8  # 2: Handshake.max_context; 3: Handshake.open_requests; 4: Handshake.batch_verify_us;
                       # 5: Taken, Handshake.kv_cells, OpenRequest's penalties, bias and logprobs, VerifyResult's logprobs
                       # 6: OpenRequest.grammar and stop_ids
                       # 7: OpenRequest.cache_scope, Opened.reused (the target's prefix cache)
+                      # 8: Opened.root_ready (the first token costs no forward)
 # tag (4 bytes), protocol version (uint16), message type code (uint8); big-endian.
 HEADER = struct.Struct(">4sHB")
 
@@ -153,6 +154,9 @@ class Opened:
     features: Feature | None = None
     seconds: float = 0.0
     reused: int = 0  # prompt positions taken from the prefix cache, not prefilled
+    # The prompt's last token went in with the prefill: a first VerifyRequest with no tree is
+    # answered from its logits, without a forward (send the draft's tree from the next token on).
+    root_ready: bool = False
 
 
 @dataclass(slots=True)

@@ -14,6 +14,9 @@ model).
   holds the matched positions, and ``TargetBackend.fork`` copies them into the new sequence
   (llama.cpp: ``seq_cp``, the cells shared, not copied; transformers: the tensors, cut).
   Rollback and tree rows of the new sequence only ever touch positions past the copy.
+- **A feature draft's request** needs the prompt's hidden states too (its draft reads them):
+  its entry keeps them beside the KV, and such a request forks only from an entry that has
+  them, as far as they go (``fork_hidden``).
 - **Size** is counted in tokens: the distinct tokens the tree holds (llama.cpp shares the cells
   of a common prefix between sequences: that is what the tree's shared edges are) or, where a
   backend copies (``shares_prefixes`` false), each entry's own length. Past ``max_tokens``
@@ -47,6 +50,7 @@ class Entry:
     scope: str
     node: Node
     used: int = 0      # LRU clock
+    hidden: object = None  # hidden states of its first len(hidden) positions (a feature request's), or None
 
 
 class PrefixCache:
@@ -100,27 +104,55 @@ class PrefixCache:
         finally:
             self._pinned = None
 
+    def fork_hidden(self, scope: str, tokens: list[int]):
+        """fork() for a feature draft's request: (sequence, n, hidden states of its first n
+        positions) from the entry whose kept hidden states cover the longest prefix of
+        ``tokens``; (None, 0, None) when none does."""
+        best, best_n = None, 0
+        for e in self.entries:
+            if e.scope == scope and e.hidden is not None:
+                n = min(len(e.hidden), common_length(path_tokens(e.node), tokens, 0))
+                if n > best_n or (n == best_n and best is not None and e.used > best.used):
+                    best, best_n = e, n
+        if best is None:
+            return None, 0, None
+        best.used = next(self._clock)
+        self._pinned = best
+        try:
+            return self.backend.fork(best.seq, best_n), best_n, best.hidden[:best_n]
+        finally:
+            self._pinned = None
+
     # ---- adding ------------------------------------------------------------------------------
-    def adopt(self, scope: str, seq, tokens: list[int]) -> bool:
+    def adopt(self, scope: str, seq, tokens: list[int], hidden=None) -> bool:
         """Keep a finished (or cancelled) request's sequence, which holds ``tokens``; False
-        (and the sequence released) when the cache is off or holds them already."""
+        (and the sequence released) when the cache is off or holds them already. ``hidden``:
+        the hidden states of its first len(hidden) positions, kept with it (a feature draft's
+        request), or None."""
         length = self.backend.length(seq)
         tokens = list(tokens[:length])
         if not self.enabled or length == 0 or len(tokens) < length:
             self.backend.release(seq)
             return False
+        hidden = hidden[:length] if hidden is not None and len(hidden) else None
         node = self._insert(scope, tokens)
         if node.children or node.entry is not None:  # an entry at or below holds every position: nothing new
+            keeper = node.entry or newest_below(node)
+            if hidden is not None and covers_less(keeper.hidden, hidden):
+                keeper.hidden = hidden  # ... but these hidden states it may lack
             self.backend.release(seq)
             self._prune(node)
             return False
-        entry = Entry(seq, length, scope, node, next(self._clock))
+        entry = Entry(seq, length, scope, node, next(self._clock), hidden)
         node.entry = entry
         self.entries.append(entry)
-        # Entries above this one are prefixes of it: the new one holds their positions.
+        # Entries above this one are prefixes of it: the new one holds their positions (and
+        # takes their hidden states where it has fewer).
         up = node.parent
         while up is not None:
             if up.entry is not None:
+                if up.entry.hidden is not None and covers_less(entry.hidden, up.entry.hidden):
+                    entry.hidden = up.entry.hidden
                 self._drop(up.entry)
             up = up.parent
         self._recount()
@@ -190,6 +222,20 @@ def common_length(edge: list[int], tokens: list[int], start: int) -> int:
         if edge[i] != tokens[start + i]:
             return i
     return n
+
+
+def covers_less(rows, other) -> bool:
+    """Hidden states ``rows`` (or None) cover fewer positions than ``other``."""
+    return rows is None or len(rows) < len(other)
+
+
+def path_tokens(node: Node) -> list[int]:
+    """The tokens from the root down to the end of ``node``'s edge."""
+    runs = []
+    while node is not None:
+        runs.append(node.tokens)
+        node = node.parent
+    return [t for run in reversed(runs) for t in run]
 
 
 def newest_below(node: Node) -> Entry:

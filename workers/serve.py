@@ -315,7 +315,12 @@ class Compute:
         if not isinstance(msg, VerifyRequest):
             return False
         batch, rows, arrivals = [(peer, msg)], len(msg.tokens) + 1, [arrived]
-        expected = {k for k in self._last_batch if k != (peer, msg.req_id)}
+        # Only requests still open are worth waiting for (one that finished never sends again),
+        # and nothing is for a verification that needs no forward (the first token's).
+        is_open = getattr(self.handler, "is_open", lambda key: True)
+        worth = getattr(self.handler, "worth_waiting", lambda key, m: True)
+        expected = ({k for k in self._last_batch if k != (peer, msg.req_id) and is_open(k)}
+                    if worth((peer, msg.req_id), msg) else set())
         deadline = time.monotonic() + min(BATCH_WAIT_MAX_S, BATCH_WAIT_FRACTION * self._last_forward_s)
         while True:
             try:

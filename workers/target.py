@@ -106,6 +106,9 @@ class Sequence:
     # last chunk, in the same forward: its logits, until that verification uses them (Prefill.step).
     root_logits: torch.Tensor | None = None
     scope: str = ""         # whose prefix cache its KV goes to when it closes
+    # A feature draft's request, with the prefix cache on: the hidden states of the positions the
+    # cache holds, in order (the prompt's, then each round's accepted rows), kept with its entry.
+    hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +148,16 @@ class TargetHandler:
     @property
     def max_batch_rows(self) -> int:
         return self.config.batch_rows if self.batch_bound is None else self.batch_bound
+
+    def worth_waiting(self, key: tuple[bytes, int], msg: VerifyRequest) -> bool:
+        """Whether this verification may wait for others to share its forward: not when it
+        needs none (its root went in with the prompt, no tree)."""
+        seq = self.sequences.get(key)
+        return seq is None or seq.root_logits is None or bool(msg.tokens)
+
+    def is_open(self, key: tuple[bytes, int]) -> bool:
+        """The request still decodes here (its next verification may come)."""
+        return key in self.sequences
 
     def handshake(self) -> Handshake:
         ident = self.backend.identity
@@ -210,28 +223,35 @@ class TargetHandler:
             raise RequestError(msg.req_id, "bad_request", str(e)) from None
         grammar = self._grammar(msg) if msg.grammar else None
         # The last prompt token stays pending: it is the root of the first verification.
-        cache, reused = self._cached(msg)
+        cache, reused, hidden = self._cached(msg)
         seq = Sequence(cache, msg.prompt[-1], proc, History(msg.prompt), msg.seed, features=msg.features,
-                       grammar=grammar, tokens=list(msg.prompt), scope=msg.cache_scope)
+                       grammar=grammar, tokens=list(msg.prompt), scope=msg.cache_scope,
+                       hidden=[hidden] if hidden is not None else [])
         job = Prefill(self, key, msg, seq, reused)
         self.opened += 1
         job.order = self.opened
         self.prefilling[key] = job
         return job
 
-    def _cached(self, msg: OpenRequest) -> tuple[object, int]:
+    def _cached(self, msg: OpenRequest) -> tuple[object, int, torch.Tensor | None]:
         """A new sequence for the prompt: from the longest cached prefix of it (and that prefix's
-        length), else empty. Not for a feature draft's request: it needs the prompt's hidden
-        states, which the cache does not keep."""
-        if self.prefix_cache.enabled and not msg.features:
-            cache, reused = self.prefix_cache.fork(msg.cache_scope, msg.prompt[:-1])
-            if cache is not None:
-                return cache, reused
-        return self.backend.new_sequence(), 0
+        length), else empty. A feature draft's request needs the prompt's hidden states too: it
+        starts from an entry that kept them (and gets them, the third item)."""
+        if self.prefix_cache.enabled:
+            if msg.features:
+                return self._fork_or_new(*self.prefix_cache.fork_hidden(msg.cache_scope, msg.prompt[:-1]))
+            return self._fork_or_new(*self.prefix_cache.fork(msg.cache_scope, msg.prompt[:-1]), None)
+        return self.backend.new_sequence(), 0, None
+
+    def _fork_or_new(self, cache, reused: int, hidden):
+        return (cache, reused, hidden) if cache is not None else (self.backend.new_sequence(), 0, None)
 
     def _retire(self, seq: Sequence) -> None:
-        """A closed request's KV becomes a prefix-cache entry (or is freed)."""
-        self.prefix_cache.adopt(seq.scope, seq.cache, seq.tokens)
+        """A closed request's KV becomes a prefix-cache entry (or is freed); a feature draft's
+        request's hidden states go with it."""
+        hidden = torch.cat(seq.hidden) if seq.hidden else None
+        seq.hidden = []
+        self.prefix_cache.adopt(seq.scope, seq.cache, seq.tokens, hidden=hidden)
 
     def _join(self, job: "Prefill") -> bool:
         """Share what other open requests of the job's scope already hold: requests sent together
@@ -424,8 +444,10 @@ class TargetHandler:
         seq.history.commit(committed)
         seq.tokens += committed
         seq.pending, seq.step = nxt, seq.step + 1
-        feats = (encode_features(out.hidden[rows], self.config.feature_codec)
-                 if seq.features and out.hidden is not None else None)
+        row_hidden = out.hidden[rows] if seq.features and out.hidden is not None else None
+        feats = encode_features(row_hidden, self.config.feature_codec) if row_hidden is not None else None
+        if row_hidden is not None and self.prefix_cache.enabled:
+            seq.hidden.append(row_hidden)  # for the prefix cache, when the request closes
         logprobs, top_ids, top_logprobs = flat_logprobs([picker.logprobs[r] for r in rows]
                                                         if seq.proc.logprobs >= 0 else [])
         accepted = path if kept is None else [kept[c] for c in path]  # the draft's own node indices
@@ -456,7 +478,7 @@ class Prefill:
         self.done_tokens = reused
         self.order = 0           # begun after the jobs with lower numbers (it may wait for them, never they for it)
         self.may_wait = True     # for an earlier prefill of the same prefix (not when prefilled at once: open())
-        self.hidden: list[torch.Tensor] = []
+        self.hidden = seq.hidden  # the prompt's hidden states so far (a feature draft's request)
         self.seconds = 0.0
         self.aborted = False
 
@@ -497,8 +519,10 @@ class Prefill:
         h.sequences[self.key] = self.seq
         hidden = torch.cat(self.hidden) if self.hidden else None
         feats = encode_features(hidden, h.config.feature_codec) if hidden is not None else None
+        self.seq.hidden = [hidden] if hidden is not None and h.prefix_cache.enabled else []
         held = backend.length(self.seq.cache) - (self.seq.root_logits is not None)  # the prompt but its root
-        return Opened(req_id=self.req_id, cache_len=held, features=feats, seconds=self.seconds, reused=self.reused)
+        return Opened(req_id=self.req_id, cache_len=held, features=feats, seconds=self.seconds, reused=self.reused,
+                      root_ready=self.seq.root_logits is not None)
 
     def abort(self, keep: bool = False) -> None:
         """Stop the prefill; ``keep``: what it prefilled becomes a prefix-cache entry (a client

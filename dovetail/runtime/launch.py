@@ -216,7 +216,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         raise
     log.info("target %s on %s; draft %s on %s; overlap %s", hs_tgt.model,
              target_address or f"CPUs {format_cpus(cpus) if cpus else 'all'}",
-             hs_dft.model if hs_dft else "none", hs_dft.device if hs_dft else "-", overlap)
+             (hs_dft.model if hs_dft else "none") + (" and the suffix draft" if suffix else ""),
+             hs_dft.device if hs_dft else "-", overlap)
     if config.stop_token_ids is None and target_path is not None:  # what the model's own files say
         config = replace(config, stop_token_ids=stop_token_ids(target_path, tokenizer))
     return Coordinator(tgt, dft, hs_tgt, hs_dft, tokenizer, config, overlap=overlap,

@@ -10,6 +10,7 @@ class Stats:
     cached_tokens: int = 0          # prompt tokens the target took from its prefix cache, not prefilled
     new_tokens: int = 0
     rounds: int = 0                 # verifications
+    prefill_first: int = 0          # 1: the first token came from the prefill's last forward, not a verification
     drafted: int = 0                # draft tokens sent for verification
     draft_rounds: int = 0           # verifications that carried draft tokens
     accepted: int = 0               # tokens committed by verifications (accepted drafts + 1 each)

@@ -93,6 +93,11 @@ class RoundLoop:
             stats.prefill_s = opened.seconds
             stats.cached_tokens = opened.reused
             drafter = self._start_drafter(req, prompt, stats, opened, scope)
+            # The target holds the first token's logits already: ask for it with no tree and it
+            # streams at once, with no forward; the draft starts from it (a tree now would cost
+            # a forward before the first token, and its first level is what the logits say).
+            free = opened.root_ready
+            step = 0  # the VerifyRequest's: the free one counts as a step, not as a verification round
             while True:
                 if cancel is not None and cancel.is_set():
                     stats.finish_reason = "cancelled"
@@ -101,12 +106,11 @@ class RoundLoop:
                 # A tree's rows take context too (llama.cpp: one cell each, however shallow):
                 # the root and its n nodes need len(committed) + n positions of it.
                 room = self.max_context - len(committed) if self.max_context else None
-                tokens, parents = drafter.propose(committed, budget - 1, room) if drafter else ([], [])
+                tokens, parents = drafter.propose(committed, budget - 1, room) if drafter and not free else ([], [])
                 t0 = time.perf_counter()
-                self.target.send(VerifyRequest(req, stats.rounds, committed[-1], tokens, parents))
+                self.target.send(VerifyRequest(req, step, committed[-1], tokens, parents))
                 if drafter and overlap:
                     drafter.speculate(committed, tokens, parents)
-                step = stats.rounds
                 try:
                     res = self.target.recv(
                         lambda m: isinstance(m, VerifyResult) and m.req_id == req and m.step == step,
@@ -123,11 +127,15 @@ class RoundLoop:
                                 req, stats.new_tokens, e.detail)
                     stats.finish_reason = "length"
                     return
+                step += 1
                 wire = max(0.0, time.perf_counter() - t0 - res.seconds)
-                count_round(stats, tokens, res, wire)
-                if drafter:
-                    drafter.settle(committed, res, tokens, parents)
-                    drafter.observe(parents, res, wire)
+                if free:  # the prefill's token: no verification, nothing drafted, no forward's cost to learn
+                    stats.prefill_first, stats.wire_s, free = 1, stats.wire_s + wire, False
+                else:
+                    count_round(stats, tokens, res, wire)
+                    if drafter:
+                        drafter.settle(committed, res, tokens, parents)
+                        drafter.observe(parents, res, wire)
                 new, stop = self._cut(res.tokens[:budget])
                 new = Committed(new, unflat_logprobs(res, len(new)) if proc.logprobs >= 0 else None)
                 committed.extend(new)

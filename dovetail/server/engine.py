@@ -40,6 +40,9 @@ LOADING, READY, FAILED = "loading", "ready", "failed"
 # template and the tokenizer spend seconds on it.
 CHARS_PER_TOKEN = 8
 MAX_PROMPT_CHARS = 1 << 20  # the same cap where the target reports no context length
+# A prompt this short (and without tools) is templated and tokenized on the event loop: about a
+# millisecond, what the hop to a worker thread and back costs before every first token.
+INLINE_PREPARE_CHARS = 2000
 
 
 @dataclass
@@ -152,7 +155,9 @@ class Engine:
 
     async def prepare(self, s: Sampling) -> tuple[list[int], int]:
         """prepare_ids() in a thread: a chat template and a tokenizer on a long prompt take
-        long enough to stall every stream if they ran on the event loop."""
+        long enough to stall every stream if they ran on the event loop (a short one runs here)."""
+        if s.tools is None and prompt_size(s.prompt) <= INLINE_PREPARE_CHARS:
+            return self.prepare_ids(s)
         return await asyncio.to_thread(self.prepare_ids, s)
 
     def prepare_ids(self, s: Sampling) -> tuple[list[int], int]:
@@ -326,6 +331,18 @@ def prompt_chars(prompt) -> int:
     if isinstance(prompt, str):
         return len(prompt)
     return sum(len(m.get("content") or "") if isinstance(m, dict) else 1 for m in prompt or [])
+
+
+def prompt_size(prompt) -> int:
+    """At least the characters a prompt's text has (a message's content parts as their repr)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+
+    def size(m) -> int:
+        if not isinstance(m, dict):
+            return 1  # a token id
+        return len(m["content"]) if isinstance(m.get("content"), str) else len(repr(m))
+    return sum(size(m) for m in prompt or [])
 
 
 def template_errors() -> tuple[type[BaseException], ...]:

@@ -73,7 +73,8 @@ class DovetailStats(_Strict):
     rounds: int = Field(ge=0, description="verifications by the target")
     drafted: int = Field(ge=0, description="draft tokens sent for verification")
     accepted: int = Field(ge=0, description="draft tokens the target accepted")
-    mean_accepted_length: float = Field(ge=0, description="tokens committed per round")
+    mean_accepted_length: float = Field(ge=0, description="tokens committed per verification round "
+                                                          "(the prefill's first token is not one)")
     draft_seconds: float = Field(ge=0)
     verify_seconds: float = Field(ge=0)
     wire_seconds: float = Field(ge=0)

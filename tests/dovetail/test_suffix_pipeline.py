@@ -56,11 +56,21 @@ def test_greedy_equals_target_only(coords, reference, name):
         r = coord.generate(prompt, max_new_tokens=MAX_NEW)
         assert r.token_ids == reference[prompt_name], (name, prompt_name)
         s = r.stats
-        assert s.new_tokens == MAX_NEW and s.accepted == s.accepted_drafts + s.rounds
+        assert s.new_tokens == MAX_NEW and s.accepted == s.accepted_drafts + s.rounds and s.prefill_first == 1
         assert s.suffix_accepted <= s.suffix_drafted <= s.drafted
         drafted, accepted = drafted + s.suffix_drafted, accepted + s.suffix_accepted
     if name != "sized":  # the sized draft drafts only where the tiny target's curve says it pays
         assert accepted > 0 and drafted > 0, (drafted, accepted)
+
+
+@pytest.mark.parametrize("name", ["suffix", "hybrid"])
+def test_the_first_token_comes_without_a_tree(coords, reference, name):
+    """The prompt's last token went in with the prefill: the first round asks for the target's
+    token alone (no forward, nothing to draft yet), the trees start from it."""
+    r = coords[name].generate(PROMPTS["copy"], max_new_tokens=2)
+    assert r.token_ids == reference["copy"][:2]
+    # The second token is the only round's, with one token to go (depth 0): no tree anywhere.
+    assert (r.stats.prefill_first, r.stats.rounds, r.stats.drafted, r.stats.accept_lengths) == (1, 1, 0, [1])
 
 
 def test_the_cache_drafts_an_earlier_answer_in_its_scope_only(coords, reference):
@@ -78,10 +88,30 @@ def test_the_cache_drafts_an_earlier_answer_in_its_scope_only(coords, reference)
     assert other.stats.accept_lengths == first.stats.accept_lengths
 
 
+def pick_prompt(model) -> tuple[list[int], int, int, torch.Tensor]:
+    """(prompt, a, b, q): a prompt stem + [a, b] + stem after which the target most likely says
+    a (p > 0.6), and after a, says b with probability q[b] in (0.1, 0.9): the suffix draft then
+    proposes b (what followed "stem a" before), which the target takes often, far from always."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.arange(62)
+    with torch.no_grad():
+        for _ in range(100):
+            stem = torch.randint(2, 64, (8,), generator=g).tolist()
+            p = torch.softmax(model(torch.tensor([stem + [a, 5] + stem for a in range(2, 64)])).logits[:, -1], -1)
+            a = int(p[rows, rows + 2].argmax()) + 2  # the most self-consistent first token
+            prompts = torch.tensor([stem + [a, b] + stem for b in range(2, 64)])
+            p_a = torch.softmax(model(prompts).logits[:, -1], -1)[:, a]
+            q = torch.softmax(model(torch.cat([prompts, torch.full((62, 1), a)], 1)).logits[:, -1], -1)
+            for b in sorted(range(2, 64), key=lambda b: -float(p_a[b - 2])):
+                if p_a[b - 2] > 0.6 and 0.1 < q[b - 2, b] < 0.9:
+                    return stem + [a, b] + stem, a, b, q[b - 2]
+    raise AssertionError("no prompt of the kind wanted for this tiny model")
+
+
 def test_sampling_follows_the_target_distribution(launch_tracked, tmp_path):
-    """The first token sampled after a prompt that ends in a repeat: the suffix draft proposes
-    the token that followed the first occurrence; accepted or resampled, the token must follow
-    the target's distribution, not the draft's point mass."""
+    """A token the suffix draft proposes as a point mass, accepted or resampled, must follow
+    the target's distribution, not the draft's. The first token is the target's own (nothing
+    is drafted before the first token), mostly a; the second is drafted: b (pick_prompt)."""
     from tests.helpers import make_tiny_model
     from transformers import Qwen2ForCausalLM
 
@@ -90,30 +120,25 @@ def test_sampling_follows_the_target_distribution(launch_tracked, tmp_path):
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # a peaked distribution: a few tokens share the mass
     model.save_pretrained(path)
-    stem = [9, 17, 33, 41, 2, 50, 12, 7]
-    with torch.no_grad():
-        # the proposal the target accepts most often, though far from always: both branches run
-        dists = {d: torch.softmax(model(torch.tensor([stem + [d] + stem])).logits[0, -1], -1) for d in range(2, 64)}
-    d = max(dists, key=lambda t: float(dists[t][t]))
-    prompt, probs = stem + [d] + stem, dists[d]
-    assert 0.05 < float(probs[d]) < 0.95, float(probs[d])
+    prompt, a, b, probs = pick_prompt(model)
     coord = launch_tracked(path, "suffix", suffix_cache_tokens=0, stop_token_ids=[], **FIXED)
     try:
-        firsts, drafted = [], 0
-        for seed in range(300):
-            coord.rounds.suffix_accept = AcceptTable()  # unlearned: every request drafts d first
-            r = coord.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed)
-            firsts.append(r.token_ids[0])
-            drafted += r.stats.suffix_rounds > 0
+        seconds = []
+        for seed in range(400):
+            coord.rounds.suffix_accept = AcceptTable()  # unlearned: every request drafts b after a
+            r = coord.generate(prompt, max_new_tokens=3, temperature=1.0, seed=seed)
+            if r.token_ids[0] == a:
+                assert r.stats.suffix_drafted >= 1, r.stats  # b (and what followed it), in the second round
+                seconds.append(r.token_ids[1])
     finally:
         coord.close()
-    assert drafted == 300
-    seen = torch.bincount(torch.tensor(firsts), minlength=64).double() / len(firsts)
+    assert len(seconds) > 200, len(seconds)
+    seen = torch.bincount(torch.tensor(seconds), minlength=64).double() / len(seconds)
     tv = lambda p, q: 0.5 * float((p - q).abs().sum())  # noqa: E731
     point_mass = torch.zeros(64, dtype=torch.float64)
-    point_mass[d] = 1.0
-    assert tv(seen, probs) < 0.1, (tv(seen, probs), float(probs[d]), float(seen[d]))
-    assert tv(probs, point_mass) > 0.25  # a sampler that took the proposal would fail
+    point_mass[b] = 1.0
+    assert tv(seen, probs) < 0.1, (tv(seen, probs), float(probs[b]), float(seen[b]))
+    assert tv(probs, point_mass) > 0.1  # a sampler that took the proposal would fail
 
 
 @pytest.mark.timeout(90)

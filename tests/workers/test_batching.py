@@ -67,3 +67,78 @@ def test_waiting_verifications_go_in_one_batch_and_order_is_kept():
         stop(ctx, address, thread)
     finally:
         ctx.term()
+
+
+class Closing(Recording):
+    """Knows which requests are still open and which verification needs no forward; request
+    9's verification blocks until ``release`` is set (then it is cleared again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.closed: set[int] = set()
+        self.free: set[int] = set()
+
+    def handle(self, msg, peer=b""):
+        if isinstance(msg, Close):
+            self.closed.add(msg.req_id)
+        elif msg.req_id == 9:
+            self.release.wait(10)
+            self.release.clear()
+        self.calls.append(("close" if isinstance(msg, Close) else "alone", [msg.req_id]))
+        return Closed(msg.req_id) if isinstance(msg, Close) else VerifyResult(msg.req_id, msg.step, [], [5], 0)
+
+    def is_open(self, key):
+        return key[1] not in self.closed
+
+    def worth_waiting(self, key, msg):
+        return key[1] not in self.free
+
+
+def test_a_verification_waits_only_for_open_requests_that_need_a_forward(monkeypatch):
+    """After a batch, a request's next verification waits a little for the batch's other
+    requests; not for one that has closed since, and not at all when it needs no forward."""
+    from dovetail.workers import serve as serve_mod
+    monkeypatch.setattr(serve_mod, "BATCH_WAIT_MAX_S", 0.6)
+    monkeypatch.setattr(serve_mod, "BATCH_WAIT_FRACTION", 1e9)  # any forward time: the whole 0.6 s
+    handler = Closing()
+    handler.closed.add(9)  # nobody waits for the blocker,
+    handler.free.add(9)    # nor does it wait for anyone
+    address = free_address()
+    thread = threading.Thread(target=serve_mod.serve, args=(address, handler), daemon=True)
+    thread.start()
+    ctx = zmq.Context()
+
+    def batch_2_and_3(s) -> None:
+        s.send_multipart(encode(verify(9)))  # busy until released: 2 and 3 queue behind it
+        time.sleep(0.1)
+        s.send_multipart(encode(verify(2)))
+        s.send_multipart(encode(verify(3)))
+        time.sleep(0.1)
+        handler.release.set()
+        results = set()
+        while len(results) < 3:  # (and a Taken for a verification that waited long)
+            reply = decode(s.recv_multipart())
+            results |= {reply.req_id} if isinstance(reply, VerifyResult) else set()
+        assert handler.calls[-1] == ("batch", [2, 3])
+
+    def answer_time(s, msg) -> float:
+        t0 = time.monotonic()
+        s.send_multipart(encode(msg))
+        decode(s.recv_multipart())
+        return time.monotonic() - t0
+
+    try:
+        with dealer(ctx, address) as s:
+            batch_2_and_3(s)
+            assert answer_time(s, verify(2)) >= 0.5  # 3 is open: its next verification is waited for
+            batch_2_and_3(s)
+            handler.free.add(2)
+            assert answer_time(s, verify(2)) < 0.3  # no forward needed: no wait
+            handler.free.discard(2)
+            batch_2_and_3(s)
+            s.send_multipart(encode(Close(3)))
+            decode(s.recv_multipart())
+            assert answer_time(s, verify(2)) < 0.3  # 3 closed: nobody to wait for
+        stop(ctx, address, thread)
+    finally:
+        ctx.term()

@@ -237,6 +237,14 @@ def test_pipeline_feeds_the_draft_exactly_the_targets_features(coords, trained, 
             assert r.token_ids == ref[len(prompt):]
             assert r.stats.accept_lengths == simulate(draft, lm, prompt, ref), name
             shifted_differs |= r.stats.accept_lengths != simulate(draft, lm, prompt, ref, shift=1)
+            # The next turn starts from the target's prefix cache, hidden states included: the
+            # draft must get the same rows a cold prefill would give it.
+            turn = ref + [3, 1, 4]
+            ref2 = greedy(lm, turn, MAX_NEW)
+            r2 = coord.generate(turn, max_new_tokens=MAX_NEW)
+            assert r2.stats.cached_tokens == len(ref) - 1, name
+            assert r2.token_ids == ref2[len(turn):]
+            assert r2.stats.accept_lengths == simulate(draft, lm, turn, ref2), name
         assert shifted_differs
     finally:
         coord.config = saved

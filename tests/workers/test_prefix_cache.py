@@ -3,10 +3,11 @@
 Reused KV must give exactly what a fresh prefill gives: every check compares a request that
 starts from a cached prefix with the same request on a handler whose cache is off, token for
 token and logprob for logprob (float64: exact)."""
+import numpy as np
 import pytest
 import torch
 
-from dovetail.protocol import Close, OpenRequest, VerifyRequest
+from dovetail.protocol import Close, OpenRequest, VerifyRequest, decode_features
 from dovetail.workers.backend import HFBackend
 from dovetail.workers.prefix_cache import PrefixCache
 from dovetail.workers.target import TargetConfig, TargetHandler
@@ -77,6 +78,33 @@ def test_an_entry_that_another_extends_is_dropped_and_a_covered_one_is_not_kept(
     shorter = b.new([1, 2])
     assert not cache.adopt("", shorter, [1, 2])  # the longer entry holds those positions
     assert b.released[-1] is shorter and len(cache) == 1
+
+
+def test_a_feature_request_forks_only_as_far_as_kept_hidden_states_go():
+    b = CountingBackend()
+    cache = PrefixCache(b, 1000)
+    rows = torch.arange(5.0)[:, None]  # position p's "hidden state" is p
+    cache.adopt("", b.new([1, 2, 3, 4, 5]), [1, 2, 3, 4, 5], hidden=rows)
+    cache.adopt("", b.new([1, 2, 9, 9, 9, 9]), [1, 2, 9, 9, 9, 9])  # no hidden states kept
+    _, n, hidden = cache.fork_hidden("", [1, 2, 9, 9, 9, 9, 0])
+    assert n == 2 and torch.equal(hidden, rows[:2])  # as far as the first entry's rows go
+    seq, n, hidden = cache.fork_hidden("", [1, 2, 3, 4, 0])
+    assert (seq, n) == ([1, 2, 3, 4], 4) and torch.equal(hidden, rows[:4])
+    assert cache.fork_hidden("bob", [1, 2, 3]) == (None, 0, None)
+    assert cache.fork("", [1, 2, 9, 9, 9, 9, 0])[1] == 6  # a request without features takes any entry
+
+
+def test_an_entry_extended_by_one_without_hidden_states_passes_its_own_on():
+    b = CountingBackend()
+    cache = PrefixCache(b, 1000)
+    rows = torch.arange(3.0)[:, None]
+    cache.adopt("", b.new([1, 2, 3]), [1, 2, 3], hidden=rows)
+    cache.adopt("", b.new([1, 2, 3, 4, 5]), [1, 2, 3, 4, 5])  # drops the first; takes its rows
+    assert len(cache) == 1 and torch.equal(cache.entries[0].hidden, rows)
+    assert cache.fork_hidden("", [1, 2, 3, 4, 5, 6])[1] == 3
+    longer = torch.arange(5.0)[:, None]
+    assert not cache.adopt("", b.new([1, 2, 3, 4]), [1, 2, 3, 4], hidden=longer[:4])  # covered, but ...
+    assert cache.fork_hidden("", [1, 2, 3, 4, 5, 6])[1] == 4  # ... its hidden states stay
 
 
 def test_least_recently_used_entries_go_past_the_bound():
@@ -222,14 +250,35 @@ def test_a_cancelled_prefill_leaves_its_prefix_in_the_cache(backend, model_path)
     assert again.opened.reused == 8 and again.opened.cache_len == len(prompt) - 1
 
 
-def test_other_scopes_and_feature_drafts_start_cold(backend, model_path):
+def test_other_scopes_start_cold_and_feature_requests_need_kept_hidden_states(backend, model_path):
     cached = make_handler(backend, model_path)
     run(cached, 1, SYSTEM + [20], [[]], cache_scope="alice")
     assert HandlerSession(cached, 2, SYSTEM + [20], features=False, cache_scope="bob").opened.reused == 0
-    # a feature draft needs the prompt's hidden states, which the cache does not keep
+    # a feature draft needs the prompt's hidden states, which a request without features did not keep
     opened = HandlerSession(cached, 3, SYSTEM + [20], features=True, cache_scope="alice").opened
     assert opened.reused == 0 and opened.features is not None
     assert HandlerSession(cached, 4, SYSTEM + [20], features=False, cache_scope="alice").opened.reused == len(SYSTEM)
+
+
+def test_a_feature_requests_next_turn_gets_the_hidden_states_a_fresh_prefill_gives(backend, model_path):
+    """A feature draft's request keeps its hidden states with its entry; the next turn starts
+    from them and sends its draft the same rows, then the same tokens and rows, as a cold start."""
+    cached, fresh = make_handler(backend, model_path), make_handler(backend, model_path, tokens=0)
+    first = HandlerSession(cached, 1, SYSTEM + [20, 21], features=True)
+    for d in DRAFTS:
+        first.verify(d)
+    cached.handle(Close(1))
+    turn = first.committed + [30, 31, 32]
+    got, want = (HandlerSession(h, 2, turn, features=True) for h in (cached, fresh))
+    assert got.opened.reused == len(first.committed) - 1 and want.opened.reused == 0
+    assert got.opened.cache_len == want.opened.cache_len == len(turn) - 1
+    rows = decode_features(got.opened.features)
+    assert rows.shape == decode_features(want.opened.features).shape == (len(turn) - 1, backend.identity.hidden_size)
+    np.testing.assert_allclose(rows, decode_features(want.opened.features), rtol=2**-10, atol=1e-4)  # fp16 wire
+    for d in DRAFTS:
+        a, b = got.verify(d), want.verify(d)
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(decode_features(a.features), decode_features(b.features), rtol=2**-10, atol=1e-4)
 
 
 def test_the_bound_holds_on_the_handler(backend, model_path):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 DEPTH = 4
 PROMPTS = [[7], [1, 5, 9, 13], [(7 * i + 3) % 64 for i in range(29)], [60, 2, 33, 33]]
-MAX_NEW = 60  # 4 prompts x 60: 240 tokens, enough rounds to measure an acceptance rate
+MAX_NEW = 61  # 4 prompts x 61: 244 tokens, enough rounds to measure an acceptance rate
 
 
 # ---- unit: the handler ---------------------------------------------------------------------
@@ -116,6 +116,7 @@ def run_all(coord, script_path, rec, corrupt=None):
     for r, e in zip(results, rec["entries"]):
         assert r.token_ids == e["continuation"]      # lossless, whatever the draft says
         assert r.stats.accepted == r.stats.accepted_drafts + r.stats.rounds and not r.stats.draft_fallback
+        assert r.stats.prefill_first + r.stats.accepted == MAX_NEW
     rounds = sum(r.stats.rounds for r in results)
     return results, sum(r.stats.accepted for r in results) / rounds
 
@@ -135,7 +136,7 @@ def test_uncorrupted_replay_is_fully_accepted(coords, overlap):
         results, tau = run_all(replay, path, rec, corrupt=0.0)
     finally:
         replay.overlap = False
-    assert tau == pytest.approx(DEPTH + 1)         # 60 = 12 rounds of 5: no budget trimming
+    assert tau == pytest.approx(DEPTH + 1)         # 61 = the prefill's token + 12 rounds of 5: no trimming
     for r in results:
         assert r.stats.accepted_drafts == r.stats.drafted
         if overlap:  # the bet (whole chain accepted, root = recorded next) always wins
@@ -177,4 +178,5 @@ def test_gpu_bench_quick_runs_on_the_cpu(tmp_path):
             assert row[key] > 0
     zero = levels[0.0]
     assert zero["expected_tau"] == 5.0  # --quick: depth 4
-    assert 1.0 < zero["tau"] and zero["tau"] == pytest.approx(zero["expected_tau"], abs=0.25)
+    # a few short answers (16 positions of context): each one's last round is cut by its end
+    assert 1.0 < zero["tau"] and zero["tau"] == pytest.approx(zero["expected_tau"], abs=0.5)

@@ -75,6 +75,19 @@ def test_open_prefills_all_but_the_last_prompt_token(handler, backend):
     np.testing.assert_allclose(feats, ref.numpy(), rtol=2**-10, atol=1e-4)  # fp16 on the wire
 
 
+def test_the_first_token_costs_no_forward_when_the_root_went_in_with_the_prompt(handler, backend, truth,
+                                                                              monkeypatch):
+    assert Session(handler, req=2).opened.root_ready is False  # a feature draft's request: hidden states only
+    s = Session(handler, features=False)
+    assert s.opened.root_ready and s.opened.cache_len == len(PROMPT) - 1
+    assert handler.worth_waiting((b"", 1), VerifyRequest(1, 0, PROMPT[-1], [], [])) is False
+    with monkeypatch.context() as m:
+        m.setattr(backend, "verify", lambda *a, **k: pytest.fail("a forward for the first token"))
+        assert s.verify([]).tokens == truth[:1]
+    assert s.cache_len() == len(PROMPT)
+    assert s.decode(8) == truth[:9]
+
+
 def test_target_only_decoding_reproduces_plain_ar(handler, truth):
     assert Session(handler).decode(20) == truth[:20]
 

@@ -11,7 +11,7 @@ import pytest
 
 from dovetail.runtime.requests import SLOT_POLL_S, Admission, CoordinatorBusy
 from dovetail.server.app import HostAllowlist, host_name
-from dovetail.server.engine import READY, Engine, public_model_name
+from dovetail.server.engine import INLINE_PREPARE_CHARS, READY, Engine, public_model_name
 from dovetail.server.errors import APIError
 from dovetail.server.metrics import Metrics
 from dovetail.server.schema import Sampling
@@ -112,7 +112,7 @@ def chat(text: str, role: str = "user") -> Sampling:
     return Sampling([{"role": role, "content": text}], 8, 1.0, 1.0, None, [], False, False)
 
 
-def test_templating_runs_off_the_event_loop():
+def test_templating_a_long_prompt_runs_off_the_event_loop():
     def slow_encode(prompt):
         time.sleep(0.5)  # a long prompt through a chat template and a tokenizer
         return [1, 2, 3]
@@ -129,13 +129,21 @@ def test_templating_runs_off_the_event_loop():
                 ticks += 1
 
         ticker = asyncio.ensure_future(tick())
-        ids, max_tokens = await engine.prepare(chat("hi"))
+        ids, max_tokens = await engine.prepare(chat("x" * (INLINE_PREPARE_CHARS + 1)))
         ticker.cancel()
         return ids, max_tokens, ticks
 
     ids, max_tokens, ticks = asyncio.run(main())
     assert (ids, max_tokens) == ([1, 2, 3], 8)
     assert ticks >= 10, f"the event loop ran {ticks} times in 0.5 s of templating"
+
+
+def test_a_short_prompt_is_templated_on_the_event_loop_without_a_thread_hop():
+    threads = []
+    engine = engine_with(lambda prompt: threads.append(threading.current_thread()) or [1, 2])
+    assert asyncio.run(engine.prepare(chat("x" * INLINE_PREPARE_CHARS))) == ([1, 2], 8)
+    assert asyncio.run(engine.prepare(chat([{"type": "text", "text": "x" * INLINE_PREPARE_CHARS}]))) == ([1, 2], 8)
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
 
 
 def test_a_template_that_refuses_the_messages_is_a_400():
