@@ -161,6 +161,7 @@ def serve_target(args) -> int:
             "--prefill-chunk", str(args.prefill_chunk), "--prefix-cache-tokens", str(args.prefix_cache_tokens),
             *(["--llama-extra-buffers", args.llama_extra_buffers, "--ctx", str(args.llama_ctx)]
               if backend == "llama.cpp" else []),
+            *(["--prefix-cache-dir", args.prefix_cache_dir] if args.prefix_cache_dir else []),
             "--sessions", "--heartbeat-timeout", str(window), "--log-level", "info" if args.log_level == "warning" else args.log_level,
             *(["--cpus", args.target_cpus] if args.target_cpus else []),
             *(["--curve-secret", args.curve_secret, "--curve-allow", args.curve_allow] if args.curve_secret else [])]

@@ -79,6 +79,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                         "a cached prefix answers faster, a timing side channel between tenants")
     m.add_argument("--no-prefix-cache", dest="prefix_cache_tokens", action="store_const", const=0,
                    help="prefill every prompt from scratch (same as --prefix-cache-tokens 0)")
+    m.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
+                   help="llama.cpp target: save the prefix cache's entries to DIR when it stops and load them when "
+                        "it starts, so a long system prompt stays cached across restarts (default: not kept)")
     m.add_argument("--prefill-timeout", type=float, default=CoordinatorConfig.prefill_timeout_s, metavar="S",
                    help="a prompt's prefill may take this long (default: %(default)g)")
     m.add_argument("--verify-timeout", type=float, default=CoordinatorConfig.verify_timeout_s, metavar="S",
@@ -174,6 +177,7 @@ def start_coordinator(args, **options):
                            target_quantize=args.target_quantize, draft_quantize=args.draft_quantize,
                            llama_extra_buffers=args.llama_extra_buffers, llama_ctx=args.llama_ctx, batch_rows=args.batch_rows,
                            prefill_chunk=args.prefill_chunk, prefix_cache_tokens=args.prefix_cache_tokens,
+                           prefix_cache_dir=args.prefix_cache_dir if args.role != ROLE_DRAFT else None,
                            prefill_timeout_s=args.prefill_timeout,
                            verify_timeout_s=args.verify_timeout, depth=args.depth, top_k=args.top_k, max_nodes=args.max_nodes,
                            auto_tree=args.auto_tree, gate=args.gate, force_draft=args.force_draft,

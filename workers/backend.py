@@ -97,6 +97,17 @@ class TargetBackend(ABC):
         was; nothing the new one does later (verify, keep, rollback) touches ``seq``."""
         raise NotImplementedError(f"{type(self).__name__} cannot fork sequences (no prefix cache)")
 
+    saves_sequences = False  # save_sequence() / load_sequence() (the prefix cache kept across restarts)
+
+    def save_sequence(self, seq, path, tokens: list[int]) -> bool:
+        """Write the sequence's KV and its ``tokens`` to ``path``; False when that failed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save sequences")
+
+    def load_sequence(self, path, max_tokens: int):
+        """A new sequence from a file save_sequence() wrote, and its tokens; None when the file
+        does not fit this model and context (or holds more than ``max_tokens``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load sequences")
+
     def close(self) -> None:
         """Free the model (the worker is exiting)."""
 

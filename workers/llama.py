@@ -113,6 +113,23 @@ class LlamaBackend(TargetBackend):
         twin.length = length
         return twin
 
+    saves_sequences = True
+
+    def save_sequence(self, seq: LlamaSeq, path, tokens: list[int]) -> bool:
+        arr = (self.lib.llama_token * len(tokens))(*tokens)
+        return self.lib.llama_state_seq_save_file(self.ctx, os.fsencode(path), seq.seq_id, arr, len(tokens)) > 0
+
+    def load_sequence(self, path, max_tokens: int):
+        seq = self.new_sequence()
+        out, count = (self.lib.llama_token * max_tokens)(), ctypes.c_size_t(0)
+        read = self.lib.llama_state_seq_load_file(self.ctx, os.fsencode(path), seq.seq_id, out, max_tokens,
+                                                  ctypes.byref(count))
+        if read == 0 or count.value == 0:  # another model's, a full pool, or a broken file
+            self.release(seq)
+            return None
+        seq.length = count.value
+        return seq, list(out[:count.value])
+
     def release(self, seq: LlamaSeq) -> None:
         self.lib.llama_memory_seq_rm(self.mem, seq.seq_id, -1, -1)
         self.free_ids.append(seq.seq_id)

@@ -26,12 +26,17 @@ model).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger("dovetail.prefix_cache")
 
 # The default bound: DEFAULT_PREFIX_CACHE_TOKENS in dovetail/models/options.py (and why).
+SAVED_VERSION = 1        # of the index a saved cache folder holds (save / load)
+INDEX = "index.json"
 
 
 @dataclass(eq=False)
@@ -214,6 +219,55 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    # ---- kept across restarts ------------------------------------------------------------------
+    def save(self, folder, identity: dict) -> int:
+        """Write every entry's KV and tokens to ``folder`` (what was there before goes), least
+        recently used first, with an index naming the model; how many were written. Hidden
+        states (a feature draft's) are not saved."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("entry-*.kv"):
+            old.unlink()
+        saved = []
+        for i, e in enumerate(sorted(self.entries, key=lambda e: e.used)):
+            name = f"entry-{i}.kv"
+            if self.backend.save_sequence(e.seq, folder / name, path_tokens(e.node)[:e.length]):
+                saved.append({"file": name, "scope": e.scope, "tokens": e.length})
+            else:
+                log.warning("prefix cache: could not save an entry of %d tokens to %s", e.length, folder / name)
+        tmp = folder / (INDEX + ".tmp")
+        tmp.write_text(json.dumps({"version": SAVED_VERSION, "model": identity, "entries": saved}, indent=1))
+        os.replace(tmp, folder / INDEX)  # a crash mid-save leaves the old index or the new one, not half
+        return len(saved)
+
+    def load(self, folder, identity: dict) -> int:
+        """Adopt the entries ``save`` wrote to ``folder`` (none when it has no index, or one for
+        another model: said in the log); how many were taken. The bound applies as usual."""
+        index = Path(folder) / INDEX
+        if not self.enabled or not index.is_file():
+            return 0
+        try:
+            saved = json.loads(index.read_text())
+            entries = list(saved["entries"]) if saved.get("version") == SAVED_VERSION else None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("prefix cache: %s is unreadable (%s); starting empty", index, e)
+            return 0
+        if entries is None or saved.get("model") != identity:
+            log.warning("prefix cache: %s was saved for another model or version; starting empty", index)
+            return 0
+        taken = 0
+        for item in entries:
+            try:
+                path, scope, n = Path(folder) / str(item["file"]), str(item["scope"]), int(item["tokens"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            got = self.backend.load_sequence(path, n) if path.is_file() and 0 < n <= self.max_tokens else None
+            if got is None:
+                log.warning("prefix cache: %s did not load; skipped", path)
+                continue
+            taken += self.adopt(scope, got[0], got[1])
+        return taken
 
 
 def common_length(edge: list[int], tokens: list[int], start: int) -> int:

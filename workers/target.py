@@ -67,6 +67,7 @@ class TargetConfig(WorkerConfig):
     batch_rows: int = DEFAULT_BATCH_ROWS  # most rows of several requests' verifications in one forward (1: none batched)
     prefill_chunk: int = 0  # prompt tokens per prefill chunk (0: what fits PREFILL_CHUNK_S, measured)
     prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS  # finished requests' KV kept for later prompts (0: off)
+    prefix_cache_dir: str = ""  # the cache's entries saved here on the way out, loaded at start-up ("": not kept)
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,6 +87,9 @@ class TargetConfig(WorkerConfig):
         check_batch_rows(self.batch_rows, "--batch-rows")
         if self.prefix_cache_tokens < 0:
             raise ValueError(f"--prefix-cache-tokens must be >= 0 (0: off), got {self.prefix_cache_tokens}")
+        if self.prefix_cache_dir and (self.backend != "llama.cpp" or not self.prefix_cache_tokens):
+            raise ValueError("--prefix-cache-dir keeps the llama.cpp backend's prefix cache across restarts: it needs "
+                             "--backend llama.cpp and a prefix cache (--prefix-cache-tokens > 0)")
         if not 0 <= self.prefill_chunk <= MAX_BATCH_ROWS:
             raise ValueError(f"--prefill-chunk must be in 0..{MAX_BATCH_ROWS} (0: sized by time), got {self.prefill_chunk}")
 
@@ -559,11 +563,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-tokens", type=int, default=DEFAULT_PREFIX_CACHE_TOKENS, metavar="TOKENS",
                    help="keep finished requests' KV for later prompts that start the same way, up to this many "
                         f"tokens, least recently used first out (default: {DEFAULT_PREFIX_CACHE_TOKENS}; 0: off)")
+    p.add_argument("--prefix-cache-dir", default="", metavar="DIR",
+                   help="llama.cpp only: save the prefix cache's entries (KV and tokens) to DIR when the worker "
+                        "stops and load them when it starts, so a long system prompt stays cached across restarts "
+                        "(default: not kept)")
     p.add_argument("--sessions", action="store_true",
                    help="serve coordinator sessions one after another and several at once, until SIGTERM or "
                         "SIGINT: a client's Shutdown, or its silence for --heartbeat-timeout, closes only its "
                         "own requests (dovetail-launch --role target)")
     return p
+
+
+def saved_identity(backend: TargetBackend) -> dict:
+    """What a saved prefix cache must have been saved by: the model, its tokenizer, its weights'
+    types, and the context's cells (a KV state loads only into a context like its own)."""
+    ident = backend.identity
+    return {"model": ident.model, "tokenizer_hash": ident.tokenizer_hash, "dtype": ident.dtype,
+            "kv_cells": backend.kv_cells}
 
 
 def load_backend(cfg: TargetConfig, pinned: list[int], where: str, probe_child=decode_probe) -> TargetBackend:
@@ -602,6 +618,18 @@ def main(argv=None) -> None:
     # already in the page cache stays where an earlier process read it).
     backend.identity = replace(backend.identity, device=f"{backend.identity.device}, {describe_memory(memory_nodes())}")
     handler = TargetHandler(backend, cfg)
+    if cfg.prefix_cache_dir:
+        n = handler.prefix_cache.load(cfg.prefix_cache_dir, saved_identity(backend))
+        log.info("prefix cache: %d entr%s loaded from %s", n, "y" if n == 1 else "ies", cfg.prefix_cache_dir)
+
+    def release() -> None:
+        if cfg.prefix_cache_dir:  # before the model goes: the entries' KV lives in its context
+            try:
+                n = handler.prefix_cache.save(cfg.prefix_cache_dir, saved_identity(backend))
+                log.info("prefix cache: %d entr%s saved to %s", n, "y" if n == 1 else "ies", cfg.prefix_cache_dir)
+            except OSError as e:
+                log.warning("prefix cache: not saved to %s: %s", cfg.prefix_cache_dir, e)
+        backend.close()
 
     def calibrate() -> None:  # on the compute thread, where every later forward runs (serve())
         from dovetail.workers.calibrate import BOUND_SLACK, batch_row_bound, curve_kind, load_or_measure
@@ -615,7 +643,7 @@ def main(argv=None) -> None:
 
     serve(cfg.bind, handler, parent_pid=cfg.parent_pid, keys=cfg.keys, heartbeat_timeout=cfg.heartbeat_timeout,
           parent_death_signal=cfg.parent_death_signal, warmup=calibrate if cfg.calibrate else None,
-          release=backend.close, sessions=cfg.sessions)
+          release=release, sessions=cfg.sessions)
 
 
 if __name__ == "__main__":

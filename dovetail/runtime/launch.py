@@ -40,7 +40,8 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
            draft_backend: str | None = None, target_quantize: str = "none", draft_quantize: str = "none",
            llama_extra_buffers: str = DEFAULT_LLAMA_EXTRA_BUFFERS, llama_ctx: int = DEFAULT_LLAMA_CTX,
            batch_rows: int = DEFAULT_BATCH_ROWS, prefill_chunk: int = 0,
-           prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS, **options) -> Coordinator:
+           prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS, prefix_cache_dir: str | None = None,
+           **options) -> Coordinator:
     """Start a target worker (and a draft worker) and return a Coordinator for them.
 
     ``target``/``draft``: a Hugging Face model folder, a .gguf file, or a registry name
@@ -84,6 +85,9 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     ``prefix_cache_tokens``: the target keeps finished requests' KV, up to this many tokens,
     and a prompt that starts the same way (a chat's next turn, a shared system prompt) is
     prefilled only past the cached prefix (0: off; workers/prefix_cache.py).
+    ``prefix_cache_dir``: a llama.cpp target saves its cache's entries (KV and tokens) to this
+    folder when it stops and loads them when it starts (a long system prompt stays cached
+    across restarts); None: not kept.
     Other keyword options are fields of :class:`CoordinatorConfig`.
 
     ``target_address="tcp://HOST:PORT"``: use the target worker already serving there
@@ -109,7 +113,11 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
         raise ValueError(f"prefill_chunk must be in 0..{MAX_BATCH_ROWS} (0: sized by time), got {prefill_chunk}")
     if prefix_cache_tokens < 0:
         raise ValueError(f"prefix_cache_tokens must be >= 0 (0: off), got {prefix_cache_tokens}")
+    if prefix_cache_dir and not prefix_cache_tokens:
+        raise ValueError("prefix_cache_dir keeps the prefix cache across restarts: it needs prefix_cache_tokens > 0")
     remote = target_address is not None
+    if remote and prefix_cache_dir:
+        raise ValueError("prefix_cache_dir is the target's: give --prefix-cache-dir to dovetail-launch --role target")
     if remote:
         check_remote(target_address, client_keys, target_cpus)
     elif target is None:
@@ -123,6 +131,9 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
     if not remote:
         backend = pick_backend(backend, target_path, target_quantize)
         check_backend(backend, target_path)
+        if prefix_cache_dir and backend != "llama.cpp":
+            raise ValueError("prefix_cache_dir saves llama.cpp KV state: it needs the llama.cpp backend (a GGUF target), "
+                             f"not {backend}")
     # "replay:FILE.json" starts workers/replay.py: the target's recorded output, corrupted at
     # config.replay_corrupt, so that the acceptance rate is known (benchmarks, tests).
     replay = str(draft)[len("replay:"):] if str(draft).startswith("replay:") else None
@@ -164,6 +175,7 @@ def launch(target=None, draft=None, *, target_address: str | None = None, client
                 "--prefill-chunk", str(prefill_chunk), "--prefix-cache-tokens", str(prefix_cache_tokens),
                 *(["--llama-extra-buffers", llama_extra_buffers, "--ctx", str(llama_ctx)]
                   if backend == "llama.cpp" else []),
+                *(["--prefix-cache-dir", str(prefix_cache_dir)] if prefix_cache_dir else []),
                 *(["--cpus", format_cpus(cpus)] if cpus else [])], config)
         clients.append(tgt)
         hs_tgt, starts_draft = None, True

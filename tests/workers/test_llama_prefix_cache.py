@@ -140,3 +140,56 @@ def test_sequence_ids_go_back_from_the_cache_first(gguf, prompt):
         assert len(res.tokens) >= 1 and len(handler.prefix_cache) <= 2
     finally:
         handler.backend.close()
+
+
+def test_the_cache_saved_by_one_worker_loads_in_the_next(gguf, prompt, tmp_path):
+    """--prefix-cache-dir: the entries' KV and tokens go to disk on the way out and come back at
+    start-up: the next worker's first request reuses them and computes what the saving worker
+    would have; a folder saved for another context is refused, not loaded."""
+    from dovetail.workers.prefix_cache import path_tokens
+    from dovetail.workers.target import saved_identity
+    first = handler_on(gguf, ctx=2048, n_seqs=8)
+    try:
+        greedy(first, b"", 1, prompt, 4, cache_scope="alice")  # one entry: the prompt and 3 tokens
+        (entry,) = first.prefix_cache.entries
+        assert first.prefix_cache.save(tmp_path, saved_identity(first.backend)) == 1
+        probe = first.backend.fork(entry.seq, entry.length)
+        want = first.backend.verify(probe, 198, [], [], hidden=False).logits[0]
+    finally:
+        first.backend.close()
+    second = handler_on(gguf, ctx=2048, n_seqs=8)
+    try:
+        assert second.prefix_cache.load(tmp_path, saved_identity(second.backend)) == 1
+        (loaded,) = second.prefix_cache.entries
+        assert (loaded.scope, loaded.length) == ("alice", entry.length)
+        probe = second.backend.fork(loaded.seq, loaded.length)
+        got = second.backend.verify(probe, 198, [], [], hidden=False).logits[0]
+        assert (got - want).abs().max() < LLAMA_DRIFT_LOGITS
+        same_argmax_or_near_tie(got, int(want.argmax()))
+        second.backend.release(probe)
+        turn = path_tokens(loaded.node) + [198, 13]  # the saved conversation, and more
+        _, opened = greedy(second, b"", 2, turn, 2, cache_scope="alice")
+        assert opened.reused == loaded.length
+    finally:
+        second.backend.close()
+    other = handler_on(gguf, ctx=1024, n_seqs=8)
+    try:
+        assert other.prefix_cache.load(tmp_path, saved_identity(other.backend)) == 0  # another context size
+        assert len(other.prefix_cache) == 0
+    finally:
+        other.backend.close()
+
+
+
+@pytest.mark.timeout(300)
+def test_launch_keeps_the_cache_across_a_restart(gguf, prompt, tmp_path):
+    import dovetail
+    folder = tmp_path / "kept"
+    with dovetail.launch(str(gguf), None, prefix_cache_dir=str(folder), target_cpus="0") as coord:
+        first = coord.generate(prompt, max_new_tokens=4)
+    assert (folder / "index.json").is_file()
+    with dovetail.launch(str(gguf), None, prefix_cache_dir=str(folder), target_cpus="0") as coord:
+        again = coord.generate(prompt + first.token_ids + [198], max_new_tokens=2)
+    assert again.stats.cached_tokens == len(prompt) + len(first.token_ids) - 1  # all but the pending token
+    with pytest.raises(ValueError, match="llama.cpp backend"):
+        dovetail.launch(str(gguf), None, prefix_cache_dir=str(folder), backend="transformers")

@@ -3,6 +3,8 @@
 Reused KV must give exactly what a fresh prefill gives: every check compares a request that
 starts from a cached prefix with the same request on a handler whose cache is off, token for
 token and logprob for logprob (float64: exact)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +138,39 @@ def test_the_entry_being_forked_is_never_the_one_evicted_for_its_id():
     b.fork = fork_after_evicting
     seq, n = cache.fork("", [1, 2, 3, 4])
     assert n == 3 and seq == [1, 2, 3] and old in b.released and src not in b.released
+
+
+class SavingBackend(CountingBackend):
+    """Sequences saved as JSON files; a file that does not parse does not load."""
+
+    def save_sequence(self, seq, path, tokens):
+        assert tokens == seq
+        path.write_text(json.dumps(tokens))
+        return True
+
+    def load_sequence(self, path, max_tokens):
+        try:
+            tokens = json.loads(path.read_text())
+        except ValueError:
+            return None
+        return (self.new(tokens), tokens) if len(tokens) <= max_tokens else None
+
+
+def test_saved_entries_load_into_a_new_cache_and_nothing_else_does(tmp_path):
+    b = SavingBackend()
+    cache = PrefixCache(b, 1000)
+    cache.adopt("alice", b.new([1, 2, 3, 4]), [1, 2, 3, 4])
+    cache.adopt("bob", b.new([1, 2, 9]), [1, 2, 9])
+    assert cache.save(tmp_path, {"model": "m"}) == 2
+    fresh = PrefixCache(SavingBackend(), 1000)
+    assert fresh.load(tmp_path, {"model": "other"}) == 0 and len(fresh) == 0  # another model's
+    assert fresh.load(tmp_path, {"model": "m"}) == 2
+    assert fresh.fork("alice", [1, 2, 3, 4, 5])[1] == 4 and fresh.fork("bob", [1, 2, 9, 0])[1] == 3
+    (tmp_path / "entry-0.kv").write_text("{broken")  # one file spoiled: the other still loads
+    assert PrefixCache(SavingBackend(), 1000).load(tmp_path, {"model": "m"}) == 1
+    (tmp_path / "index.json").write_text("not json")
+    assert PrefixCache(SavingBackend(), 1000).load(tmp_path, {"model": "m"}) == 0
+    assert PrefixCache(SavingBackend(), 1000).load(tmp_path / "missing", {"model": "m"}) == 0
 
 
 def test_off_keeps_nothing():
