@@ -97,8 +97,6 @@ class TargetBackend(ABC):
         was; nothing the new one does later (verify, keep, rollback) touches ``seq``."""
         raise NotImplementedError(f"{type(self).__name__} cannot fork sequences (no prefix cache)")
 
-    saves_sequences = False  # save_sequence() / load_sequence() (the prefix cache kept across restarts)
-
     def save_sequence(self, seq, path, tokens: list[int]) -> bool:
         """Write the sequence's KV and its ``tokens`` to ``path``; False when that failed."""
         raise NotImplementedError(f"{type(self).__name__} cannot save sequences")

@@ -113,8 +113,6 @@ class LlamaBackend(TargetBackend):
         twin.length = length
         return twin
 
-    saves_sequences = True
-
     def save_sequence(self, seq: LlamaSeq, path, tokens: list[int]) -> bool:
         arr = (self.lib.llama_token * len(tokens))(*tokens)
         return self.lib.llama_state_seq_save_file(self.ctx, os.fsencode(path), seq.seq_id, arr, len(tokens)) > 0

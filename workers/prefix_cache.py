@@ -102,12 +102,7 @@ class PrefixCache:
         entry, n = self.match(scope, tokens)
         if entry is None:
             return None, 0
-        entry.used = next(self._clock)
-        self._pinned = entry  # the backend may evict to find the new sequence an id: never this one
-        try:
-            return self.backend.fork(entry.seq, n), n
-        finally:
-            self._pinned = None
+        return self._fork_from(entry, n), n
 
     def fork_hidden(self, scope: str, tokens: list[int]):
         """fork() for a feature draft's request: (sequence, n, hidden states of its first n
@@ -121,10 +116,14 @@ class PrefixCache:
                     best, best_n = e, n
         if best is None:
             return None, 0, None
-        best.used = next(self._clock)
-        self._pinned = best
+        return self._fork_from(best, best_n), best_n, best.hidden[:best_n]
+
+    def _fork_from(self, entry: Entry, n: int):
+        """A new sequence holding ``entry``'s first ``n`` positions; the entry counts as used."""
+        entry.used = next(self._clock)
+        self._pinned = entry  # the backend may evict to find the new sequence an id: never this one
         try:
-            return self.backend.fork(best.seq, best_n), best_n, best.hidden[:best_n]
+            return self.backend.fork(entry.seq, n)
         finally:
             self._pinned = None
 
