@@ -145,7 +145,7 @@ def one_request(port: int, messages: list[dict], max_tokens: int, count_tokens) 
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
-    text, usage, cached, prefill = [], None, None, None
+    text, usage, cached, prefill, verify = [], None, None, None, None
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -163,6 +163,7 @@ def one_request(port: int, messages: list[dict], max_tokens: int, count_tokens) 
             cached = reused if reused is not None else cached
             spent = prefill_seconds_of(event)
             prefill = spent if spent is not None else prefill
+            verify = (event.get("dovetail") or {}).get("verify_seconds", verify)
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
@@ -180,7 +181,7 @@ def one_request(port: int, messages: list[dict], max_tokens: int, count_tokens) 
     return {"text": out, "tokens": tokens, "ttft_s": first - t0,
             "itl_s": (last - first) / (tokens - 1) if tokens > 1 else None,
             "usage_reported": usage is not None, "prompt_tokens": (usage or {}).get("prompt_tokens"),
-            "cached_tokens": cached, "prefill_s": prefill}
+            "cached_tokens": cached, "prefill_s": prefill, "verify_s": verify}
 
 
 def prefill_seconds_of(event: dict) -> float | None:
@@ -217,11 +218,17 @@ def run_level(port: int, prompts: list, concurrency: int, n_requests: int, max_t
     itl = [r["itl_s"] for r in ok if r["itl_s"] is not None]
     cached = [r["cached_tokens"] for r in ok if r.get("cached_tokens") is not None]
     prompt = [r["prompt_tokens"] for r in ok if r.get("prompt_tokens") is not None]
+    # the time to first token past the server's own prefill seconds: its per-request overhead
+    beyond = [r["ttft_s"] - r["prefill_s"] for r in ok if r.get("prefill_s") is not None]
+    verified = [r for r in ok if r.get("verify_s") is not None]  # ours: the target's verify seconds
     return {"concurrency": concurrency, "requests": n_requests, "ok": len(ok), "seconds": wall,
             "prompt_tokens": sum(prompt) if prompt else None, "cached_tokens": sum(cached) if cached else None,
             "tokens": sum(r["tokens"] for r in ok), "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "itl_p50_s": pct(itl, 50),
-            "itl_p99_s": pct(itl, 99), "errors": [r["error"] for r in results if "error" in r][:3],
+            "itl_p99_s": pct(itl, 99), "ttft_past_prefill_p50_s": pct(beyond, 50),
+            "verify_s_per_token": (sum(r["verify_s"] for r in verified) / sum(r["tokens"] for r in verified)
+                                   if verified and sum(r["tokens"] for r in verified) else None),
+            "errors": [r["error"] for r in results if "error" in r][:3],
             "texts": [r.get("text") for r in results]}
 
 
@@ -322,7 +329,12 @@ def main(argv=None) -> int:
                 n = args.requests or max(4, 2 * c)
                 rows[name].append(run_level(port, prompts, c, n, args.max_tokens, count_tokens))
                 r = rows[name][-1]
-                print(f"{name} c={c}: {r['tokens_per_s']:.1f} tok/s, {r['ok']}/{n} ok", file=sys.stderr, flush=True)
+                past = r["ttft_past_prefill_p50_s"]
+                per = r["verify_s_per_token"]
+                print(f"{name} c={c}: {r['tokens_per_s']:.1f} tok/s, {r['ok']}/{n} ok"
+                      + (f", TTFT past the server's prefill p50 {1000 * past:.1f} ms" if past is not None else "")
+                      + (f", target verify {1000 * per:.1f} ms a token" if per is not None else ""),
+                      file=sys.stderr, flush=True)
         finally:
             stop_server(proc)
     if not rows:

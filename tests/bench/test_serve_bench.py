@@ -36,4 +36,6 @@ def test_the_load_generator_measures_each_level(tmp_path):
     for lv in levels:
         assert lv["ok"] == 3 and not lv["errors"] and 0 < lv["tokens"] <= 24
         assert lv["tokens_per_s"] > 0 and 0 < lv["ttft_p50_s"] <= lv["ttft_p99_s"]
+        # our server reports its prefill and verify seconds: what it spends past the prefill, per token
+        assert 0 < lv["ttft_past_prefill_p50_s"] < lv["ttft_p99_s"] and lv["verify_s_per_token"] > 0
     assert "| dovetail | 3 | 3/3 |" in (tmp_path / "out" / "t.md").read_text()
